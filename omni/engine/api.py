@@ -1,0 +1,123 @@
+"""What the rest of the service sees of the engine: options in, events out.
+
+The session layer (turns, barge-in) talks to an `Engine` only through this module, so it can
+be driven by the real multi-process engine or by a scripted fake in unit tests.
+
+Audio in is mono float32 at 16 kHz (the thinker's rate); audio out is mono int16 at 24 kHz
+(the vocoder's rate). Resampling to and from the wire formats is the gateway's job.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+import numpy as np
+
+INPUT_SAMPLE_RATE = 16_000
+OUTPUT_SAMPLE_RATE = 24_000
+# one codec token is 20 ms of speech: 480 samples at 24 kHz
+SAMPLES_PER_CODE = 480
+VOICES = ("Chelsie", "Ethan")
+
+
+@dataclass
+class SessionOptions:
+    voice: str = "Chelsie"
+    # extra system text; the model's own speech system prompt always comes first
+    instructions: str | None = None
+
+
+@dataclass
+class ReplyOptions:
+    output_audio: bool = True
+    voice: str | None = None  # None: the session's voice
+    instructions: str | None = None  # per-reply override of SessionOptions.instructions
+    greedy: bool = False  # greedy thinker and talker (tests, benchmarks)
+    max_text_tokens: int = 1024
+    max_codec_tokens: int | None = None  # None: the checkpoint preset's default
+    min_codec_tokens: int = 0  # suppress the talker's end until this many codes (benchmarks)
+    min_text_tokens: int = 0  # suppress the thinker's end until this many tokens (benchmarks)
+    # talker sampling, transformers' defaults
+    talker_top_k: int = 40
+    talker_top_p: float = 0.8
+    talker_temperature: float = 0.9
+    talker_repetition_penalty: float = 1.05
+    seed: int | None = None
+
+
+@dataclass
+class StageTimings:
+    """Milliseconds from the call to `respond` (the end of the user's turn)."""
+
+    prefill_ms: float | None = None  # remainder of the user's turn prefilled
+    first_text_ms: float | None = None
+    first_codec_ms: float | None = None
+    first_audio_ms: float | None = None
+    total_ms: float | None = None
+
+    def as_dict(self) -> dict[str, float | None]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class TextDelta:
+    text: str
+    token_ids: list[int]
+
+
+@dataclass
+class AudioChunk:
+    pcm: np.ndarray  # int16 mono, 24 kHz
+    first_sample: int  # offset of pcm[0] within the reply's audio
+
+
+@dataclass
+class ReplyDone:
+    status: Literal["completed", "cancelled", "failed"]
+    text: str
+    text_tokens: int
+    audio_samples: int
+    timings: StageTimings = field(default_factory=StageTimings)
+    input_tokens: int = 0  # prompt tokens this turn added to the conversation
+    error: str | None = None
+
+
+EngineEvent = TextDelta | AudioChunk | ReplyDone
+
+
+class EngineError(RuntimeError):
+    """A request the engine refused or could not finish (the message says why)."""
+
+
+class Engine(Protocol):
+    """One conversation per session id; a session's calls are made one at a time."""
+
+    async def open_session(self, session_id: str, options: SessionOptions) -> None: ...
+
+    async def close_session(self, session_id: str) -> None: ...
+
+    async def append_audio(self, session_id: str, pcm: np.ndarray) -> None:
+        """User speech as it arrives (float32, 16 kHz); prefilled in 2-second chunks."""
+
+    async def append_video_frame(self, session_id: str, rgb: np.ndarray) -> None:
+        """A camera frame (uint8 HxWx3) taken while the user is talking; at most 2 per second."""
+
+    async def add_image(self, session_id: str, rgb: np.ndarray) -> None:
+        """A still image for the current user turn."""
+
+    async def add_text(self, session_id: str, text: str) -> None:
+        """Typed text for the current user turn."""
+
+    async def clear_user_turn(self, session_id: str) -> None:
+        """Forget the user's input since the last reply (as if never sent)."""
+
+    def respond(self, session_id: str, options: ReplyOptions) -> AsyncIterator[EngineEvent]:
+        """Close the user's turn and stream the reply; ends with exactly one ReplyDone."""
+
+    async def cancel(self, session_id: str) -> None:
+        """Stop the current reply within one model step; what was produced stays."""
+
+    async def truncate_reply(self, session_id: str, audio_ms: int) -> int:
+        """Keep only the part of the last reply the caller heard; returns text tokens kept."""
