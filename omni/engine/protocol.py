@@ -1,0 +1,246 @@
+"""Every message between the engine front end and its worker processes, in one place.
+
+Messages are msgspec structs sent as msgpack (one tagged union), tensors as raw bytes with
+dtype and shape: nothing is ever unpickled from a socket, so the same protocol can run over
+ZeroMQ tcp:// between hosts. This module imports nothing above it.
+"""
+
+from __future__ import annotations
+
+from typing import Union
+
+import msgspec
+import numpy as np
+import torch
+
+
+class Array(msgspec.Struct, array_like=True):
+    dtype: str  # a torch dtype name: "float32", "bfloat16", "int16", ...
+    shape: tuple[int, ...]
+    data: bytes
+
+    @classmethod
+    def of(cls, value: torch.Tensor | np.ndarray) -> Array:
+        t = torch.from_numpy(np.ascontiguousarray(value)) if isinstance(value, np.ndarray) else value
+        t = t.detach().to("cpu").contiguous()
+        raw = t.view(torch.uint8) if t.numel() else t
+        return cls(str(t.dtype).removeprefix("torch."), tuple(t.shape), raw.numpy().tobytes())
+
+    def tensor(self) -> torch.Tensor:
+        dtype = getattr(torch, self.dtype, None)
+        if not isinstance(dtype, torch.dtype):
+            raise ValueError(f"unknown tensor dtype {self.dtype!r}")
+        if not self.data:
+            return torch.empty(self.shape, dtype=dtype)
+        return torch.frombuffer(bytearray(self.data), dtype=dtype).reshape(self.shape)
+
+    def numpy(self) -> np.ndarray:
+        return self.tensor().numpy()
+
+
+class Msg(msgspec.Struct, tag=True, omit_defaults=True):
+    pass
+
+
+# -- front end -> thinker -------------------------------------------------------------------
+
+
+class OpenSession(Msg):
+    session: str
+    instructions: str | None = None
+
+
+class CloseSession(Msg):
+    session: str
+
+
+class AppendAudio(Msg):
+    session: str
+    pcm: Array  # float32, 16 kHz
+
+
+class AppendFrame(Msg):
+    session: str
+    rgb: Array  # uint8 HxWx3
+
+
+class AddImage(Msg):
+    session: str
+    rgb: Array
+
+
+class AddText(Msg):
+    session: str
+    text: str
+
+
+class ClearTurn(Msg):
+    session: str
+
+
+class Respond(Msg):
+    session: str
+    reply: str
+    output_audio: bool
+    voice: str
+    greedy: bool
+    max_text_tokens: int
+    min_text_tokens: int
+    max_codec_tokens: int
+    min_codec_tokens: int
+    top_k: int
+    top_p: float
+    temperature: float
+    repetition_penalty: float
+    instructions: str | None = None
+    seed: int | None = None
+
+
+class Cancel(Msg):  # also front end -> talker
+    session: str
+    reply: str
+
+
+class Truncate(Msg):
+    session: str
+    request: str
+    keep_tokens: int
+
+
+class InjectFault(Msg):  # tests only; ignored unless the worker was started with faults allowed
+    kind: str  # "crash" | "hang"
+    after_steps: int = 0
+
+
+# -- thinker -> talker ----------------------------------------------------------------------
+
+
+class Rows(Msg):
+    """Context rows for cache positions [start, start+n); an empty `rows` rolls back to start."""
+
+    session: str
+    start: int
+    rows: Array
+    positions: Array
+
+
+class TalkerStart(Msg):
+    session: str
+    reply: str
+    first_row: int
+    voice: str
+    greedy: bool
+    max_codes: int
+    min_codes: int
+    top_k: int
+    top_p: float
+    temperature: float
+    repetition_penalty: float
+    seed: int | None = None
+
+
+class TextEnd(Msg):
+    session: str
+    reply: str
+    text_rows: int
+
+
+# -- workers -> front end -------------------------------------------------------------------
+
+
+class Ready(Msg):
+    worker: str
+    info: dict[str, str] = {}
+
+
+class Heartbeat(Msg):
+    worker: str
+
+
+class TextOut(Msg):
+    session: str
+    reply: str
+    text: str
+    token_ids: list[int]
+
+
+class ThinkerDone(Msg):
+    session: str
+    reply: str
+    status: str  # completed | cancelled | failed
+    text: str
+    text_tokens: int
+    input_tokens: int
+    prefill_ms: float
+
+
+class CodeOut(Msg):
+    """The first codec token of a reply (for timings); later codes are not reported."""
+
+    session: str
+    reply: str
+
+
+class AudioOut(Msg):
+    session: str
+    reply: str
+    pcm: Array  # int16, 24 kHz
+    first_sample: int
+
+
+class TalkerDone(Msg):
+    session: str
+    reply: str
+    status: str
+    codes: int
+    audio_samples: int
+
+
+class Result(Msg):
+    request: str
+    value: int
+
+
+class WorkerError(Msg):
+    worker: str
+    message: str
+    session: str | None = None
+    reply: str | None = None
+
+
+Message = Union[
+    OpenSession,
+    CloseSession,
+    AppendAudio,
+    AppendFrame,
+    AddImage,
+    AddText,
+    ClearTurn,
+    Respond,
+    Cancel,
+    Truncate,
+    InjectFault,
+    Rows,
+    TalkerStart,
+    TextEnd,
+    Ready,
+    Heartbeat,
+    TextOut,
+    ThinkerDone,
+    CodeOut,
+    AudioOut,
+    TalkerDone,
+    Result,
+    WorkerError,
+]
+
+_encoder = msgspec.msgpack.Encoder()
+_decoder = msgspec.msgpack.Decoder(Message)
+
+
+def encode(msg: Msg) -> bytes:
+    return _encoder.encode(msg)
+
+
+def decode(data: bytes) -> Msg:
+    return _decoder.decode(data)

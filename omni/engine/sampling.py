@@ -1,0 +1,80 @@
+"""Token choice for the thinker and the talker, with transformers' own logits processors.
+
+Using the same processor classes, in the same order, as `generate()` is what makes greedy
+streaming equal the reference token for token (the talker's repetition penalty applies even
+when greedy).
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import GenerationConfig, LogitsProcessorList
+from transformers.generation.logits_process import (
+    MinNewTokensLengthLogitsProcessor,
+    RepetitionPenaltyLogitsProcessor,
+    SuppressTokensLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+
+
+def build_processors(
+    *,
+    prompt_length: int,
+    eos: list[int],
+    greedy: bool,
+    repetition_penalty: float | None = None,
+    min_new_tokens: int = 0,
+    suppress: list[int] | None = None,
+    temperature: float | None = None,
+    top_k: int | None = None,
+    top_p: float | None = None,
+) -> LogitsProcessorList:
+    processors = LogitsProcessorList()
+    if repetition_penalty not in (None, 1.0):
+        processors.append(RepetitionPenaltyLogitsProcessor(repetition_penalty))
+    if min_new_tokens > 0:
+        processors.append(MinNewTokensLengthLogitsProcessor(prompt_length, min_new_tokens, eos))
+    if suppress:
+        processors.append(SuppressTokensLogitsProcessor(suppress))
+    if not greedy:
+        if temperature not in (None, 1.0):
+            processors.append(TemperatureLogitsWarper(temperature))
+        if top_k:
+            processors.append(TopKLogitsWarper(top_k=top_k))
+        if top_p not in (None, 1.0):
+            processors.append(TopPLogitsWarper(top_p=top_p))
+    return processors
+
+
+def thinker_processors(
+    config: GenerationConfig, greedy: bool, min_new_tokens: int, eos: list[int], prompt_length: int
+) -> LogitsProcessorList:
+    """The thinker samples as its checkpoint's generation_config says, unless greedy."""
+    sample = bool(config.do_sample) and not greedy
+    return build_processors(
+        prompt_length=prompt_length,
+        eos=eos,
+        greedy=not sample,
+        repetition_penalty=config.repetition_penalty,
+        min_new_tokens=min_new_tokens,
+        temperature=config.temperature,
+        top_k=config.top_k,
+        top_p=config.top_p,
+    )
+
+
+def choose(
+    processors: LogitsProcessorList,
+    seen: torch.Tensor,
+    logits: torch.Tensor,
+    greedy: bool,
+    generator: torch.Generator | None,
+) -> int:
+    """One token from (vocab,) logits; `seen` is (1, n) ids so far (prompt + generated)."""
+    scores = processors(seen, logits[None].float())
+    if greedy:
+        return int(scores.argmax(-1))
+    probs = torch.softmax(scores, dim=-1)
+    return int(torch.multinomial(probs, 1, generator=generator))

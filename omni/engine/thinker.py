@@ -1,0 +1,400 @@
+"""One conversation inside the thinker: its tokens, KV cache and TMRoPE positions.
+
+The conversation follows Qwen2.5-Omni's chat template token for token, but is prefilled as
+it arrives instead of all at once: text and images when they come, user speech in 2-second
+chunks while the user is still talking (the audio encoder attends within 2-second windows and
+the LLM is causal, so the cache equals one prefill of the whole turn). At the end of the turn
+only the remainder is left to prefill, then the reply is decoded one token per `step()`.
+
+Every position that enters the cache also yields a "context row" for the talker: the token's
+input embedding (zeroed for audio/image/video placeholders, as transformers' generate() does)
+plus its last-layer hidden state. The rows of reply tokens are the talker's reply parts.
+
+No I/O here: the worker process owns sockets and scheduling; this module owns model math.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from transformers import DynamicCache, LogitsProcessorList
+
+from transformers.models.qwen2_5_omni.processing_qwen2_5_omni import _get_feat_extract_output_lengths
+
+from omni.engine.audio_features import StreamingLogMel
+from omni.engine.positions import AudioVideoChunker, PositionTracker
+from omni.engine.sampling import choose, thinker_processors
+from omni.engine.vision import VideoPatcher, image_to_patches
+
+# the system prompt Qwen2.5-Omni needs to produce speech (from Qwen's model card)
+SPEECH_SYSTEM_PROMPT = (
+    "You are Qwen, a virtual human developed by the Qwen Team, Alibaba Group, capable of "
+    "perceiving auditory and visual inputs, as well as generating text and speech."
+)
+FRAMES_PER_CHUNK = 200  # 2 s of log-mel at 100 frames/s: the audio encoder's window
+VIDEO_FPS = 2.0
+
+
+@dataclass
+class ContextRows:
+    """Talker inputs for cache positions [start, start + n): (n, E) rows and (3, n) positions."""
+
+    start: int
+    rows: torch.Tensor
+    positions: torch.Tensor
+
+
+@dataclass
+class TokenIds:
+    """Special token ids, read from the checkpoint's config (real ids in every checkpoint)."""
+
+    im_start: int
+    im_end: int
+    newline: int
+    user: list[int]
+    assistant: list[int]
+    system: list[int]
+    audio: int
+    audio_bos: int
+    audio_eos: int
+    image: int
+    video: int
+    vision_bos: int
+    vision_eos: int
+    eos: list[int]
+
+
+@dataclass
+class _Turn:
+    """The open user turn: where it started (for clearing) and its streaming audio/video."""
+
+    start_len: int
+    start_pos: int
+    tail_before: list[int]
+    # raw inputs, replayed when the reply before this turn is truncated after the turn began
+    inputs: list[tuple[str, object]] = field(default_factory=list)
+    mel: StreamingLogMel | None = None
+    mel_frames: list[np.ndarray] = field(default_factory=list)
+    mel_buffered: int = 0
+    audio_tokens: int = 0
+    video: VideoPatcher | None = None
+    chunker: AudioVideoChunker | None = None
+    mel_done: int = 0  # log-mel frames prefilled so far (the video timeline follows them)
+    pending_frames: list[np.ndarray] = field(default_factory=list)
+    last_frame: np.ndarray | None = None
+
+
+@dataclass
+class Reply:
+    start_len: int  # cache length where the reply's first token goes
+    processors: LogitsProcessorList
+    max_tokens: int
+    greedy: bool
+    generator: torch.Generator | None
+    tokens: list[int] = field(default_factory=list)
+    logits: torch.Tensor | None = None  # next-token logits, (vocab,)
+    done: bool = False
+    ended_by_eos: bool = False
+
+
+class ThinkerConversation:
+    def __init__(
+        self,
+        thinker: torch.nn.Module,
+        ids: TokenIds,
+        feature_extractor,
+        processor_config: dict,
+        system_prompt: str,
+        encode_text: Callable[[str], list[int]],
+        on_rows: Callable[[ContextRows], None],
+        max_frame_side: int = 448,
+    ) -> None:
+        self.model = thinker
+        self.ids = ids
+        self.feature_extractor = feature_extractor
+        self.processor_config = processor_config
+        self.encode_text = encode_text
+        self.on_rows = on_rows
+        self.max_frame_side = max_frame_side
+        self.device = next(thinker.parameters()).device
+        self.dtype = next(thinker.parameters()).dtype
+        self.cache = DynamicCache(config=thinker.config.text_config)
+        self.token_ids: list[int] = []  # every token in the cache, placeholders included
+        self.positions = PositionTracker(thinker.config.vision_config.spatial_merge_size)
+        self.tail: list[int] = []  # tokens closing the last reply, fed with the next input
+        self.turn: _Turn | None = None
+        self.reply: Reply | None = None
+        self.last_reply_start: int | None = None
+        self.last_reply_tokens: list[int] = []
+        self._prefill_text(
+            [ids.im_start, *ids.system, ids.newline, *encode_text(system_prompt), ids.im_end, ids.newline]
+        )
+
+    # -- user input ---------------------------------------------------------------------
+
+    def add_text(self, text: str) -> None:
+        self._open_turn().inputs.append(("text", text))
+        self._prefill_text(self.encode_text(text))
+
+    def add_image(self, rgb: np.ndarray) -> None:
+        self._open_turn().inputs.append(("image", rgb))
+        pixels, grid = image_to_patches(rgb, self.processor_config)
+        grid_t = torch.tensor([grid], device=self.device)
+        pixels_t = torch.from_numpy(pixels).to(self.device)
+        embeds = torch.cat(self.model.model.get_image_features(pixels_t, grid_t).pooler_output)
+        n = embeds.shape[0]
+        self._prefill_text([self.ids.vision_bos])
+        self._prefill(
+            [self.ids.image] * n, embeds.to(self.dtype), self.positions.vision(grid), multimodal=True
+        )
+        self._prefill_text([self.ids.vision_eos])
+
+    def append_video_frame(self, rgb: np.ndarray) -> None:
+        """Camera frames before or during the user's speech make the speech a video with audio."""
+        turn = self._open_turn()
+        turn.inputs.append(("frame", rgb))
+        if turn.mel is not None and turn.chunker is None:
+            return  # speech already started as plain audio; the model can't switch mid-span
+        turn.pending_frames.append(rgb)
+
+    def append_audio(self, pcm: np.ndarray) -> None:
+        turn = self._open_turn()
+        turn.inputs.append(("audio", pcm))
+        if turn.mel is None:
+            self._open_audio_span(turn)
+        frames = turn.mel.push(pcm)
+        if frames.shape[1]:
+            turn.mel_frames.append(frames)
+            turn.mel_buffered += frames.shape[1]
+        while turn.mel_buffered >= FRAMES_PER_CHUNK:
+            self._prefill_audio_chunk(turn, self._take_frames(turn, FRAMES_PER_CHUNK))
+
+    def end_turn(self) -> torch.Tensor:
+        """Close the user turn (prefilling what is left) and open the assistant's; returns logits."""
+        closing: list[int] = []
+        turn = self.turn
+        if turn is not None:
+            if turn.mel is not None:
+                self._finish_audio_span(turn)
+                if turn.chunker is None:
+                    closing.append(self.ids.audio_eos)
+            closing += [self.ids.im_end, self.ids.newline]
+        closing += [*self.tail, self.ids.im_start, *self.ids.assistant, self.ids.newline]
+        self.tail = []
+        self.turn = None
+        hidden = self._prefill_text(closing)
+        return self.model.lm_head(hidden[:, -1]).float()[0]
+
+    def clear_turn(self) -> None:
+        if self.turn is not None:
+            self._rollback(self.turn.start_len, self.turn.start_pos)
+            self.tail = self.turn.tail_before
+            self.turn = None
+
+    # -- reply ----------------------------------------------------------------------------
+
+    def start_reply(
+        self,
+        logits: torch.Tensor,
+        max_tokens: int,
+        greedy: bool,
+        min_tokens: int = 0,
+        seed: int | None = None,
+    ) -> Reply:
+        gen_cfg = self.model.generation_config
+        greedy = greedy or not gen_cfg.do_sample
+        start = len(self.token_ids)
+        generator = None
+        if not greedy:
+            generator = torch.Generator(device=self.device)
+            generator.manual_seed(seed if seed is not None else int(torch.seed() % 2**31))
+        self.reply = Reply(
+            start_len=start,
+            processors=thinker_processors(gen_cfg, greedy, min_tokens, self.ids.eos, start),
+            max_tokens=max_tokens,
+            greedy=greedy,
+            generator=generator,
+            logits=logits,
+        )
+        self.last_reply_start = start
+        self.last_reply_tokens = self.reply.tokens
+        return self.reply
+
+    def step(self) -> tuple[int, bool]:
+        """Choose the next reply token; feed it unless it ends the reply. Returns (token, last)."""
+        reply = self.reply
+        assert reply is not None and not reply.done and reply.logits is not None
+        seen = torch.tensor([self.token_ids[: reply.start_len] + reply.tokens], device=self.device)
+        token = choose(reply.processors, seen, reply.logits, reply.greedy, reply.generator)
+        reply.tokens.append(token)
+        if token in self.ids.eos:
+            reply.ended_by_eos = True
+        if reply.ended_by_eos or len(reply.tokens) >= reply.max_tokens:
+            self._close_reply()
+            return token, True
+        hidden = self._prefill_text([token])
+        reply.logits = self.model.lm_head(hidden[:, -1]).float()[0]
+        return token, False
+
+    def cancel_reply(self) -> None:
+        """Stop decoding; the tokens chosen so far stay in the conversation."""
+        if self.reply is not None and not self.reply.done:
+            self._close_reply()
+
+    def truncate_reply(self, keep_tokens: int) -> int:
+        """Keep the first `keep_tokens` tokens of the last reply (what the caller heard).
+
+        With server VAD the caller's next turn usually starts (and is prefilled) before the
+        client's truncate arrives; that turn is rolled back and replayed after the cut.
+        """
+        if self.last_reply_start is None or (self.reply is not None and not self.reply.done):
+            return 0
+        replay = self.turn.inputs if self.turn is not None else []
+        self.clear_turn()
+        tokens = [t for t in self.last_reply_tokens if t not in self.ids.eos]
+        keep = max(0, min(keep_tokens, len(tokens)))
+        fed = len(self.token_ids) - self.last_reply_start
+        if keep < fed:
+            self._rollback(self.last_reply_start + keep, self.positions.next - fed + keep)
+            self.tail = [self.ids.im_end, self.ids.newline]
+        else:
+            self.tail = [*tokens[fed:keep], self.ids.im_end, self.ids.newline]
+        del self.last_reply_tokens[keep:]
+        replayers = {
+            "text": self.add_text,
+            "image": self.add_image,
+            "frame": self.append_video_frame,
+            "audio": self.append_audio,
+        }
+        for kind, value in replay:
+            replayers[kind](value)
+        return keep
+
+    def _close_reply(self) -> None:
+        reply = self.reply
+        assert reply is not None
+        reply.done = True
+        reply.logits = None
+        # the last chosen token was not fed: it ended the reply, or the reply stopped first
+        fed = len(self.token_ids) - reply.start_len
+        unfed = [t for t in reply.tokens[fed:] if t not in self.ids.eos]
+        self.tail = [*unfed, self.ids.im_end, self.ids.newline]
+
+    # -- internals ------------------------------------------------------------------------
+
+    def _open_turn(self) -> _Turn:
+        if self.turn is None:
+            self.turn = _Turn(len(self.token_ids), self.positions.next, tail_before=self.tail)
+            self._prefill_text([*self.tail, self.ids.im_start, *self.ids.user, self.ids.newline])
+            self.tail = []
+        return self.turn
+
+    def _open_audio_span(self, turn: _Turn) -> None:
+        turn.mel = StreamingLogMel(self.feature_extractor)
+        if turn.pending_frames:
+            turn.video = VideoPatcher(self.max_frame_side, self.processor_config)
+            self._prefill([self.ids.vision_bos, self.ids.audio_bos], None, self.positions.repeat_last(2))
+            turn.chunker = AudioVideoChunker(self.positions, seconds_per_grid=2 / VIDEO_FPS)
+        else:
+            self._prefill_text([self.ids.audio_bos])
+
+    def _finish_audio_span(self, turn: _Turn) -> None:
+        assert turn.mel is not None
+        tail = turn.mel.finish()
+        if tail.shape[1]:
+            turn.mel_frames.append(tail)
+            turn.mel_buffered += tail.shape[1]
+        while turn.mel_buffered:
+            n = min(FRAMES_PER_CHUNK, turn.mel_buffered)
+            self._prefill_audio_chunk(turn, self._take_frames(turn, n))
+        if turn.chunker is not None:
+            turn.chunker.close()
+            self._prefill([self.ids.audio_eos, self.ids.vision_eos], None, self.positions.repeat_last(2))
+
+    @staticmethod
+    def _take_frames(turn: _Turn, n: int) -> np.ndarray:
+        frames = np.concatenate(turn.mel_frames, axis=1)
+        taken, rest = frames[:, :n], frames[:, n:]
+        turn.mel_frames = [rest] if rest.shape[1] else []
+        turn.mel_buffered -= n
+        return taken
+
+    def _prefill_audio_chunk(self, turn: _Turn, frames: np.ndarray) -> None:
+        n_frames = frames.shape[1]
+        feats = torch.from_numpy(frames).to(self.device, self.dtype)[None]
+        mask = torch.ones(1, n_frames, dtype=torch.long, device=self.device)
+        embeds = self.model.model.get_audio_features(feats, feature_attention_mask=mask).last_hidden_state
+        n_tokens = int(_get_feat_extract_output_lengths(torch.tensor(n_frames)))
+        assert embeds.shape[0] == n_tokens
+        if turn.chunker is not None:
+            self._prefill_video_for_chunk(turn, n_frames)
+            positions = turn.chunker.audio(n_tokens)
+        else:
+            positions = self.positions.sequential(n_tokens)
+        self._prefill([self.ids.audio] * n_tokens, embeds.to(self.dtype), positions, multimodal=True)
+        turn.audio_tokens += n_tokens
+
+    def _prefill_video_for_chunk(self, turn: _Turn, n_frames: int) -> None:
+        """The video grid steps that fall in this audio chunk's seconds go in before its audio.
+
+        One grid step spans temporal_patch_size / fps seconds; by the end of the chunk the video
+        has as many steps as cover the audio so far (the last partial second counts whole, as
+        the processor's frame sampling does).
+        """
+        assert turn.video is not None and turn.chunker is not None
+        turn.mel_done += n_frames
+        seconds_per_step = turn.chunker.seconds_per_grid
+        steps_due = int(np.ceil(turn.mel_done / 100 / seconds_per_step)) - turn.chunker.grids_done
+        per_step = turn.video.temporal_patch_size
+        for _ in range(steps_due):
+            frames = turn.pending_frames[:per_step]
+            # a slow camera: hold its last frame
+            frames += [frames[-1] if frames else turn.last_frame] * (per_step - len(frames))
+            turn.pending_frames = turn.pending_frames[per_step:]
+            turn.last_frame = frames[-1]
+            step = None
+            for frame in frames:
+                step = turn.video.push(frame)
+            assert step is not None
+            grid = torch.tensor([step.grid_thw], device=self.device)
+            pixels = torch.from_numpy(step.pixel_values).to(self.device)
+            embeds = torch.cat(self.model.model.get_video_features(pixels, grid).pooler_output)
+            positions = turn.chunker.video(*step.grid_thw)
+            self._prefill([self.ids.video] * embeds.shape[0], embeds.to(self.dtype), positions, multimodal=True)
+
+    def _prefill_text(self, tokens: list[int]) -> torch.Tensor:
+        return self._prefill(tokens, None, self.positions.sequential(len(tokens)))
+
+    def _prefill(
+        self,
+        tokens: list[int],
+        embeds: torch.Tensor | None,
+        positions: torch.Tensor,
+        multimodal: bool = False,
+    ) -> torch.Tensor:
+        """Run `tokens` through the LLM into the cache; emit their context rows; return hidden."""
+        ids = torch.tensor([tokens], device=self.device)
+        text_embeds = self.model.get_input_embeddings()(ids)
+        inputs = text_embeds if embeds is None else embeds[None]
+        start = len(self.token_ids)
+        out = self.model.model.language_model(
+            inputs_embeds=inputs,
+            position_ids=positions.to(self.device)[:, None, :],
+            past_key_values=self.cache,
+            use_cache=True,
+        )
+        hidden = out.last_hidden_state
+        self.token_ids.extend(tokens)
+        # generate() zeroes multimodal positions in the embedding half of the talker's input
+        talker_embeds = torch.zeros_like(inputs) if multimodal else inputs
+        self.on_rows(ContextRows(start, (talker_embeds + hidden)[0], positions.clone()))
+        return hidden
+
+    def _rollback(self, length: int, next_position: int) -> None:
+        self.cache.crop(length - self.cache.get_seq_length())
+        del self.token_ids[length:]
+        self.positions.next = next_position
+        self.on_rows(ContextRows(length, torch.empty(0), torch.empty(3, 0, dtype=torch.long)))

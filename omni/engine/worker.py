@@ -1,0 +1,110 @@
+"""What the thinker and talker processes share: sockets, heartbeats, the busy loop's shape.
+
+Each worker owns one model stage and runs a single-threaded loop: drain incoming messages,
+then do one unit of model work (a decode step, a codec step, a prefill), then repeat. It
+never blocks on a socket while it has work, so a cancel is seen within one step. It beats
+every second from that same loop, so the front end can tell a hung model from a busy one.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+
+import zmq
+
+from omni.engine import protocol as p
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Addresses:
+    """ZeroMQ endpoints: ipc:// on one host, tcp:// across hosts. Workers bind their inbox."""
+
+    thinker: str
+    talker: str
+    frontend: str
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    model_path: str
+    device: str
+    dtype: str
+    addresses: Addresses
+    allow_faults: bool = False
+    max_frame_side: int = 448
+    heartbeat_s: float = 1.0
+
+
+class WorkerIO:
+    def __init__(self, name: str, inbox: str, outputs: dict[str, str], allow_faults: bool) -> None:
+        self.name = name
+        self.ctx = zmq.Context()
+        self.inbox = self.ctx.socket(zmq.PULL)
+        self.inbox.bind(inbox)
+        self.outputs = {}
+        for key, address in outputs.items():
+            sock = self.ctx.socket(zmq.PUSH)
+            sock.setsockopt(zmq.LINGER, 2000)
+            sock.connect(address)
+            self.outputs[key] = sock
+        self.allow_faults = allow_faults
+        self.fault: p.InjectFault | None = None
+        self.steps = 0
+        self._last_beat = 0.0
+
+    def receive(self, timeout_ms: int) -> list[p.Msg]:
+        """Everything waiting now, or the first message within `timeout_ms`."""
+        msgs: list[p.Msg] = []
+        if self.inbox.poll(timeout_ms):
+            while True:
+                try:
+                    data = self.inbox.recv(zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                try:
+                    msg = p.decode(data)
+                except Exception as exc:  # a malformed frame is reported, never fatal
+                    self.send("frontend", p.WorkerError(self.name, f"undecodable message: {exc}"))
+                    continue
+                if isinstance(msg, p.InjectFault):
+                    if self.allow_faults:
+                        self.fault = msg
+                    continue
+                msgs.append(msg)
+        return msgs
+
+    def send(self, to: str, msg: p.Msg) -> None:
+        self.outputs[to].send(p.encode(msg))
+
+    def beat(self) -> None:
+        now = time.monotonic()
+        if now - self._last_beat >= 1.0:
+            self._last_beat = now
+            self.send("frontend", p.Heartbeat(self.name))
+
+    def count_step(self) -> None:
+        """Fault injection for tests: crash or hang after N model steps."""
+        self.steps += 1
+        fault = self.fault
+        if fault is None or self.steps < fault.after_steps:
+            return
+        log.error("%s: injected fault %s", self.name, fault.kind)
+        if fault.kind == "crash":
+            os._exit(3)
+        while fault.kind == "hang":
+            time.sleep(3600)
+
+    def close(self) -> None:
+        self.ctx.destroy(linger=1000)
+
+
+def configure_worker_logging(name: str) -> None:
+    logging.basicConfig(
+        level=os.environ.get("OMNI_LOG_LEVEL", "INFO"),
+        format=f"%(asctime)s {name} %(levelname)s %(name)s: %(message)s",
+    )
