@@ -1,0 +1,97 @@
+"""The HTTP/WebSocket app: /healthz, /metrics, /v1/realtime, /v1/realtime/client_secrets.
+
+FastAPI on Starlette, served by uvicorn with the `websockets` protocol implementation: the
+most used and best kept ASGI stack, with first-class WebSockets (including the denial-response
+extension, so a bad key gets a plain HTTP 401 before any upgrade), request-body validation
+for the small HTTP API, and no framework code in the session logic, which stays transport-free.
+
+The engine is either given ready-made (`create_app(settings, engine)`) or built by an
+`engine_factory` (an async context manager) that the app enters at startup in the
+background; /healthz answers 503 until it has yielded the engine, 200 after.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+
+from omni.engine.api import Engine
+from omni.gateway import realtime_ws
+from omni.gateway.auth import bearer_token
+from omni.gateway.state import EngineFactory, Gateway, openai_error
+from omni.session.client_events import SessionIn
+from omni.session.config import SessionConfig
+from omni.session.errors import RealtimeError, new_id
+from omni.settings import Settings
+
+
+def create_app(
+    settings: Settings, engine: Engine | None = None, *, engine_factory: EngineFactory | None = None
+) -> FastAPI:
+    if (engine is None) == (engine_factory is None):
+        raise ValueError("pass either an engine or an engine_factory")
+    gateway = Gateway(settings, engine)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        stop = asyncio.Event()
+        task = asyncio.create_task(gateway.run_engine(engine_factory, stop)) if engine_factory else None
+        try:
+            yield
+        finally:
+            stop.set()
+            if task is not None:
+                await task
+            else:
+                await gateway.close_sessions()
+
+    app = FastAPI(title="omni realtime", lifespan=lifespan)
+    app.state.gateway = gateway
+
+    @app.get("/healthz")
+    async def healthz() -> JSONResponse:
+        if gateway.engine is not None:
+            return JSONResponse({"status": "ok", "sessions": len(gateway.sessions)})
+        status = "failed" if gateway.engine_error else "loading"
+        return JSONResponse({"status": status, "error": gateway.engine_error}, status_code=503)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(gateway.metrics.render(), media_type=gateway.metrics.content_type)
+
+    @app.post("/v1/realtime/client_secrets")
+    async def client_secrets(request: Request) -> JSONResponse:
+        grant = gateway.keys.check(bearer_token(request.headers))
+        if grant is None or not grant.static:
+            return openai_error(401, "invalid_api_key", "a valid API key is required (client secrets cannot mint)")
+        try:
+            body: dict[str, Any] = await request.json() if await request.body() else {}
+        except ValueError:
+            return openai_error(400, "invalid_json", "the body is not valid JSON")
+        if not isinstance(body, dict):
+            return openai_error(400, "invalid_value", "the body must be a JSON object")
+        ttl = (body.get("expires_after") or {}).get("seconds", settings.client_secret_ttl_seconds)
+        if not isinstance(ttl, int) or not 10 <= ttl <= 7200:
+            return openai_error(400, "invalid_value", "expires_after.seconds must be 10..7200", "expires_after.seconds")
+        try:
+            session = SessionIn.model_validate(body.get("session") or {})
+            # the same checks as a session.update, so a secret never carries a config that fails later
+            config = SessionConfig.from_settings(settings).updated(session)
+        except RealtimeError as exc:
+            return openai_error(400, exc.code, exc.message, exc.param)
+        except ValueError as exc:
+            return openai_error(400, "invalid_value", f"session: {exc}", "session")
+        secret = gateway.keys.mint(ttl, session)
+        return JSONResponse({
+            "value": secret.value,
+            "expires_at": secret.expires_at,
+            "session": config.to_wire("ga", new_id("sess"), secret.expires_at),
+        })
+
+    app.add_api_websocket_route("/v1/realtime", realtime_ws.realtime_endpoint)
+    return app

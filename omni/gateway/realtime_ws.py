@@ -1,0 +1,121 @@
+"""The /v1/realtime WebSocket: auth and admission, then pump messages to and from a session.
+
+All call logic lives in `RealtimeSession`; this module only moves JSON text between the
+socket and the session, encodes reply audio as delta events, and turns refusals into
+errors a client can read:
+- a missing or wrong key: HTTP 401 before the upgrade (nothing is accepted, no model work);
+- no engine yet, or the session cap reached: the socket is accepted just long enough to send
+  an `error` event (browsers cannot read a refused handshake), then closed with 1013
+  ("try again later").
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+
+from fastapi import WebSocket
+from starlette.websockets import WebSocketDisconnect, WebSocketState
+
+from omni.engine.api import EngineError
+from omni.gateway.auth import BETA_SUBPROTOCOL, bearer_token, subprotocol_key
+from omni.gateway.state import Gateway, openai_error
+from omni.session.errors import RealtimeError
+from omni.session.outputs import AudioOut, Closed
+from omni.session.session import RealtimeSession
+
+log = logging.getLogger(__name__)
+
+TRY_AGAIN_LATER = 1013
+INTERNAL_ERROR = 1011
+
+
+async def realtime_endpoint(websocket: WebSocket) -> None:
+    gateway: Gateway = websocket.app.state.gateway
+    offered: list[str] = list(websocket.scope.get("subprotocols", []))
+    grant = gateway.keys.check(bearer_token(websocket.headers) or subprotocol_key(offered))
+    if grant is None:
+        gateway.metrics.connections_refused.labels("auth").inc()
+        await websocket.send_denial_response(
+            openai_error(401, "invalid_api_key", "missing or invalid API key (Authorization: Bearer <key>)")
+        )
+        return
+    engine = gateway.engine
+    if engine is None:
+        gateway.metrics.connections_refused.labels("not_ready").inc()
+        await _refuse(websocket, offered, "server_not_ready", "the model is still loading; try again shortly")
+        return
+    if not gateway.take_slot():
+        gateway.metrics.connections_refused.labels("session_limit").inc()
+        limit = gateway.settings.max_sessions
+        await _refuse(websocket, offered, "session_limit_reached", f"the server is at its limit of {limit} sessions")
+        return
+    try:
+        beta = "realtime=v1" in websocket.headers.get("openai-beta", "") or BETA_SUBPROTOCOL in offered
+        session = RealtimeSession(
+            engine,
+            gateway.settings,
+            gateway.metrics,
+            model=websocket.query_params.get("model"),
+            shape="beta" if beta else "ga",
+            initial=grant.session,
+        )
+        await websocket.accept(_subprotocol(offered))
+        try:
+            await session.start()
+        except EngineError as exc:
+            await _send(websocket, RealtimeError("engine_error", str(exc), type="server_error").to_event())
+            await websocket.close(INTERNAL_ERROR)
+            return
+        gateway.sessions.add(session)
+        try:
+            await _pump(websocket, session)
+        finally:
+            gateway.sessions.discard(session)
+            await session.close("client_closed")
+    finally:
+        gateway.release_slot()
+
+
+async def _pump(websocket: WebSocket, session: RealtimeSession) -> None:
+    writer = asyncio.create_task(_write(websocket, session))
+    try:
+        while not writer.done():
+            message = await websocket.receive()
+            if message["type"] == "websocket.disconnect":
+                break
+            await session.handle_message(message.get("text") if message.get("text") is not None else message["bytes"])
+    except (WebSocketDisconnect, RuntimeError):  # the peer went away mid-receive
+        pass
+    finally:
+        await session.close("client_closed")
+        await writer
+
+
+async def _write(websocket: WebSocket, session: RealtimeSession) -> None:
+    while True:
+        out = await session.outbox.get()
+        try:
+            if isinstance(out, Closed):
+                if websocket.application_state == WebSocketState.CONNECTED:
+                    await websocket.close(1000, out.reason)
+                return
+            await _send(websocket, session.render_audio(out) if isinstance(out, AudioOut) else out)
+        except (WebSocketDisconnect, RuntimeError):  # closed under us: the reader will notice
+            return
+
+
+async def _send(websocket: WebSocket, event: dict[str, object]) -> None:
+    await websocket.send_text(json.dumps(event, separators=(",", ":")))
+
+
+def _subprotocol(offered: list[str]) -> str | None:
+    # browsers offer ["realtime", "openai-insecure-api-key.<key>", ...]; echo the first
+    return "realtime" if "realtime" in offered else None
+
+
+async def _refuse(websocket: WebSocket, offered: list[str], code: str, message: str) -> None:
+    await websocket.accept(_subprotocol(offered))
+    await _send(websocket, RealtimeError(code, message, type="server_error").to_event())
+    await websocket.close(TRY_AGAIN_LATER, message[:120])

@@ -1,0 +1,146 @@
+"""Wire audio formats and their decoding to the engine's input (float32, 16 kHz).
+
+OpenAI clients send pcm16 at 24 kHz (or G.711 at 8 kHz); Qwen-Omni-Realtime clients send
+pcm16 at 16 kHz. Each session keeps one streaming decoder so resampling carries its filter
+state across appends instead of clicking at every chunk boundary.
+
+Libraries: soxr for resampling (fast, streaming, high quality; the engine uses it too) and
+PyAV's pcm_mulaw/pcm_alaw decoders for G.711 (already a dependency through aiortc, so no
+hand-written companding tables).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import av
+import numpy as np
+import soxr
+
+from omni.engine.api import INPUT_SAMPLE_RATE, OUTPUT_SAMPLE_RATE
+from omni.session.errors import RealtimeError
+
+Encoding = Literal["pcm16", "pcmu", "pcma"]
+PCM_RATES = (16_000, 24_000)
+G711_RATE = 8_000
+_AV_CODECS = {"pcmu": "pcm_mulaw", "pcma": "pcm_alaw"}
+
+
+@dataclass(frozen=True)
+class AudioFormat:
+    encoding: Encoding
+    rate: int
+    # the beta-shape name the client used ("pcm16", "pcm", ...), echoed back in its session
+    beta_name: str | None = None
+
+    def to_ga(self) -> dict[str, Any]:
+        if self.encoding == "pcm16":
+            return {"type": "audio/pcm", "rate": self.rate}
+        return {"type": f"audio/{self.encoding}"}
+
+    def to_beta(self) -> str:
+        if self.beta_name:
+            return self.beta_name
+        return {"pcm16": "pcm16", "pcmu": "g711_ulaw", "pcma": "g711_alaw"}[self.encoding]
+
+
+PCM24K = AudioFormat("pcm16", OUTPUT_SAMPLE_RATE)
+PCM16K = AudioFormat("pcm16", INPUT_SAMPLE_RATE)
+
+
+def parse_ga_format(spec: dict[str, Any], param: str) -> AudioFormat:
+    """GA `{type: "audio/pcm", rate}`; 16 kHz is our extension for Qwen-style clients."""
+    kind = spec.get("type", "audio/pcm")
+    if kind == "audio/pcm":
+        rate = spec.get("rate", OUTPUT_SAMPLE_RATE)
+        if rate not in PCM_RATES:
+            raise RealtimeError(
+                "invalid_value", f"audio/pcm rate must be 16000 or 24000, got {rate!r}", param=f"{param}.rate"
+            )
+        return AudioFormat("pcm16", rate)
+    if kind in ("audio/pcmu", "audio/pcma"):
+        return AudioFormat(kind.removeprefix("audio/"), G711_RATE)  # type: ignore[arg-type]
+    raise RealtimeError(
+        "invalid_value", f"unknown audio format {kind!r} (audio/pcm, audio/pcmu, audio/pcma)", param=f"{param}.type"
+    )
+
+
+def parse_beta_format(name: str, param: str, *, qwen: bool) -> AudioFormat:
+    """Beta names. "pcm16" is 24 kHz for OpenAI but 16 kHz in Qwen-Omni-Realtime's dialect."""
+    if name == "pcm16":
+        return AudioFormat("pcm16", INPUT_SAMPLE_RATE if qwen else OUTPUT_SAMPLE_RATE, name)
+    if name == "pcm":  # Qwen's newer spelling: 16 kHz in
+        return AudioFormat("pcm16", INPUT_SAMPLE_RATE, name)
+    if name == "pcm24":
+        return AudioFormat("pcm16", OUTPUT_SAMPLE_RATE, name)
+    if name in ("g711_ulaw", "g711_alaw"):
+        return AudioFormat("pcmu" if name == "g711_ulaw" else "pcma", G711_RATE, name)
+    raise RealtimeError(
+        "invalid_value", f"unknown audio format {name!r} (pcm16, g711_ulaw, g711_alaw)", param=param
+    )
+
+
+def b64decode(data: object, param: str) -> bytes:
+    if not isinstance(data, str):
+        raise RealtimeError("invalid_value", f"{param} must be a base64 string", param=param)
+    try:
+        return base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise RealtimeError("invalid_base64", f"{param} is not valid base64: {exc}", param=param) from None
+
+
+def b64encode_pcm16(pcm: np.ndarray) -> str:
+    return base64.b64encode(pcm.astype("<i2", copy=False).tobytes()).decode("ascii")
+
+
+class AudioDecoder:
+    """Streaming: wire bytes in, float32 16 kHz out, resampler state kept between calls."""
+
+    def __init__(self, fmt: AudioFormat) -> None:
+        self.format = fmt
+        self._g711 = None
+        if fmt.encoding in _AV_CODECS:
+            self._g711 = av.CodecContext.create(_AV_CODECS[fmt.encoding], "r")
+            self._g711.sample_rate = G711_RATE
+            self._g711.layout = "mono"
+        self._resampler = (
+            None
+            if fmt.rate == INPUT_SAMPLE_RATE
+            else soxr.ResampleStream(fmt.rate, INPUT_SAMPLE_RATE, 1, dtype="float32", quality="HQ")
+        )
+
+    def decode(self, data: bytes, param: str = "audio") -> np.ndarray:
+        if not data:
+            raise RealtimeError("invalid_audio", f"{param} is empty", param=param)
+        if self._g711 is not None:
+            frames = self._g711.decode(av.Packet(data))
+            pcm = np.concatenate([f.to_ndarray().reshape(-1) for f in frames]).astype(np.float32) / 32768.0
+        else:
+            if len(data) % 2:
+                raise RealtimeError(
+                    "invalid_audio",
+                    f"{param}: pcm16 audio must be whole 16-bit samples, got an odd {len(data)} bytes",
+                    param=param,
+                )
+            pcm = np.frombuffer(data, dtype="<i2").astype(np.float32) / 32768.0
+        if self._resampler is None:
+            return pcm
+        return self._resampler.resample_chunk(pcm)
+
+    def flush(self) -> np.ndarray:
+        """The resampler's tail at the end of a stretch of audio; the decoder starts afresh."""
+        if self._resampler is None:
+            return np.zeros(0, np.float32)
+        tail = self._resampler.resample_chunk(np.zeros(0, np.float32), last=True)
+        self._resampler.clear()
+        return tail
+
+
+def decode_clip(data: bytes, fmt: AudioFormat, param: str) -> np.ndarray:
+    """A whole clip (an input_audio content part) to float32 16 kHz."""
+    decoder = AudioDecoder(fmt)
+    pcm = decoder.decode(data, param)
+    return np.concatenate([pcm, decoder.flush()])

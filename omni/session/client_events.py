@@ -1,0 +1,239 @@
+"""Client events: validate a raw JSON object into one typed event, or say exactly what's wrong.
+
+The models accept both wire shapes: OpenAI Realtime GA (nested `audio.input/output`,
+`output_modalities`), the beta shape (flat `modalities`, `voice`, `input_audio_format`,
+`turn_detection`) and Qwen-Omni-Realtime's additions (`input_image_buffer.append`, `seed`,
+`max_tokens`). Unknown extra fields are ignored, as OpenAI's server does, so newer clients
+keep working. pydantic does the checking so every message names the field (`param`) at fault.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal, get_args
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+
+from omni.session.errors import RealtimeError
+
+Modality = Literal["text", "audio"]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class TurnDetectionIn(_Model):
+    type: Literal["server_vad", "semantic_vad"] = "server_vad"
+    threshold: float | None = Field(None, ge=0.0, le=1.0)
+    prefix_padding_ms: int | None = Field(None, ge=0, le=10_000)
+    silence_duration_ms: int | None = Field(None, ge=0, le=10_000)
+    create_response: bool | None = None
+    interrupt_response: bool | None = None
+    idle_timeout_ms: int | None = None
+
+
+class AudioFormatIn(_Model):
+    type: str = "audio/pcm"
+    rate: int | None = None
+
+
+class AudioInputIn(_Model):
+    format: AudioFormatIn | None = None
+    # explicitly null turns VAD off, so "set to null" and "not given" differ (model_fields_set)
+    turn_detection: TurnDetectionIn | None = None
+    transcription: dict[str, Any] | None = None
+    noise_reduction: dict[str, Any] | None = None
+
+
+class AudioOutputIn(_Model):
+    format: AudioFormatIn | None = None
+    voice: str | None = None
+    speed: float | None = None
+
+
+class AudioIn(_Model):
+    input: AudioInputIn | None = None
+    output: AudioOutputIn | None = None
+
+
+class SessionIn(_Model):
+    """Every session field either shape may send; `model_fields_set` tells what was sent."""
+
+    type: Literal["realtime"] | None = None
+    model: str | None = None
+    instructions: str | None = None
+    output_modalities: list[Modality] | None = Field(None, min_length=1)
+    audio: AudioIn | None = None
+    max_output_tokens: int | Literal["inf"] | None = None
+    tools: list[Any] | None = None
+    # beta shape
+    modalities: list[Modality] | None = Field(None, min_length=1)
+    voice: str | None = None
+    input_audio_format: str | None = None
+    output_audio_format: str | None = None
+    turn_detection: TurnDetectionIn | None = None
+    max_response_output_tokens: int | Literal["inf"] | None = None
+    input_audio_transcription: dict[str, Any] | None = None
+    # Qwen-Omni-Realtime
+    seed: int | None = None
+    max_tokens: int | None = Field(None, ge=1)
+
+
+BETA_SESSION_FIELDS = frozenset(
+    {"modalities", "voice", "input_audio_format", "output_audio_format", "turn_detection",
+     "max_response_output_tokens", "input_audio_transcription"}
+)
+GA_SESSION_FIELDS = frozenset({"type", "audio", "output_modalities", "max_output_tokens"})
+
+
+class ContentIn(_Model):
+    type: Literal["input_text", "input_audio", "input_image", "text", "output_text", "audio", "output_audio"]
+    text: str | None = None
+    audio: str | None = None
+    image_url: str | None = None
+    transcript: str | None = None
+    detail: Literal["auto", "low", "high"] | None = None
+
+
+class ItemIn(_Model):
+    id: str | None = Field(None, min_length=1, max_length=64)
+    type: Literal["message", "function_call", "function_call_output"] = "message"
+    role: Literal["user", "assistant", "system"] | None = None
+    content: list[ContentIn] = Field(default_factory=list)
+
+
+class ResponseAudioOutputIn(_Model):
+    voice: str | None = None
+    format: AudioFormatIn | None = None
+
+
+class ResponseAudioIn(_Model):
+    output: ResponseAudioOutputIn | None = None
+
+
+class ResponseIn(_Model):
+    instructions: str | None = None
+    output_modalities: list[Modality] | None = Field(None, min_length=1)
+    audio: ResponseAudioIn | None = None
+    max_output_tokens: int | Literal["inf"] | None = None
+    metadata: dict[str, str] | None = None
+    conversation: str | None = None
+    input: list[Any] | None = None
+    tools: list[Any] | None = None
+    # beta shape
+    modalities: list[Modality] | None = Field(None, min_length=1)
+    voice: str | None = None
+    output_audio_format: str | None = None
+    max_response_output_tokens: int | Literal["inf"] | None = None
+
+
+class _Event(_Model):
+    event_id: str | None = None
+
+
+class SessionUpdate(_Event):
+    type: Literal["session.update"]
+    session: SessionIn
+
+
+class InputAudioBufferAppend(_Event):
+    type: Literal["input_audio_buffer.append"]
+    audio: str
+
+
+class InputAudioBufferCommit(_Event):
+    type: Literal["input_audio_buffer.commit"]
+
+
+class InputAudioBufferClear(_Event):
+    type: Literal["input_audio_buffer.clear"]
+
+
+class InputImageBufferAppend(_Event):
+    type: Literal["input_image_buffer.append"]
+    image: str
+
+
+class ConversationItemCreate(_Event):
+    type: Literal["conversation.item.create"]
+    item: ItemIn
+    previous_item_id: str | None = None
+
+
+class ConversationItemRetrieve(_Event):
+    type: Literal["conversation.item.retrieve"]
+    item_id: str
+
+
+class ConversationItemTruncate(_Event):
+    type: Literal["conversation.item.truncate"]
+    item_id: str
+    content_index: int = Field(ge=0)
+    audio_end_ms: int = Field(ge=0)
+
+
+class ConversationItemDelete(_Event):
+    type: Literal["conversation.item.delete"]
+    item_id: str
+
+
+class ResponseCreate(_Event):
+    type: Literal["response.create"]
+    response: ResponseIn | None = None
+
+
+class ResponseCancel(_Event):
+    type: Literal["response.cancel"]
+    response_id: str | None = None
+
+
+class OutputAudioBufferClear(_Event):
+    type: Literal["output_audio_buffer.clear"]
+
+
+ClientEvent = Annotated[
+    SessionUpdate
+    | InputAudioBufferAppend
+    | InputAudioBufferCommit
+    | InputAudioBufferClear
+    | InputImageBufferAppend
+    | ConversationItemCreate
+    | ConversationItemRetrieve
+    | ConversationItemTruncate
+    | ConversationItemDelete
+    | ResponseCreate
+    | ResponseCancel
+    | OutputAudioBufferClear,
+    Field(discriminator="type"),
+]
+_adapter: TypeAdapter[ClientEvent] = TypeAdapter(ClientEvent)
+EVENT_TYPES = frozenset(
+    get_args(model.model_fields["type"].annotation)[0] for model in get_args(get_args(ClientEvent)[0])
+)
+
+
+def parse_client_event(raw: object) -> ClientEvent:
+    """A decoded JSON value to a typed event; a RealtimeError naming the problem otherwise."""
+    if not isinstance(raw, dict):
+        raise RealtimeError("invalid_event", "an event must be a JSON object")
+    event_id = raw.get("event_id") if isinstance(raw.get("event_id"), str) else None
+    kind = raw.get("type")
+    if not isinstance(kind, str):
+        raise RealtimeError("missing_field", "the event has no string 'type'", param="type", event_id=event_id)
+    if kind not in EVENT_TYPES:
+        raise RealtimeError(
+            "unknown_event", f"unknown event type {kind!r}", param="type", event_id=event_id
+        )
+    try:
+        return _adapter.validate_python(raw)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        # the first loc element is the union tag; the rest is the field path
+        param = ".".join(str(part) for part in first["loc"][1:]) or None
+        if first["type"] == "missing":
+            raise RealtimeError(
+                "missing_field", f"{kind}: missing required field {param!r}", param=param, event_id=event_id
+            ) from None
+        raise RealtimeError(
+            "invalid_value", f"{kind}: {param}: {first['msg']}", param=param, event_id=event_id
+        ) from None

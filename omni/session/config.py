@@ -1,0 +1,212 @@
+"""A session's configuration: updated from either wire shape, rendered back in either shape.
+
+`SessionConfig` is immutable; `updated()` validates a whole `session.update` and returns a
+new config or raises, so a rejected update changes nothing (OpenAI's rule). The same parser
+handles the session attached to an ephemeral client secret.
+
+What this server does not do is refused loudly when it would change behaviour (tools,
+semantic_vad, output formats other than pcm16 24 kHz) and echoed back as off when it is
+advisory (input transcription, noise reduction, idle timeout, speed).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any, Literal
+
+from omni.engine.api import OUTPUT_SAMPLE_RATE, VOICES
+from omni.session.audio_input import PCM24K, AudioFormat, parse_beta_format, parse_ga_format
+from omni.session.client_events import (
+    BETA_SESSION_FIELDS,
+    GA_SESSION_FIELDS,
+    AudioFormatIn,
+    Modality,
+    SessionIn,
+    TurnDetectionIn,
+)
+from omni.session.errors import RealtimeError
+from omni.settings import Settings
+
+Shape = Literal["ga", "beta"]
+
+
+def session_shape(fields: SessionIn) -> Shape | None:
+    """Which shape a session object is written in; None when it could be either."""
+    sent = fields.model_fields_set
+    if sent & GA_SESSION_FIELDS:
+        return "ga"
+    if sent & BETA_SESSION_FIELDS:
+        return "beta"
+    return None
+
+
+def normalize_voice(voice: str, param: str) -> str:
+    for name in VOICES:
+        if voice.lower() == name.lower():
+            return name
+    raise RealtimeError("invalid_value", f"unknown voice {voice!r}; this model speaks as {', '.join(VOICES)}", param=param)
+
+
+def output_modalities(requested: list[Modality]) -> tuple[Modality, ...]:
+    # audio always comes with its transcript, so ["text", "audio"] (beta) means audio
+    return ("audio",) if "audio" in requested else ("text",)
+
+
+def check_output_format(fmt: AudioFormat, param: str) -> None:
+    if fmt.encoding != "pcm16" or fmt.rate != OUTPUT_SAMPLE_RATE:
+        raise RealtimeError("unsupported", "output audio is pcm16 at 24 kHz only", param=param)
+
+
+def max_tokens(value: int | str | None) -> int | None:
+    return value if isinstance(value, int) else None
+
+
+@dataclass(frozen=True)
+class TurnDetection:
+    """server_vad parameters (OpenAI's names and meanings)."""
+
+    threshold: float
+    prefix_padding_ms: int
+    silence_duration_ms: int
+    create_response: bool = True
+    interrupt_response: bool = True
+
+    def merged(self, update: TurnDetectionIn, param: str) -> TurnDetection:
+        if update.type == "semantic_vad":
+            raise RealtimeError("unsupported", "semantic_vad is not supported; use server_vad", param=f"{param}.type")
+        given = {k: v for k, v in update.model_dump(exclude_none=True).items() if k in self.__dataclass_fields__}
+        return replace(self, **given)
+
+    def to_wire(self, shape: Shape) -> dict[str, Any]:
+        wire: dict[str, Any] = {"type": "server_vad", **self.__dict__}
+        if shape == "ga":
+            wire["idle_timeout_ms"] = None
+        return wire
+
+
+@dataclass(frozen=True)
+class SessionConfig:
+    model: str
+    vad_defaults: TurnDetection  # what enabling server_vad without parameters gives
+    instructions: str | None = None
+    voice: str = VOICES[0]
+    modalities: tuple[Modality, ...] = ("audio",)
+    input_format: AudioFormat = PCM24K
+    output_format: AudioFormat = PCM24K
+    turn_detection: TurnDetection | None = None
+    max_output_tokens: int | None = None
+    seed: int | None = None
+    qwen: bool = False  # Qwen-Omni-Realtime dialect: beta "pcm16" input means 16 kHz
+
+    @classmethod
+    def from_settings(cls, settings: Settings, model: str | None = None) -> SessionConfig:
+        """A new session's config: server_vad on with the configured defaults (OpenAI's default)."""
+        vad = TurnDetection(settings.vad_threshold, settings.vad_prefix_padding_ms, settings.vad_silence_duration_ms)
+        return cls(model=model or settings.served_model_name, vad_defaults=vad, turn_detection=vad)
+
+    @property
+    def audio_out(self) -> bool:
+        return "audio" in self.modalities
+
+    def updated(self, s: SessionIn, param: str = "session") -> SessionConfig:
+        sent = s.model_fields_set
+        new: dict[str, Any] = {}
+        if s.tools:
+            raise RealtimeError("unsupported", "tools (function calling) are not supported", param=f"{param}.tools")
+        if s.model:
+            new["model"] = s.model
+        if "instructions" in sent:
+            new["instructions"] = s.instructions
+        for field in ("output_modalities", "modalities"):
+            value = getattr(s, field)
+            if value:
+                new["modalities"] = output_modalities(value)
+        for field in ("max_output_tokens", "max_response_output_tokens", "max_tokens"):
+            if field in sent:
+                new["max_output_tokens"] = max_tokens(getattr(s, field))
+        if s.seed is not None:
+            new["seed"] = s.seed
+        if s.voice:
+            new["voice"] = normalize_voice(s.voice, f"{param}.voice")
+
+        # beta / Qwen flat audio fields
+        qwen = self.qwen or s.input_audio_format == "pcm" or s.output_audio_format in ("pcm", "pcm24")
+        new["qwen"] = qwen
+        if s.input_audio_format:
+            new["input_format"] = parse_beta_format(s.input_audio_format, f"{param}.input_audio_format", qwen=qwen)
+        if s.output_audio_format:
+            fmt = parse_beta_format(s.output_audio_format, f"{param}.output_audio_format", qwen=False)
+            check_output_format(fmt, f"{param}.output_audio_format")
+            new["output_format"] = fmt
+        if "turn_detection" in sent:
+            new["turn_detection"] = self._turn_detection(s.turn_detection, f"{param}.turn_detection")
+
+        # GA nested audio config
+        audio_in = s.audio.input if s.audio else None
+        audio_out = s.audio.output if s.audio else None
+        if audio_in is not None:
+            if audio_in.format is not None:
+                new["input_format"] = self._ga_format(audio_in.format, f"{param}.audio.input.format")
+            if "turn_detection" in audio_in.model_fields_set:
+                new["turn_detection"] = self._turn_detection(
+                    audio_in.turn_detection, f"{param}.audio.input.turn_detection"
+                )
+        if audio_out is not None:
+            if audio_out.format is not None:
+                fmt = self._ga_format(audio_out.format, f"{param}.audio.output.format")
+                check_output_format(fmt, f"{param}.audio.output.format")
+                new["output_format"] = fmt
+            if audio_out.voice:
+                new["voice"] = normalize_voice(audio_out.voice, f"{param}.audio.output.voice")
+        return replace(self, **new)
+
+    def _turn_detection(self, update: TurnDetectionIn | None, param: str) -> TurnDetection | None:
+        if update is None:
+            return None
+        return (self.turn_detection or self.vad_defaults).merged(update, param)
+
+    @staticmethod
+    def _ga_format(spec: AudioFormatIn, param: str) -> AudioFormat:
+        return parse_ga_format(spec.model_dump(exclude_none=True), param)
+
+    def to_wire(self, shape: Shape, session_id: str, expires_at: int) -> dict[str, Any]:
+        turn_detection = self.turn_detection.to_wire(shape) if self.turn_detection else None
+        max_out: int | str = self.max_output_tokens or "inf"
+        common = {
+            "id": session_id,
+            "object": "realtime.session",
+            "model": self.model,
+            "expires_at": expires_at,
+            "instructions": self.instructions or "",
+            "tools": [],
+            "tool_choice": "auto",
+        }
+        if shape == "beta":
+            return {
+                **common,
+                "modalities": ["text", "audio"] if self.audio_out else ["text"],
+                "voice": self.voice,
+                "input_audio_format": self.input_format.to_beta(),
+                "output_audio_format": self.output_format.to_beta(),
+                "input_audio_transcription": None,
+                "turn_detection": turn_detection,
+                "max_response_output_tokens": max_out,
+            }
+        return {
+            "type": "realtime",
+            **common,
+            "output_modalities": list(self.modalities),
+            "audio": {
+                "input": {
+                    "format": self.input_format.to_ga(),
+                    "transcription": None,
+                    "noise_reduction": None,
+                    "turn_detection": turn_detection,
+                },
+                "output": {"format": self.output_format.to_ga(), "voice": self.voice, "speed": 1.0},
+            },
+            "max_output_tokens": max_out,
+            "tracing": None,
+            "prompt": None,
+            "include": None,
+        }

@@ -1,0 +1,105 @@
+"""The engine side of a session: calls made one at a time, in order, and the pending turn.
+
+The engine takes one call at a time per session, and the order of calls is the order of the
+prompt, so every engine call a session makes goes through this FIFO and one worker task;
+only `cancel` goes around it (the session calls the engine directly) so a barge-in lands
+within one model step even while `respond` is streaming. Speech that arrives during a reply
+queues behind it and reaches the engine once the reply has ended.
+
+It also mirrors the engine's pending user turn, so uncommitted input can be taken back
+(`rebuild`: clear the engine's turn and send the rest again), since the engine can only
+forget a whole turn.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, Literal
+
+from omni.engine.api import Engine, EngineError
+from omni.session.errors import RealtimeError
+
+log = logging.getLogger(__name__)
+
+Call = Callable[[], Awaitable[None]]
+OnError = Callable[[RealtimeError], Awaitable[None]]
+
+
+@dataclass
+class TurnInput:
+    """One piece of the user's pending turn."""
+
+    kind: Literal["audio", "frame", "image", "text"]
+    data: Any  # float32 16 kHz audio, uint8 HxWx3 image, or text
+    item_id: str | None = None  # None: still in the input buffer (uncommitted)
+
+
+class EngineQueue:
+    def __init__(self, engine: Engine, session_id: str, on_error: OnError) -> None:
+        self.engine = engine
+        self.session_id = session_id
+        self.turn: list[TurnInput] = []  # what the engine has (or will have) for this turn
+        self._on_error = on_error
+        self._calls: asyncio.Queue[tuple[Call, str | None]] = asyncio.Queue()
+
+    def call(self, call: Call, event_id: str | None = None) -> None:
+        """Run `call` after everything queued before it; errors go to the client as events."""
+        self._calls.put_nowait((call, event_id))
+
+    def add(self, piece: TurnInput, event_id: str | None = None) -> None:
+        self.turn.append(piece)
+        self.call(partial(self._send, piece), event_id)
+
+    def uncommitted(self) -> list[TurnInput]:
+        return [piece for piece in self.turn if piece.item_id is None]
+
+    def rebuild(self, keep: list[TurnInput], event_id: str | None = None) -> None:
+        """Make the pending turn exactly `keep`, in order."""
+        self.turn = list(keep)
+
+        async def rebuild() -> None:
+            await self.engine.clear_user_turn(self.session_id)
+            for piece in keep:
+                await self._send(piece)
+
+        self.call(rebuild, event_id)
+
+    def end_turn(self, respond: Call, event_id: str | None = None) -> None:
+        """Reply to the committed turn; uncommitted input moves to the next turn."""
+        pending = self.uncommitted()
+        if pending:
+            self.rebuild([piece for piece in self.turn if piece.item_id is not None], event_id)
+        self.call(respond, event_id)
+        self.turn = []
+        for piece in pending:
+            self.add(piece, event_id)
+
+    async def _send(self, piece: TurnInput) -> None:
+        send = {
+            "audio": self.engine.append_audio,
+            "frame": self.engine.append_video_frame,
+            "image": self.engine.add_image,
+            "text": self.engine.add_text,
+        }[piece.kind]
+        await send(self.session_id, piece.data)
+
+    async def run(self) -> None:
+        """The worker: runs until cancelled."""
+        while True:
+            call, event_id = await self._calls.get()
+            try:
+                await call()
+            except RealtimeError as error:
+                error.event_id = error.event_id or event_id
+                await self._on_error(error)
+            except EngineError as exc:
+                await self._on_error(RealtimeError("engine_error", str(exc), type="server_error", event_id=event_id))
+            except Exception:  # a broken call must not stop the queue
+                log.exception("session %s: engine call failed", self.session_id)
+                await self._on_error(
+                    RealtimeError("server_error", "internal error", type="server_error", event_id=event_id)
+                )

@@ -1,0 +1,535 @@
+"""A realtime call session: turns, barge-in, truncation and limits, whatever the transport.
+
+Transports feed it and drain it (see outputs.py):
+- `handle_message(text)` for each JSON client event (WebSocket, or a WebRTC data channel);
+- `push_audio(pcm)` / `push_video_frame(rgb)` for media a transport decoded itself (WebRTC:
+  16 kHz float32 mic audio, RGB camera frames); WebSocket appends end up in the same place;
+- read `outbox` and send what comes out; call `close()` when the peer goes away.
+
+Engine calls go through an `EngineQueue` (one at a time, in event order); only
+`engine.cancel` goes around it, so barge-in lands within one model step.
+
+With server_vad, audio before speech waits in a short ring (prefix padding); from the
+detected start, speech streams into the engine as it arrives (incremental prefill), and the
+VAD's stop commits the turn and starts the response at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+import time
+from collections.abc import Awaitable, Callable
+from functools import partial
+from typing import Any
+
+import numpy as np
+
+from omni.engine.api import INPUT_SAMPLE_RATE, OUTPUT_SAMPLE_RATE, Engine, EngineError, SessionOptions
+from omni.metrics import Metrics
+from omni.session import client_events as ce
+from omni.session.audio_input import AudioDecoder, b64decode, b64encode_pcm16, decode_clip
+from omni.session.config import SessionConfig, Shape, TurnDetection, session_shape
+from omni.session.conversation import Conversation, Item
+from omni.session.engine_queue import EngineQueue, TurnInput
+from omni.session.errors import RealtimeError, new_id
+from omni.session.images import decode_image, decode_image_url
+from omni.session.outputs import AudioOut, Closed, Playout
+from omni.session.response import ReplyPlan, Response
+from omni.session.shape import to_beta
+from omni.session.vad import SpeechDetector, VadEvent
+from omni.settings import Settings
+
+log = logging.getLogger(__name__)
+
+Output = dict[str, Any] | AudioOut | Closed
+MIN_FRAME_INTERVAL_S = 0.5  # the engine takes at most 2 camera frames per second
+_EVENT_ID = re.compile(r'"event_id"\s*:\s*"([^"\\]{1,128})"')
+
+
+def _ms(samples: int) -> int:
+    return samples * 1000 // INPUT_SAMPLE_RATE
+
+
+def _samples(ms: int) -> int:
+    return ms * INPUT_SAMPLE_RATE // 1000
+
+
+class RealtimeSession:
+    def __init__(
+        self,
+        engine: Engine,
+        settings: Settings,
+        metrics: Metrics,
+        *,
+        model: str | None = None,
+        shape: Shape = "ga",
+        initial: ce.SessionIn | None = None,
+        playout: Playout | None = None,
+    ) -> None:
+        self.id = new_id("sess")
+        self.engine = engine
+        self.settings = settings
+        self.metrics = metrics
+        self.shape = shape
+        self.playout = playout
+        self.outbox: asyncio.Queue[Output] = asyncio.Queue()
+        self.config = SessionConfig.from_settings(settings, model)
+        if initial is not None:
+            self.config = self.config.updated(initial)
+        self.conversation = Conversation()
+        self.expires_at = int(time.time() + settings.max_session_seconds)
+        self.closed = False
+        self._started = False
+        self._decoder = AudioDecoder(self.config.input_format)
+        self._vad: SpeechDetector | None = None
+        self._speaking = False
+        self._speech_item: str | None = None
+        self._received = 0  # user audio samples so far (16 kHz): the clock of VAD positions
+        self._ring = np.zeros(0, np.float32)  # latest audio before speech, for prefix padding
+        self._idle_frame: np.ndarray | None = None  # latest camera frame while nobody talks
+        self._last_frame_at = -MIN_FRAME_INTERVAL_S
+        self._audio_seen = False
+        self._engine = EngineQueue(engine, self.id, self.emit_error)
+        self._uncommitted = 0  # samples of uncommitted audio in _turn
+        self._buffer_full_reported = False
+        self._responses: list[Response] = []  # running or queued, oldest first
+        self._last_response: Response | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._event_id: str | None = None  # the client event being handled, for errors
+
+    # -- lifecycle
+
+    async def start(self) -> None:
+        """Open the engine's conversation and say session.created. Raises EngineError."""
+        await self.engine.open_session(
+            self.id, SessionOptions(voice=self.config.voice, instructions=self.config.instructions)
+        )
+        self._started = True
+        self.metrics.sessions_total.inc()
+        self.metrics.sessions_active.inc()
+        await self._configure_vad()
+        self._tasks = [asyncio.create_task(self._engine.run()), asyncio.create_task(self._expire())]
+        await self.emit({"type": "session.created", "session": self._session_wire()})
+
+    async def close(self, reason: str = "closed") -> None:
+        if self.closed:
+            return
+        self.closed = True
+        await self._cancel_responses("client_cancelled")
+        current = asyncio.current_task()
+        for task in self._tasks:
+            if task is not current:
+                task.cancel()
+        await asyncio.gather(*(t for t in self._tasks if t is not current), return_exceptions=True)
+        if self._started:
+            self.metrics.sessions_active.dec()
+            try:
+                await self.engine.close_session(self.id)
+            except Exception:  # closing must finish; the engine logs its side
+                log.exception("session %s: engine close_session failed", self.id)
+        self.outbox.put_nowait(Closed(reason))
+
+    async def _expire(self) -> None:
+        await asyncio.sleep(self.settings.max_session_seconds)
+        limit = self.settings.max_session_seconds
+        await self.emit_error(RealtimeError("session_expired", f"the session reached its {limit:g} s limit"))
+        await self.close("session_expired")
+
+    # -- output
+
+    async def emit(self, event: dict[str, Any]) -> None:
+        """Queue a server event (built GA-shaped) in the client's shape."""
+        wire: dict[str, Any] | None = {"type": event["type"], "event_id": new_id("event"), **event}
+        if self.shape == "beta":
+            wire = to_beta(wire)  # type: ignore[arg-type]
+        if wire is not None:
+            self.outbox.put_nowait(wire)
+
+    async def emit_error(self, error: RealtimeError) -> None:
+        error.event_id = error.event_id or self._event_id
+        self.metrics.errors.labels(error.code).inc()
+        await self.emit(error.to_event())
+
+    async def _emit_audio(self, out: AudioOut) -> None:
+        self.outbox.put_nowait(out)
+
+    def render_audio(self, out: AudioOut) -> dict[str, Any]:
+        """Reply audio as a WebSocket delta event, in the client's shape."""
+        event = {
+            "type": "response.output_audio.delta",
+            "event_id": new_id("event"),
+            "response_id": out.response_id,
+            "item_id": out.item_id,
+            "output_index": 0,
+            "content_index": 0,
+            "delta": b64encode_pcm16(out.pcm),
+        }
+        return (to_beta(event) or event) if self.shape == "beta" else event
+
+    def _session_wire(self) -> dict[str, Any]:
+        return self.config.to_wire(self.shape, self.id, self.expires_at)
+
+    # -- input
+
+    async def handle_message(self, message: str | bytes) -> None:
+        """One client message; any problem becomes an `error` event and the session goes on."""
+        if self.closed:
+            return
+        self._event_id = None
+        try:
+            if isinstance(message, bytes):
+                raise RealtimeError("invalid_event", "binary messages are not supported; send JSON text")
+            size = len(message) if message.isascii() else len(message.encode())
+            cap = self.settings.max_message_bytes
+            if size > cap:
+                found = _EVENT_ID.search(message)
+                self._event_id = found.group(1) if found else None
+                raise RealtimeError("message_too_large", f"the message is {size} bytes, over the {cap}-byte limit")
+            try:
+                raw = json.loads(message)
+            except ValueError as exc:
+                raise RealtimeError("invalid_json", f"the message is not valid JSON: {exc}") from None
+            event = ce.parse_client_event(raw)
+            self._event_id = event.event_id
+            await self._handlers[type(event)](self, event)
+        except RealtimeError as error:
+            await self.emit_error(error)
+        finally:
+            self._event_id = None
+
+    async def push_audio(self, pcm: np.ndarray) -> None:
+        """User audio as float32 16 kHz (a WebRTC mic track, or decoded appends)."""
+        try:
+            await self._push_audio(pcm)
+        except RealtimeError as error:
+            await self.emit_error(error)
+
+    async def push_video_frame(self, rgb: np.ndarray) -> None:
+        """A camera frame (uint8 HxWx3); frames over 2 per second are dropped."""
+        now = time.monotonic()
+        if self.closed or now - self._last_frame_at < MIN_FRAME_INTERVAL_S:
+            return
+        self._last_frame_at = now
+        if self._vad is not None and not self._speaking:
+            self._idle_frame = rgb  # the turn starts with the latest view, sent on speech start
+            return
+        self._add_input(TurnInput("frame", rgb))
+
+    # -- client events
+
+    async def _session_update(self, event: ce.SessionUpdate) -> None:
+        config = self.config.updated(event.session)
+        self.shape = session_shape(event.session) or self.shape
+        old, self.config = self.config, config
+        if config.input_format != old.input_format:
+            await self._push_audio(self._decoder.flush())
+            self._decoder = AudioDecoder(config.input_format)
+        if config.turn_detection != old.turn_detection:
+            await self._configure_vad(old.turn_detection)
+        await self.emit({"type": "session.updated", "session": self._session_wire()})
+
+    async def _append_audio(self, event: ce.InputAudioBufferAppend) -> None:
+        await self._push_audio(self._decoder.decode(b64decode(event.audio, "audio"), "audio"))
+
+    async def _commit_buffer(self, event: ce.InputAudioBufferCommit) -> None:
+        item_id = self._speech_item if self._speaking else None
+        if self._vad is not None and self._speaking:
+            self._vad.reset()
+            self._speaking = False
+        await self._commit(item_id)
+
+    async def _clear_buffer(self, event: ce.InputAudioBufferClear) -> None:
+        self._decoder.flush()
+        if self._vad is not None and self._speaking:
+            self._vad.reset()
+            self._speaking = False
+        self._ring = self._ring[:0]
+        if self._engine.uncommitted():
+            self._engine.rebuild([i for i in self._engine.turn if i.item_id is not None], self._event_id)
+        self._uncommitted = 0
+        self._buffer_full_reported = False
+        await self.emit({"type": "input_audio_buffer.cleared"})
+
+    async def _append_image(self, event: ce.InputImageBufferAppend) -> None:
+        if not self._audio_seen:  # Qwen-Omni-Realtime's rule: frames accompany speech
+            raise RealtimeError("image_before_audio", "append audio before the first image", param="image")
+        await self.push_video_frame(decode_image(b64decode(event.image, "image"), "image"))
+
+    async def _create_item(self, event: ce.ConversationItemCreate) -> None:
+        item = event.item
+        if item.type != "message" or item.role != "user":
+            raise RealtimeError(
+                "unsupported", "only user messages can be added (no function calls, system or assistant items)",
+                param="item.role" if item.type == "message" else "item.type",
+            )
+        if event.previous_item_id not in (None, self.conversation.last_id):
+            raise RealtimeError(
+                "unsupported", "items can only be added at the end of the conversation", param="previous_item_id"
+            )
+        if not item.content:
+            raise RealtimeError("invalid_value", "a user message needs at least one content part", param="item.content")
+        inputs: list[TurnInput] = []
+        parts: list[dict[str, Any]] = []
+        for index, part in enumerate(item.content):  # decode everything before changing anything
+            param = f"item.content.{index}"
+            if part.type == "input_text" and part.text is not None:
+                inputs.append(TurnInput("text", part.text))
+                parts.append({"type": "input_text", "text": part.text})
+            elif part.type == "input_image" and part.image_url is not None:
+                inputs.append(TurnInput("image", decode_image_url(part.image_url, f"{param}.image_url")))
+                parts.append({"type": "input_image", "detail": part.detail or "auto"})
+            elif part.type == "input_audio" and part.audio is not None:
+                pcm = decode_clip(b64decode(part.audio, f"{param}.audio"), self.config.input_format, f"{param}.audio")
+                inputs.append(TurnInput("audio", pcm))
+                parts.append({"type": "input_audio", "transcript": part.transcript})
+            else:
+                field = {"input_text": "text", "input_image": "image_url", "input_audio": "audio"}.get(part.type)
+                if field is None:
+                    raise RealtimeError("invalid_value", f"{part.type!r} is not a user content type", param=f"{param}.type")
+                raise RealtimeError("missing_field", f"{part.type} needs '{field}'", param=f"{param}.{field}")
+        new = Item("user", parts, **({"id": item.id} if item.id else {}))
+        previous = self.conversation.add(new)
+        for piece in inputs:
+            piece.item_id = new.id
+            self._add_input(piece)
+        await self._item_added(new, previous)
+
+    async def _retrieve_item(self, event: ce.ConversationItemRetrieve) -> None:
+        item = self.conversation.get(event.item_id)
+        await self.emit({"type": "conversation.item.retrieved", "item": item.to_wire()})
+
+    async def _truncate_item(self, event: ce.ConversationItemTruncate) -> None:
+        item = self.conversation.get(event.item_id)
+        if item.role != "assistant":
+            raise RealtimeError("invalid_value", "only assistant items can be truncated", param="item_id")
+        if event.content_index != 0:
+            raise RealtimeError("invalid_value", "assistant items have one content part (index 0)", param="content_index")
+        response = self._last_response
+        if response is None or response.item is not item:
+            raise RealtimeError("unsupported", "only the latest assistant reply can be truncated", param="item_id")
+        if not response.plan.audio_out:
+            raise RealtimeError("invalid_value", "the item has no audio to truncate", param="item_id")
+        if not response.done:  # the caller stopped listening: stop talking
+            await self._cancel_responses("client_cancelled")
+        self._call(partial(self._truncate, response, event.audio_end_ms))
+
+    async def _delete_item(self, event: ce.ConversationItemDelete) -> None:
+        item = self.conversation.get(event.item_id)
+        response = self._last_response
+        if any(i.item_id == item.id for i in self._engine.turn):
+            self._engine.rebuild([i for i in self._engine.turn if i.item_id != item.id], self._event_id)
+        elif response is not None and response.item is item and response.done:
+            # the latest reply: truncated to nothing, the model forgets what it said
+            self._call(partial(self._truncate, response, 0, announce=False))
+        else:
+            raise RealtimeError(
+                "unsupported", "only pending user items and the latest reply can be deleted", param="item_id"
+            )
+        self.conversation.remove(item.id)
+        await self.emit({"type": "conversation.item.deleted", "item_id": item.id})
+
+    async def _response_create(self, event: ce.ResponseCreate) -> None:
+        await self._create_response(event.response)
+
+    async def _response_cancel(self, event: ce.ResponseCancel) -> None:
+        if not self._responses:
+            raise RealtimeError("response_cancel_not_active", "there is no response in progress to cancel")
+        if event.response_id and event.response_id not in {r.id for r in self._responses}:
+            raise RealtimeError("invalid_value", f"response {event.response_id!r} is not in progress", param="response_id")
+        await self._interrupt("client_cancelled")
+
+    async def _output_clear(self, event: ce.OutputAudioBufferClear) -> None:
+        if self.playout is None:
+            raise RealtimeError(
+                "unsupported", "output_audio_buffer.clear is for WebRTC; over WebSocket the client owns playback"
+            )
+        await self._clear_playout()
+
+    _handlers: dict[type, Callable[[RealtimeSession, Any], Awaitable[None]]] = {
+        ce.SessionUpdate: _session_update,
+        ce.InputAudioBufferAppend: _append_audio,
+        ce.InputAudioBufferCommit: _commit_buffer,
+        ce.InputAudioBufferClear: _clear_buffer,
+        ce.InputImageBufferAppend: _append_image,
+        ce.ConversationItemCreate: _create_item,
+        ce.ConversationItemRetrieve: _retrieve_item,
+        ce.ConversationItemTruncate: _truncate_item,
+        ce.ConversationItemDelete: _delete_item,
+        ce.ResponseCreate: _response_create,
+        ce.ResponseCancel: _response_cancel,
+        ce.OutputAudioBufferClear: _output_clear,
+    }
+
+    # -- turn-taking
+
+    async def _configure_vad(self, old: TurnDetection | None = None) -> None:
+        new = self.config.turn_detection
+        if new is None:
+            self._vad, self._speaking = None, False
+        elif self._vad is None or old is None or (new.threshold, new.silence_duration_ms) != (
+            old.threshold, old.silence_duration_ms
+        ):
+            self._vad = await SpeechDetector.create(new.threshold, new.silence_duration_ms, self._received)
+            self._speaking = False
+
+    async def _push_audio(self, pcm: np.ndarray) -> None:
+        if self.closed or not len(pcm):
+            return
+        self._audio_seen = True
+        base = self._received
+        self._received += len(pcm)
+        if self._vad is None:
+            await self._buffer_audio(pcm)
+            return
+        done = 0
+        for vad_event in await self._vad.feed(pcm):
+            cut = min(max(vad_event.at - base, done), len(pcm))
+            await self._route(pcm[done:cut])
+            done = cut
+            await (self._speech_started if vad_event.kind == "start" else self._speech_stopped)(vad_event)
+        await self._route(pcm[done:])
+
+    async def _route(self, pcm: np.ndarray) -> None:
+        """VAD mode: speech goes to the engine as it comes; silence waits in the padding ring."""
+        if self._speaking:
+            await self._buffer_audio(pcm)
+        elif len(pcm):
+            keep = _samples(self.config.turn_detection.prefix_padding_ms) + 2 * 512 if self.config.turn_detection else 0
+            self._ring = np.concatenate([self._ring, pcm])[-keep:] if keep else self._ring[:0]
+
+    async def _speech_started(self, vad_event: VadEvent) -> None:
+        detection = self.config.turn_detection
+        assert detection is not None
+        self._speaking = True
+        self._speech_item = new_id("item")
+        start = max(vad_event.sample - _samples(detection.prefix_padding_ms), 0)
+        await self.emit({"type": "input_audio_buffer.speech_started", "audio_start_ms": _ms(start),
+                         "item_id": self._speech_item})
+        if detection.interrupt_response:
+            await self._interrupt("turn_detected")
+        if self._idle_frame is not None:
+            self._add_input(TurnInput("frame", self._idle_frame))
+            self._idle_frame = None
+        ring_start = vad_event.at - len(self._ring)
+        head, self._ring = self._ring[max(start - ring_start, 0):], self._ring[:0]
+        await self._buffer_audio(head)
+
+    async def _speech_stopped(self, vad_event: VadEvent) -> None:
+        turn_end = time.monotonic()
+        self._speaking = False
+        await self.emit({"type": "input_audio_buffer.speech_stopped", "audio_end_ms": _ms(vad_event.sample),
+                         "item_id": self._speech_item})
+        await self._commit(self._speech_item)
+        if self.config.turn_detection and self.config.turn_detection.create_response:
+            await self._create_response(None, turn_end=turn_end, queue=True)
+
+    async def _buffer_audio(self, pcm: np.ndarray) -> None:
+        """Uncommitted user audio: into the engine now (incremental prefill), within the cap."""
+        if not len(pcm):
+            return
+        cap = int(self.settings.max_buffered_audio_seconds * INPUT_SAMPLE_RATE)
+        if self._uncommitted + len(pcm) > cap:
+            if not self._buffer_full_reported:
+                self._buffer_full_reported = True
+                await self.emit_error(RealtimeError(
+                    "input_audio_buffer_full",
+                    f"over {self.settings.max_buffered_audio_seconds:g} s of uncommitted audio; "
+                    "commit or clear the buffer (audio beyond the limit is dropped)",
+                ))
+            return
+        self._uncommitted += len(pcm)
+        self._add_input(TurnInput("audio", pcm))
+
+    async def _commit(self, item_id: str | None) -> None:
+        if self._vad is None:
+            await self._buffer_audio(self._decoder.flush())  # the resampler's last samples
+        pending = self._engine.uncommitted()
+        if not any(i.kind == "audio" for i in pending):
+            raise RealtimeError("input_audio_buffer_commit_empty", "the input audio buffer is empty; append audio first")
+        item = Item("user", [{"type": "input_audio", "transcript": None}], **({"id": item_id} if item_id else {}))
+        for piece in pending:
+            piece.item_id = item.id
+        self._uncommitted = 0
+        self._buffer_full_reported = False
+        previous = self.conversation.add(item)
+        await self.emit({"type": "input_audio_buffer.committed", "item_id": item.id, "previous_item_id": previous})
+        await self._item_added(item, previous)
+
+    async def _item_added(self, item: Item, previous: str | None) -> None:
+        await self.emit({"type": "conversation.item.added", "previous_item_id": previous, "item": item.to_wire()})
+        await self.emit({"type": "conversation.item.done", "previous_item_id": previous, "item": item.to_wire()})
+
+    # -- responses and barge-in
+
+    async def _create_response(
+        self, request: ce.ResponseIn | None, *, turn_end: float | None = None, queue: bool = False
+    ) -> None:
+        if self._responses and not queue:
+            raise RealtimeError(
+                "conversation_already_has_active_response",
+                f"response {self._responses[0].id} is still in progress; cancel it or wait for response.done",
+            )
+        plan = ReplyPlan.from_request(self.config, request)
+        item = Item("assistant", [], status="in_progress")
+        previous = self.conversation.add(item)
+        response = Response(plan, item, turn_end=turn_end)
+        self._responses.append(response)
+        self._last_response = response
+        self._engine.end_turn(partial(self._run_response, response, previous), self._event_id)
+
+    async def _run_response(self, response: Response, previous: str | None) -> None:
+        try:
+            done = await response.run(self.engine, self.id, previous, self.emit, self._emit_audio)
+        finally:
+            self._responses.remove(response)
+        self.metrics.responses.labels(done.status).inc()
+        for stage, ms in response.timings_ms().items():
+            self.metrics.observe_stage_ms(stage.removesuffix("_ms"), ms)
+
+    async def _interrupt(self, reason: str) -> None:
+        """The caller spoke over the reply (or cancelled it): stop generating and playing."""
+        await self._cancel_responses(reason)
+        if self.playout is not None:
+            await self._clear_playout()
+
+    async def _cancel_responses(self, reason: str) -> None:
+        for response in self._responses:
+            response.cancel(reason)
+        if self._responses and self._responses[0].streaming:
+            try:
+                await self.engine.cancel(self.id)
+            except EngineError as exc:
+                log.warning("session %s: engine cancel failed: %s", self.id, exc)
+
+    async def _clear_playout(self) -> None:
+        assert self.playout is not None
+        played = self.playout.clear()
+        if played is None:
+            return
+        await self.emit({"type": "output_audio_buffer.cleared", "response_id": played.response_id})
+        response = self._last_response
+        if response is not None and response.item.id == played.item_id:
+            self._call(partial(self._truncate, response, played.audio_end_ms))
+
+    async def _truncate(self, response: Response, audio_end_ms: int, announce: bool = True) -> None:
+        """Runs after the reply has ended: keep what the caller heard, in the engine and the item."""
+        produced_ms = response.item.audio_samples * 1000 // OUTPUT_SAMPLE_RATE
+        if audio_end_ms > produced_ms:
+            raise RealtimeError(
+                "invalid_value",
+                f"audio_end_ms {audio_end_ms} is past the end of the item's audio ({produced_ms} ms)",
+                param="audio_end_ms",
+            )
+        response.truncated(await self.engine.truncate_reply(self.id, audio_end_ms), audio_end_ms)
+        if announce:
+            await self.emit({"type": "conversation.item.truncated", "item_id": response.item.id,
+                             "content_index": 0, "audio_end_ms": audio_end_ms})
+
+    def _call(self, call: Callable[[], Awaitable[None]]) -> None:
+        self._engine.call(call, self._event_id)
+
+    def _add_input(self, piece: TurnInput) -> None:
+        self._engine.add(piece, self._event_id)

@@ -1,0 +1,233 @@
+"""A scripted Engine for tests: deterministic replies, a tone for speech, a log of every call.
+
+Replies are built from what the turn held, so tests can check that input got through and
+that the conversation is remembered:
+    "Reply 2. You said: hello. I heard 1.9 seconds of speech. I see a 64x48 image.
+     Earlier you said: what is two plus two. and so on ..."
+Each word is one text token; each token brings 20 ms of audio (one codec step, as the real
+talker consumes one text token per step), sent in chunks of `tokens_per_chunk` tokens.
+`cancel` stops a reply within one step, and `truncate_reply` keeps `audio_ms // 20` tokens.
+
+It also checks the contract's "one call at a time per session" (cancel excepted) and
+records any overlap in `violations`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from omni.engine.api import (
+    INPUT_SAMPLE_RATE,
+    OUTPUT_SAMPLE_RATE,
+    SAMPLES_PER_CODE,
+    AudioChunk,
+    EngineError,
+    EngineEvent,
+    ReplyDone,
+    ReplyOptions,
+    SessionOptions,
+    StageTimings,
+    TextDelta,
+)
+
+TOKEN_MS = 20
+
+
+@dataclass
+class FakeTurn:
+    audio_samples: int = 0
+    frames: int = 0
+    images: list[tuple[int, int]] = field(default_factory=list)  # (width, height)
+    texts: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        if self.texts:
+            return " ".join(self.texts)
+        return f"{self.audio_samples / INPUT_SAMPLE_RATE:.1f} seconds of speech"
+
+    def tokens(self) -> int:
+        return len(" ".join(self.texts).split()) + self.audio_samples * 25 // INPUT_SAMPLE_RATE + 256 * (
+            len(self.images) + self.frames
+        )
+
+
+@dataclass
+class FakeConversation:
+    options: SessionOptions
+    turn: FakeTurn = field(default_factory=FakeTurn)
+    history: list[tuple[FakeTurn, list[str]]] = field(default_factory=list)  # (user turn, reply tokens)
+    replies: list[ReplyOptions] = field(default_factory=list)
+    cancelled: bool = False
+    busy: str | None = None
+
+    def reply_text(self, index: int = -1) -> str:
+        return "".join(self.history[index][1])
+
+
+class FakeEngine:
+    def __init__(
+        self,
+        *,
+        token_delay: float = 0.01,
+        prefill_delay: float = 0.01,
+        tokens_per_chunk: int = 4,
+        filler_tokens: int = 40,
+    ) -> None:
+        self.token_delay = token_delay
+        self.prefill_delay = prefill_delay
+        self.tokens_per_chunk = tokens_per_chunk
+        self.filler_tokens = filler_tokens
+        self.sessions: dict[str, FakeConversation] = {}
+        self.closed: list[str] = []
+        self.calls: list[tuple[str, str]] = []
+        self.violations: list[str] = []
+        self.fail_next_reply: str | None = None
+
+    # -- bookkeeping
+
+    def _enter(self, name: str, session_id: str) -> FakeConversation:
+        self.calls.append((name, session_id))
+        conversation = self.sessions.get(session_id)
+        if conversation is None:
+            raise EngineError(f"no session {session_id}")
+        if conversation.busy is not None:
+            self.violations.append(f"{name} while {conversation.busy} ({session_id})")
+        conversation.busy = name
+        return conversation
+
+    @staticmethod
+    def _leave(conversation: FakeConversation) -> None:
+        conversation.busy = None
+
+    def conversation(self, session_id: str | None = None) -> FakeConversation:
+        """A session's conversation (the only one when not named)."""
+        if session_id is None:
+            (session_id,) = self.sessions
+        return self.sessions[session_id]
+
+    # -- the Engine protocol
+
+    async def open_session(self, session_id: str, options: SessionOptions) -> None:
+        self.calls.append(("open_session", session_id))
+        self.sessions[session_id] = FakeConversation(options)
+
+    async def close_session(self, session_id: str) -> None:
+        self.calls.append(("close_session", session_id))
+        self.sessions.pop(session_id, None)
+        self.closed.append(session_id)
+
+    async def append_audio(self, session_id: str, pcm: np.ndarray) -> None:
+        conversation = self._enter("append_audio", session_id)
+        assert pcm.dtype == np.float32 and pcm.ndim == 1
+        conversation.turn.audio_samples += len(pcm)
+        await asyncio.sleep(0)
+        self._leave(conversation)
+
+    async def append_video_frame(self, session_id: str, rgb: np.ndarray) -> None:
+        conversation = self._enter("append_video_frame", session_id)
+        assert rgb.dtype == np.uint8 and rgb.ndim == 3 and rgb.shape[2] == 3
+        conversation.turn.frames += 1
+        self._leave(conversation)
+
+    async def add_image(self, session_id: str, rgb: np.ndarray) -> None:
+        conversation = self._enter("add_image", session_id)
+        assert rgb.dtype == np.uint8 and rgb.ndim == 3 and rgb.shape[2] == 3
+        conversation.turn.images.append((rgb.shape[1], rgb.shape[0]))
+        self._leave(conversation)
+
+    async def add_text(self, session_id: str, text: str) -> None:
+        conversation = self._enter("add_text", session_id)
+        conversation.turn.texts.append(text)
+        self._leave(conversation)
+
+    async def clear_user_turn(self, session_id: str) -> None:
+        conversation = self._enter("clear_user_turn", session_id)
+        conversation.turn = FakeTurn()
+        self._leave(conversation)
+
+    def _script(self, conversation: FakeConversation) -> list[str]:
+        turn = conversation.turn
+        words = [f"Reply {len(conversation.history) + 1}."]
+        if turn.texts:
+            words += ["You", "said:", *" ".join(turn.texts).split()]
+        if turn.audio_samples:
+            words += f"I heard {turn.audio_samples / INPUT_SAMPLE_RATE:.1f} seconds of speech.".split()
+        for width, height in turn.images:
+            words += f"I see a {width}x{height} image.".split()
+        if turn.frames:
+            words += f"I saw {turn.frames} camera frames.".split()
+        if conversation.history:
+            words += ["Earlier", "you", "said:", *conversation.history[0][0].summary().split()]
+        words += ["and", "so", "on"] * (self.filler_tokens // 3)
+        return [word + " " for word in words]
+
+    async def respond(self, session_id: str, options: ReplyOptions) -> AsyncIterator[EngineEvent]:
+        conversation = self._enter("respond", session_id)
+        conversation.cancelled = False
+        conversation.replies.append(options)
+        start = time.monotonic()
+
+        def ms() -> float:
+            return (time.monotonic() - start) * 1000.0
+
+        timings = StageTimings()
+        script = self._script(conversation)[: options.max_text_tokens]
+        turn, conversation.turn = conversation.turn, FakeTurn()
+        tokens: list[str] = []
+        conversation.history.append((turn, tokens))
+        samples = 0
+        status = "completed"
+        tone = (np.sin(np.arange(SAMPLES_PER_CODE) * 2 * np.pi * 440 / OUTPUT_SAMPLE_RATE) * 8000).astype(np.int16)
+        try:
+            await asyncio.sleep(self.prefill_delay)
+            timings.prefill_ms = ms()
+            if self.fail_next_reply:
+                message, self.fail_next_reply = self.fail_next_reply, None
+                raise EngineError(message)
+            for index, word in enumerate(script):
+                await asyncio.sleep(self.token_delay)
+                if conversation.cancelled:
+                    status = "cancelled"
+                    break
+                tokens.append(word)
+                timings.first_text_ms = timings.first_text_ms or ms()
+                yield TextDelta(word, [index])
+                done = index + 1 == len(script)
+                if options.output_audio and (done or (index + 1) % self.tokens_per_chunk == 0):
+                    steps = len(tokens) - samples // SAMPLES_PER_CODE
+                    timings.first_codec_ms = timings.first_codec_ms or ms()
+                    timings.first_audio_ms = timings.first_audio_ms or ms()
+                    yield AudioChunk(np.tile(tone, steps), samples)
+                    samples += steps * SAMPLES_PER_CODE
+            timings.total_ms = ms()
+            yield ReplyDone(status, "".join(tokens), len(tokens), samples, timings, turn.tokens())
+        finally:
+            self._leave(conversation)
+
+    async def cancel(self, session_id: str) -> None:
+        self.calls.append(("cancel", session_id))
+        if session_id in self.sessions:
+            self.sessions[session_id].cancelled = True
+
+    async def truncate_reply(self, session_id: str, audio_ms: int) -> int:
+        conversation = self._enter("truncate_reply", session_id)
+        try:
+            if not conversation.history:
+                raise EngineError("no reply to truncate")
+            tokens = conversation.history[-1][1]
+            del tokens[audio_ms // TOKEN_MS :]
+            return len(tokens)
+        finally:
+            self._leave(conversation)
+
+
+@asynccontextmanager
+async def fake_engine(**kwargs: object) -> AsyncIterator[FakeEngine]:
+    """An engine factory in the shape `create_app(engine_factory=...)` takes."""
+    yield FakeEngine(**kwargs)  # type: ignore[arg-type]
