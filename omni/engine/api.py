@@ -82,6 +82,8 @@ class ReplyDone:
     timings: StageTimings = field(default_factory=StageTimings)
     input_tokens: int = 0  # prompt tokens this turn added to the conversation
     error: str | None = None
+    text_token_ids: list[int] = field(default_factory=list)
+    codec_tokens: list[int] = field(default_factory=list)  # the talker's codes, for checks
 
 
 EngineEvent = TextDelta | AudioChunk | ReplyDone

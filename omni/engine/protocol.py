@@ -172,6 +172,8 @@ class ThinkerDone(Msg):
     text_tokens: int
     input_tokens: int
     prefill_ms: float
+    talker_started: bool = False  # False: no TalkerDone will follow
+    token_ids: list[int] = []  # every token chosen, the ending one included
 
 
 class CodeOut(Msg):
@@ -192,7 +194,7 @@ class TalkerDone(Msg):
     session: str
     reply: str
     status: str
-    codes: int
+    codes: list[int]
     audio_samples: int
 
 

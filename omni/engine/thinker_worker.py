@@ -1,0 +1,260 @@
+"""The thinker process: owns the thinker model and every session's conversation.
+
+Loop: drain messages (inputs are prefilled as they arrive), then one decode step for each
+session with a reply in progress (round robin), streaming text to the front end and context
+rows to the talker.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from omni.engine import protocol as p
+from omni.engine.thinker import SPEECH_SYSTEM_PROMPT, ContextRows, ThinkerConversation, TokenIds
+from omni.engine.worker import WorkerConfig, WorkerIO, configure_worker
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Active:
+    """A reply being decoded."""
+
+    msg: p.Respond
+    prefill_ms: float
+    input_tokens: int  # prompt tokens this turn added
+    text: str = ""
+    unsent: list[int] = field(default_factory=list)  # tokens whose text is not out yet
+
+
+class ThinkerWorker:
+    def __init__(self, cfg: WorkerConfig) -> None:
+        from omni.checkpoints.parts import load_thinker
+
+        parts = load_thinker(cfg.model_path, cfg.device, getattr(torch, cfg.dtype))
+        self.model = parts.model.eval()
+        self.tokenizer = parts.tokenizer
+        self.feature_extractor = parts.processor.feature_extractor
+        self.processor_config = parts.processor.image_processor.to_dict()
+        self.ids = token_ids(self.tokenizer, self.model.generation_config.eos_token_id)
+        self.max_frame_side = cfg.max_frame_side
+        a = cfg.addresses
+        self.io = WorkerIO(
+            "thinker", a.thinker, {"frontend": a.frontend, "talker": a.talker}, cfg.allow_faults
+        )
+        self.sessions: dict[str, ThinkerConversation] = {}
+        self.active: dict[str, _Active] = {}
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def run(self) -> None:
+        self.io.send("frontend", p.Ready("thinker", {"device": str(self.model.device)}))
+        while True:
+            for msg in self.io.receive(0 if self.active else 100):
+                self.handle(msg)
+            for session_id in list(self.active):
+                self.decode_step(session_id)
+            self.io.beat()
+
+    # -- messages -------------------------------------------------------------------------
+
+    def handle(self, msg: p.Msg) -> None:
+        session = getattr(msg, "session", None)
+        try:
+            self._handle(msg)
+        except Exception as exc:
+            log.exception("thinker: %s failed", type(msg).__name__)
+            reply = getattr(msg, "reply", None)
+            self.io.send("frontend", p.WorkerError("thinker", f"{type(exc).__name__}: {exc}", session, reply))
+            if isinstance(msg, p.Respond):  # the reply ends here, failed
+                self.active.pop(msg.session, None)
+                done = p.ThinkerDone(msg.session, msg.reply, "failed", "", 0, 0, 0.0)
+                self.io.send("frontend", done)
+
+    def _handle(self, msg: p.Msg) -> None:
+        match msg:
+            case p.OpenSession():
+                self.open(msg)
+            case p.CloseSession():
+                self.sessions.pop(msg.session, None)
+                self.active.pop(msg.session, None)
+            case p.AppendAudio():
+                self.conv(msg.session).append_audio(msg.pcm.numpy())
+                self.io.count_step()
+            case p.AppendFrame():
+                self.conv(msg.session).append_video_frame(msg.rgb.numpy())
+            case p.AddImage():
+                self.conv(msg.session).add_image(msg.rgb.numpy())
+            case p.AddText():
+                self.conv(msg.session).add_text(msg.text)
+            case p.ClearTurn():
+                self.conv(msg.session).clear_turn()
+            case p.Respond():
+                self.respond(msg)
+            case p.Cancel():
+                self.cancel(msg)
+            case p.Truncate():
+                kept = self.conv(msg.session).truncate_reply(msg.keep_tokens)
+                self.io.send("frontend", p.Result(msg.request, kept))
+            case _:
+                raise ValueError(f"thinker got an unexpected {type(msg).__name__}")
+
+    def conv(self, session_id: str) -> ThinkerConversation:
+        conv = self.sessions.get(session_id)
+        if conv is None:
+            raise KeyError(f"unknown session {session_id}")
+        return conv
+
+    def open(self, msg: p.OpenSession) -> None:
+        system = SPEECH_SYSTEM_PROMPT
+        if msg.instructions:
+            system = f"{system}\n{msg.instructions}"
+
+        def send_rows(piece: ContextRows, session: str = msg.session) -> None:
+            self.io.send(
+                "talker",
+                p.Rows(session, piece.start, p.Array.of(piece.rows), p.Array.of(piece.positions)),
+            )
+
+        self.sessions[msg.session] = ThinkerConversation(
+            self.model,
+            self.ids,
+            self.feature_extractor,
+            self.processor_config,
+            system,
+            self.encode,
+            send_rows,
+            self.max_frame_side,
+        )
+
+    def respond(self, msg: p.Respond) -> None:
+        conv = self.conv(msg.session)
+        if msg.session in self.active:
+            raise RuntimeError("a reply is already in progress")
+        started = time.perf_counter()
+        input_before = conv.turn.start_len if conv.turn is not None else len(conv.token_ids)
+        logits = conv.end_turn()
+        prefill_ms = (time.perf_counter() - started) * 1000
+        conv.start_reply(
+            logits, msg.max_text_tokens, msg.greedy, msg.min_text_tokens, msg.seed
+        )
+        first_row = len(conv.token_ids)
+        self.active[msg.session] = _Active(msg, prefill_ms, first_row - input_before)
+        if msg.output_audio:
+            self.io.send(
+                "talker",
+                p.TalkerStart(
+                    msg.session,
+                    msg.reply,
+                    first_row,
+                    msg.voice,
+                    msg.greedy,
+                    msg.max_codec_tokens,
+                    msg.min_codec_tokens,
+                    msg.top_k,
+                    msg.top_p,
+                    msg.temperature,
+                    msg.repetition_penalty,
+                    msg.seed,
+                ),
+            )
+
+    def cancel(self, msg: p.Cancel) -> None:
+        active = self.active.get(msg.session)
+        if active is None or active.msg.reply != msg.reply:
+            return
+        conv = self.conv(msg.session)
+        conv.cancel_reply()
+        self.finish(msg.session, "cancelled")
+
+    def decode_step(self, session_id: str) -> None:
+        active = self.active[session_id]
+        conv = self.sessions[session_id]
+        try:
+            token, last = conv.step()
+        except Exception as exc:
+            log.exception("thinker: decode step failed")
+            conv.cancel_reply()
+            self.io.send("frontend", p.WorkerError("thinker", str(exc), session_id, active.msg.reply))
+            self.finish(session_id, "failed")
+            return
+        self.io.count_step()
+        assert conv.reply is not None
+        text = self.tokenizer.decode(
+            [t for t in conv.reply.tokens if t not in self.ids.eos], skip_special_tokens=True
+        )
+        # hold back a partial UTF-8 character until the next token completes it
+        active.unsent.append(token)
+        if len(text) > len(active.text) and not text.endswith("\ufffd"):
+            self.io.send(
+                "frontend",
+                p.TextOut(session_id, active.msg.reply, text[len(active.text) :], active.unsent),
+            )
+            active.text, active.unsent = text, []
+        if last:
+            self.finish(session_id, "completed")
+
+    def finish(self, session_id: str, status: str) -> None:
+        active = self.active.pop(session_id)
+        conv = self.sessions[session_id]
+        reply = conv.reply
+        assert reply is not None
+        text_rows = len(conv.token_ids) - reply.start_len
+        if active.msg.output_audio:
+            self.io.send("talker", p.TextEnd(session_id, active.msg.reply, text_rows))
+        tokens = [t for t in reply.tokens if t not in self.ids.eos]
+        self.io.send(
+            "frontend",
+            p.ThinkerDone(
+                session_id,
+                active.msg.reply,
+                status,
+                self.tokenizer.decode(tokens, skip_special_tokens=True),
+                len(tokens),
+                active.input_tokens,
+                active.prefill_ms,
+                active.msg.output_audio,
+                list(reply.tokens),
+            ),
+        )
+
+
+def token_ids(tokenizer, eos: int | list[int] | None) -> TokenIds:
+    """The chat template's special tokens, looked up by name so any checkpoint's ids work."""
+
+    def one(token: str) -> int:
+        value = tokenizer.convert_tokens_to_ids(token)
+        if value is None or value == tokenizer.unk_token_id:
+            raise ValueError(f"tokenizer has no {token}")
+        return int(value)
+
+    def words(text: str) -> list[int]:
+        return tokenizer.encode(text, add_special_tokens=False)
+
+    return TokenIds(
+        im_start=one("<|im_start|>"),
+        im_end=one("<|im_end|>"),
+        newline=words("\n")[0],
+        user=words("user"),
+        assistant=words("assistant"),
+        system=words("system"),
+        audio=one("<|AUDIO|>"),
+        audio_bos=one("<|audio_bos|>"),
+        audio_eos=one("<|audio_eos|>"),
+        image=one("<|IMAGE|>"),
+        video=one("<|VIDEO|>"),
+        vision_bos=one("<|vision_bos|>"),
+        vision_eos=one("<|vision_eos|>"),
+        # the thinker's end of reply: its generation config, else the chat template's ends
+        eos=[eos] if isinstance(eos, int) else list(eos or [one("<|im_end|>"), one("<|endoftext|>")]),
+    )
+
+
+def main(cfg: WorkerConfig) -> None:
+    configure_worker("thinker", cfg.device)
+    ThinkerWorker(cfg).run()
