@@ -64,6 +64,7 @@ class FakeConversation:
     history: list[tuple[FakeTurn, list[str]]] = field(default_factory=list)  # (user turn, reply tokens)
     replies: list[ReplyOptions] = field(default_factory=list)
     cancelled: bool = False
+    closed: bool = False
     busy: str | None = None
 
     def reply_text(self, index: int = -1) -> str:
@@ -94,7 +95,7 @@ class FakeEngine:
     def _enter(self, name: str, session_id: str) -> FakeConversation:
         self.calls.append((name, session_id))
         conversation = self.sessions.get(session_id)
-        if conversation is None:
+        if conversation is None or conversation.closed:
             raise EngineError(f"no session {session_id}")
         if conversation.busy is not None:
             self.violations.append(f"{name} while {conversation.busy} ({session_id})")
@@ -119,7 +120,7 @@ class FakeEngine:
 
     async def close_session(self, session_id: str) -> None:
         self.calls.append(("close_session", session_id))
-        self.sessions.pop(session_id, None)
+        self.sessions[session_id].closed = True  # kept, so tests can look after the call
         self.closed.append(session_id)
 
     async def append_audio(self, session_id: str, pcm: np.ndarray) -> None:

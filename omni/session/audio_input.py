@@ -2,11 +2,8 @@
 
 OpenAI clients send pcm16 at 24 kHz (or G.711 at 8 kHz); Qwen-Omni-Realtime clients send
 pcm16 at 16 kHz. Each session keeps one streaming decoder so resampling carries its filter
-state across appends instead of clicking at every chunk boundary.
-
-Libraries: soxr for resampling (fast, streaming, high quality; the engine uses it too) and
-PyAV's pcm_mulaw/pcm_alaw decoders for G.711 (already a dependency through aiortc, so no
-hand-written companding tables).
+state across appends instead of clicking at every chunk boundary. Resampling (soxr) and
+G.711 come from the engine's `resample` module, so the project has one of each.
 """
 
 from __future__ import annotations
@@ -16,17 +13,16 @@ import binascii
 from dataclasses import dataclass
 from typing import Any, Literal
 
-import av
 import numpy as np
-import soxr
 
 from omni.engine.api import INPUT_SAMPLE_RATE, OUTPUT_SAMPLE_RATE
+from omni.engine.resample import StreamResampler, alaw_decode, ulaw_decode
 from omni.session.errors import RealtimeError
 
 Encoding = Literal["pcm16", "pcmu", "pcma"]
 PCM_RATES = (16_000, 24_000)
 G711_RATE = 8_000
-_AV_CODECS = {"pcmu": "pcm_mulaw", "pcma": "pcm_alaw"}
+_G711 = {"pcmu": ulaw_decode, "pcma": alaw_decode}
 
 
 @dataclass(frozen=True)
@@ -101,41 +97,28 @@ class AudioDecoder:
 
     def __init__(self, fmt: AudioFormat) -> None:
         self.format = fmt
-        self._g711 = None
-        if fmt.encoding in _AV_CODECS:
-            self._g711 = av.CodecContext.create(_AV_CODECS[fmt.encoding], "r")
-            self._g711.sample_rate = G711_RATE
-            self._g711.layout = "mono"
-        self._resampler = (
-            None
-            if fmt.rate == INPUT_SAMPLE_RATE
-            else soxr.ResampleStream(fmt.rate, INPUT_SAMPLE_RATE, 1, dtype="float32", quality="HQ")
-        )
+        self._resampler = StreamResampler(fmt.rate, INPUT_SAMPLE_RATE)
 
     def decode(self, data: bytes, param: str = "audio") -> np.ndarray:
         if not data:
             raise RealtimeError("invalid_audio", f"{param} is empty", param=param)
-        if self._g711 is not None:
-            frames = self._g711.decode(av.Packet(data))
-            pcm = np.concatenate([f.to_ndarray().reshape(-1) for f in frames]).astype(np.float32) / 32768.0
+        g711 = _G711.get(self.format.encoding)
+        if g711 is not None:
+            pcm = g711(data)
+        elif len(data) % 2:
+            raise RealtimeError(
+                "invalid_audio",
+                f"{param}: pcm16 audio must be whole 16-bit samples, got an odd {len(data)} bytes",
+                param=param,
+            )
         else:
-            if len(data) % 2:
-                raise RealtimeError(
-                    "invalid_audio",
-                    f"{param}: pcm16 audio must be whole 16-bit samples, got an odd {len(data)} bytes",
-                    param=param,
-                )
-            pcm = np.frombuffer(data, dtype="<i2").astype(np.float32) / 32768.0
-        if self._resampler is None:
-            return pcm
-        return self._resampler.resample_chunk(pcm)
+            pcm = np.frombuffer(data, dtype="<i2")
+        return self._resampler.process(pcm.astype(np.float32) / 32768.0)
 
     def flush(self) -> np.ndarray:
         """The resampler's tail at the end of a stretch of audio; the decoder starts afresh."""
-        if self._resampler is None:
-            return np.zeros(0, np.float32)
-        tail = self._resampler.resample_chunk(np.zeros(0, np.float32), last=True)
-        self._resampler.clear()
+        tail = self._resampler.process(np.zeros(0, np.float32), last=True)
+        self._resampler = StreamResampler(self.format.rate, INPUT_SAMPLE_RATE)
         return tail
 
 

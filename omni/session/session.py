@@ -512,7 +512,9 @@ class RealtimeSession:
         await self.emit({"type": "output_audio_buffer.cleared", "response_id": played.response_id})
         response = self._last_response
         if response is not None and response.item.id == played.item_id:
-            self._call(partial(self._truncate, response, played.audio_end_ms))
+            # a track cannot have played more than it was given
+            heard = min(played.audio_end_ms, response.item.audio_samples * 1000 // OUTPUT_SAMPLE_RATE)
+            self._call(partial(self._truncate, response, heard))
 
     async def _truncate(self, response: Response, audio_end_ms: int, announce: bool = True) -> None:
         """Runs after the reply has ended: keep what the caller heard, in the engine and the item."""

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Literal
@@ -31,6 +32,9 @@ _threads = torch.get_num_threads()
 from silero_vad import VADIterator, load_silero_vad  # noqa: E402
 
 torch.set_num_threads(_threads)
+# load_silero_vad() uses two deprecated calls; said once per session it would flood the log
+warnings.filterwarnings("ignore", r"`torch\.jit\.load` is deprecated", DeprecationWarning)
+warnings.filterwarnings("ignore", r"path is deprecated", DeprecationWarning, "silero_vad")
 
 WINDOW = 512  # samples at 16 kHz: the only window size Silero v5+ takes at this rate
 
