@@ -1,0 +1,60 @@
+"""Checkpoints from the Hugging Face Hub: found in the local HF cache, or downloaded into it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from huggingface_hub import constants, snapshot_download
+from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError
+
+from omni.checkpoints.errors import CheckpointError
+from omni.checkpoints.weights import INDEX_FILE, SINGLE_FILE
+
+
+def is_complete(path: Path) -> bool:
+    """Whether a checkpoint directory has its config, speakers and every weight file."""
+    if not (path / "config.json").is_file() or not (path / "spk_dict.pt").is_file():
+        return False
+    index = path / INDEX_FILE
+    if not index.is_file():
+        return (path / SINGLE_FILE).is_file()
+    shards = set(json.loads(index.read_text())["weight_map"].values())
+    return all((path / shard).is_file() for shard in shards)
+
+
+def cached_snapshot(repo_id: str) -> Path | None:
+    """The complete local copy of `repo_id` in the HF cache, without touching the network."""
+    try:
+        path = Path(snapshot_download(repo_id, local_files_only=True))
+    except (LocalEntryNotFoundError, ValueError):
+        return None
+    return path if is_complete(path) else None
+
+
+def _why(error: OSError) -> str:
+    if constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE is set"
+    if isinstance(error, RepositoryNotFoundError):
+        return "no such repository, or it needs a token"
+    if isinstance(error, LocalEntryNotFoundError):
+        return "no network?"
+    return str(error).splitlines()[0]
+
+
+def fetch_snapshot(repo_id: str) -> Path:
+    """`repo_id` from the HF cache, downloading what is missing; CheckpointError if impossible."""
+    path = cached_snapshot(repo_id)
+    if path is not None:
+        return path
+    try:
+        path = Path(snapshot_download(repo_id))
+    except OSError as error:
+        raise CheckpointError(
+            f"{repo_id} is not in the local Hugging Face cache and could not be downloaded"
+            f" ({_why(error)}). Download it on a machine with access"
+            f" (hf download {repo_id} --local-dir DIR) and pass --model DIR"
+        ) from None
+    if not is_complete(path):
+        raise CheckpointError(f"{repo_id} (in {path}) is not a complete Qwen2.5-Omni checkpoint")
+    return path

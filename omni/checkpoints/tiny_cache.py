@@ -1,0 +1,23 @@
+"""Where the tiny checkpoint lives, and how to recognise one (cheap: no torch imports)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+# Bump whenever the tiny checkpoint's contents change, so caches rebuild.
+FORMAT_VERSION = 1
+MARKER_FILE = "omni_tiny.json"
+
+
+def cache_dir() -> Path:
+    """Where omni keeps what it makes: $OMNI_CACHE, else ~/.cache/omni."""
+    return Path(os.environ.get("OMNI_CACHE") or Path.home() / ".cache" / "omni").expanduser()
+
+
+def default_tiny_dir() -> Path:
+    return cache_dir() / f"tiny-v{FORMAT_VERSION}"
+
+
+def is_tiny_checkpoint(path: Path) -> bool:
+    return (Path(path) / MARKER_FILE).is_file()

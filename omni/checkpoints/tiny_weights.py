@@ -1,0 +1,89 @@
+"""Random weights shaped so the tiny model behaves usefully in tests.
+
+Two properties random initialisation does not give:
+
+- Every code the talker picks must be one the vocoder can embed. The DiT embeds codes
+  0..8192 only, so the codec head's rows for valid codes come in pairs (w, -w) and every other
+  row (8193..8447, which includes eos 8294 and pad 8292) is zero. For any hidden state h one of
+  each pair scores |w.h| > 0, so thousands of valid codes outscore every invalid one: greedy and
+  top-k sampling (k < 4096) always pick a valid code, and the talker never ends on its own.
+- Its speech must be clearly audible. With transformers' init (std 0.02) BigVGAN's signal
+  shrinks about 10x per upsampling stage; we re-initialise its convolutions variance-preserving
+  and scale the last one so a reply comes out at a fixed loudness.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from transformers import Qwen2_5OmniForConditionalGeneration
+
+VOCODER_CODES = 8193  # the DiT's code embeddings: codes 0..8192
+SPEAKERS = {"Chelsie": 151872, "Ethan": 151870}  # speaker -> its bos token in the thinker vocab
+X_VECTOR_DIM = 192
+REFERENCE_MEL_FRAMES = 400
+TARGET_RMS = 0.2  # of full scale, before BigVGAN's clamp to [-1, 1]
+
+
+def make_speakers(generator: torch.Generator, mel_dim: int = 80) -> dict[str, dict]:
+    """spk_dict.pt contents: random x-vector `cond` and reference mel per voice."""
+    return {
+        name: {
+            "bos_token": bos,
+            "cond": torch.randn(1, X_VECTOR_DIM, generator=generator),
+            "ref_mel": torch.randn(1, REFERENCE_MEL_FRAMES, mel_dim, generator=generator),
+        }
+        for name, bos in SPEAKERS.items()
+    }
+
+
+@torch.no_grad()
+def restrict_codec_head(head: nn.Linear, generator: torch.Generator) -> None:
+    """Rows (w, -w) for valid codes, zero rows for codes the vocoder cannot take."""
+    pairs = VOCODER_CODES // 2
+    w = torch.randn(pairs, head.in_features, generator=generator) * 0.02
+    head.weight.zero_()
+    head.weight[0 : 2 * pairs : 2] = w
+    head.weight[1 : 2 * pairs : 2] = -w
+
+
+@torch.no_grad()
+def init_vocoder(vocoder: nn.Module, generator: torch.Generator) -> None:
+    """Variance-preserving weights for BigVGAN's convolutions, so the signal survives."""
+    for module in vocoder.modules():
+        if isinstance(module, nn.Conv1d):
+            fan_in = module.in_channels * module.kernel_size[0]
+        elif isinstance(module, nn.ConvTranspose1d):
+            fan_in = module.in_channels * module.kernel_size[0] / module.stride[0]
+        else:
+            continue
+        module.weight.normal_(0.0, 1.0 / math.sqrt(fan_in), generator=generator)
+
+
+@torch.no_grad()
+def set_vocoder_loudness(
+    model: Qwen2_5OmniForConditionalGeneration, speaker: dict, generator: torch.Generator
+) -> None:
+    """Scale BigVGAN's output layer so random codes come out at TARGET_RMS."""
+    vocoder = model.token2wav.code2wav_bigvgan_model
+    raw = []
+    hook = vocoder.conv_post.register_forward_hook(lambda _m, _i, out: raw.append(out))
+    codes = torch.randint(0, VOCODER_CODES, (1, 100), generator=generator)
+    noise_seed = int(torch.randint(0, 2**31, (1,), generator=generator))
+    with torch.random.fork_rng():  # the DiT draws its start noise from the global generator
+        torch.manual_seed(noise_seed)
+        model.token2wav(codes, conditioning=speaker["cond"], reference_mel=speaker["ref_mel"])
+    hook.remove()
+    vocoder.conv_post.weight *= TARGET_RMS / raw[0].pow(2).mean().sqrt()
+
+
+def shape_weights(model: Qwen2_5OmniForConditionalGeneration, seed: int) -> dict[str, dict]:
+    """Apply both properties in place; returns the speakers the loudness was set with."""
+    generator = torch.Generator().manual_seed(seed)
+    speakers = make_speakers(generator, model.config.token2wav_config.dit_config.mel_dim)
+    restrict_codec_head(model.talker.codec_head, generator)
+    init_vocoder(model.token2wav.code2wav_bigvgan_model, generator)
+    set_vocoder_loudness(model, speakers["Chelsie"], generator)
+    return speakers

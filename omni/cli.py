@@ -1,0 +1,100 @@
+"""The `omni` command line.
+
+Each command group registers itself on the top-level subparsers through one `add_*_commands`
+function listed in COMMAND_GROUPS, and sets `run` (args -> exit code) on its leaf parsers.
+Errors a user can fix (CheckpointError, an existing directory) print one line, no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from omni.checkpoints.errors import CheckpointError
+from omni.checkpoints.hub import cached_snapshot
+from omni.checkpoints.loader import resolve_model
+from omni.checkpoints.presets import load_presets
+from omni.checkpoints.tiny_cache import default_tiny_dir, is_tiny_checkpoint
+
+Subparsers = argparse._SubParsersAction
+
+
+def _models_list(args: argparse.Namespace) -> int:
+    rows = [("NAME", "SOURCE", "LOCAL", "DESCRIPTION")]
+    for preset in load_presets().values():
+        if preset.hub_id:
+            local = "yes" if cached_snapshot(preset.hub_id) else "no"
+        else:
+            local = "yes" if is_tiny_checkpoint(default_tiny_dir()) else "no (made on first use)"
+        rows.append((preset.name, preset.source, local, preset.description))
+    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[3])
+    return 0
+
+
+def _models_make_tiny(args: argparse.Namespace) -> int:
+    # imported here: torch and transformers take seconds to import, other commands skip them
+    from omni.checkpoints.tiny import make_tiny_checkpoint
+
+    path = make_tiny_checkpoint(args.dir or default_tiny_dir(), overwrite=args.force)
+    print(path)
+    return 0
+
+
+def _models_fetch(args: argparse.Namespace) -> int:
+    resolved = resolve_model(args.model)
+    print(resolved.path)
+    return 0
+
+
+def add_models_commands(commands: Subparsers) -> None:
+    models = commands.add_parser("models", help="model presets and checkpoints")
+    actions = models.add_subparsers(dest="action", required=True, metavar="ACTION")
+
+    listing = actions.add_parser("list", help="list the presets and whether each is here already")
+    listing.set_defaults(run=_models_list)
+
+    tiny = actions.add_parser(
+        "make-tiny", help="write the tiny random-weight Qwen2.5-Omni checkpoint (for tests)"
+    )
+    tiny.add_argument("dir", nargs="?", type=Path, help="target directory (default: the cache)")
+    tiny.add_argument("--force", action="store_true", help="replace a tiny checkpoint in DIR")
+    tiny.set_defaults(run=_models_make_tiny)
+
+    fetch = actions.add_parser(
+        "fetch", help="resolve a model (preset, directory, hub id, auto), download it if needed"
+    )
+    fetch.add_argument("model", help="preset name, checkpoint directory, hub id or 'auto'")
+    fetch.set_defaults(run=_models_fetch)
+
+
+COMMAND_GROUPS: tuple[Callable[[Subparsers], None], ...] = (add_models_commands,)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="omni", description="Real-time voice and video calls with Qwen2.5-Omni."
+    )
+    parser.add_argument("--log-level", default="INFO", help="logging level (default: INFO)")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add_commands in COMMAND_GROUPS:
+        add_commands(commands)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.run(args)
+    except (CheckpointError, FileExistsError) as error:
+        print(f"omni: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
