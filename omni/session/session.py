@@ -49,6 +49,12 @@ MIN_FRAME_INTERVAL_S = 0.5  # the engine takes at most 2 camera frames per secon
 _EVENT_ID = re.compile(r'"event_id"\s*:\s*"([^"\\]{1,128})"')
 
 
+def _sniff_event_id(message: str) -> str | None:
+    """The client's event_id from a message that will not be parsed (too big, or broken)."""
+    found = _EVENT_ID.search(message)
+    return found.group(1) if found else None
+
+
 def _ms(samples: int) -> int:
     return samples * 1000 // INPUT_SAMPLE_RATE
 
@@ -185,12 +191,12 @@ class RealtimeSession:
             size = len(message) if message.isascii() else len(message.encode())
             cap = self.settings.max_message_bytes
             if size > cap:
-                found = _EVENT_ID.search(message)
-                self._event_id = found.group(1) if found else None
+                self._event_id = _sniff_event_id(message)
                 raise RealtimeError("message_too_large", f"the message is {size} bytes, over the {cap}-byte limit")
             try:
                 raw = json.loads(message)
             except ValueError as exc:
+                self._event_id = _sniff_event_id(message)
                 raise RealtimeError("invalid_json", f"the message is not valid JSON: {exc}") from None
             event = ce.parse_client_event(raw)
             self._event_id = event.event_id
