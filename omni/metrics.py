@@ -33,10 +33,16 @@ class Metrics:
             registry=self.registry,
         )
         self.responses = Counter(
-            "omni_responses_total", "Responses finished, by status.", ["status"], registry=self.registry
+            "omni_responses_total",
+            "Responses finished, by status.",
+            ["status"],
+            registry=self.registry,
         )
         self.errors = Counter(
-            "omni_client_errors_total", "Error events sent to clients, by code.", ["code"], registry=self.registry
+            "omni_client_errors_total",
+            "Error events sent to clients, by code.",
+            ["code"],
+            registry=self.registry,
         )
         self.stage_seconds = Histogram(
             "omni_turn_stage_seconds",

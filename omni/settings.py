@@ -20,13 +20,17 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="OMNI_", extra="ignore")
 
     # -- serving
-    host: str = Field(LOOPBACK_HOST, description="Address to bind (forced to 127.0.0.1 when no API keys are set).")
+    host: str = Field(
+        LOOPBACK_HOST, description="Address to bind (forced to 127.0.0.1 when no API keys are set)."
+    )
     port: int = Field(8000, ge=0, le=65535, description="TCP port to bind (0: any free port).")
     model: str = Field(
-        "auto", description="Preset name, local checkpoint directory or hub id ('auto': real if present, else tiny)."
+        "auto",
+        description="Preset, checkpoint directory or hub id ('auto': real if present, else tiny).",
     )
     served_model_name: str = Field(
-        "qwen2.5-omni", description="Model name reported in session objects when the client names none."
+        "qwen2.5-omni",
+        description="Model name reported in session objects when the client names none.",
     )
 
     # -- auth
@@ -35,23 +39,38 @@ class Settings(BaseSettings):
         description="Accepted API keys (env: comma-separated). None: no auth, loopback only.",
     )
     client_secret_ttl_seconds: int = Field(
-        600, ge=10, le=7200, description="Default lifetime of keys from /v1/realtime/client_secrets."
+        600,
+        ge=10,
+        le=7200,
+        description="Default lifetime of keys from /v1/realtime/client_secrets.",
     )
 
     # -- caps
-    max_sessions: int = Field(16, ge=1, description="Concurrent realtime sessions; more are refused.")
-    max_session_seconds: float = Field(1800.0, gt=0, description="A session is closed after this long.")
+    max_sessions: int = Field(
+        16, ge=1, description="Concurrent realtime sessions; more are refused."
+    )
+    max_session_seconds: float = Field(
+        1800.0, gt=0, description="A session is closed after this long."
+    )
     max_message_bytes: int = Field(
-        15 * 1024 * 1024, ge=1024, description="Largest client WebSocket message (OpenAI allows 15 MiB)."
+        15 * 1024 * 1024,
+        ge=1024,
+        description="Largest client WebSocket message (OpenAI allows 15 MiB).",
     )
     max_buffered_audio_seconds: float = Field(
         120.0, gt=0, description="Most uncommitted user audio a session holds; more is refused."
     )
 
     # -- turn detection defaults (OpenAI's server_vad defaults)
-    vad_threshold: float = Field(0.5, ge=0.0, le=1.0, description="Silero speech probability that starts speech.")
-    vad_prefix_padding_ms: int = Field(300, ge=0, description="Audio kept from before detected speech.")
-    vad_silence_duration_ms: int = Field(500, ge=0, description="Silence that ends the user's turn.")
+    vad_threshold: float = Field(
+        0.5, ge=0.0, le=1.0, description="Silero speech probability that starts speech."
+    )
+    vad_prefix_padding_ms: int = Field(
+        300, ge=0, description="Audio kept from before detected speech."
+    )
+    vad_silence_duration_ms: int = Field(
+        500, ge=0, description="Silence that ends the user's turn."
+    )
 
     @field_validator("api_keys", mode="before")
     @classmethod

@@ -19,6 +19,7 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 
@@ -52,8 +53,10 @@ class FakeTurn:
         return f"{self.audio_samples / INPUT_SAMPLE_RATE:.1f} seconds of speech"
 
     def tokens(self) -> int:
-        return len(" ".join(self.texts).split()) + self.audio_samples * 25 // INPUT_SAMPLE_RATE + 256 * (
-            len(self.images) + self.frames
+        return (
+            len(" ".join(self.texts).split())
+            + self.audio_samples * 25 // INPUT_SAMPLE_RATE
+            + 256 * (len(self.images) + self.frames)
         )
 
 
@@ -61,7 +64,9 @@ class FakeTurn:
 class FakeConversation:
     options: SessionOptions
     turn: FakeTurn = field(default_factory=FakeTurn)
-    history: list[tuple[FakeTurn, list[str]]] = field(default_factory=list)  # (user turn, reply tokens)
+    history: list[tuple[FakeTurn, list[str]]] = field(
+        default_factory=list
+    )  # (user turn, reply tokens)
     replies: list[ReplyOptions] = field(default_factory=list)
     cancelled: bool = False
     closed: bool = False
@@ -158,7 +163,9 @@ class FakeEngine:
         if turn.texts:
             words += ["You", "said:", *" ".join(turn.texts).split()]
         if turn.audio_samples:
-            words += f"I heard {turn.audio_samples / INPUT_SAMPLE_RATE:.1f} seconds of speech.".split()
+            words += (
+                f"I heard {turn.audio_samples / INPUT_SAMPLE_RATE:.1f} seconds of speech.".split()
+            )
         for width, height in turn.images:
             words += f"I see a {width}x{height} image.".split()
         if turn.frames:
@@ -183,8 +190,10 @@ class FakeEngine:
         tokens: list[str] = []
         conversation.history.append((turn, tokens))
         samples = 0
-        status = "completed"
-        tone = (np.sin(np.arange(SAMPLES_PER_CODE) * 2 * np.pi * 440 / OUTPUT_SAMPLE_RATE) * 8000).astype(np.int16)
+        status: Literal["completed", "cancelled"] = "completed"
+        tone = (
+            np.sin(np.arange(SAMPLES_PER_CODE) * 2 * np.pi * 440 / OUTPUT_SAMPLE_RATE) * 8000
+        ).astype(np.int16)
         try:
             await asyncio.sleep(self.prefill_delay)
             timings.prefill_ms = ms()

@@ -1,95 +1,25 @@
-"""Servers, clients and test media for the realtime tests, built from any engine factory.
+"""Fixtures that run the realtime tests against every registered engine.
 
 `ENGINE_FACTORIES` maps a name to an engine factory (a zero-argument async context manager
 yielding a loaded Engine, as `create_app(engine_factory=...)` takes). The `engine_factory`
 fixture is parametrized over it, so registering the real engine on the tiny checkpoint here
-runs every test body that uses `server`/`start_server` against it as well. Assertions about
-reply content belong under `if isinstance(server.engine, FakeEngine)`.
+runs every test body that uses `server` or `start_server` against it as well. Assertions
+about reply content belong under `if isinstance(server.engine, FakeEngine)`.
 
-Test modules import the fixtures they use from here (tests/conftest.py belongs to others).
+Test modules load this as a plugin (`pytest_plugins = ["gateway_fixtures"]`), since
+tests/conftest.py belongs to others.
 """
 
 from __future__ import annotations
 
-import asyncio
-import base64
-import io
-import json
-import shutil
-import subprocess
 from collections.abc import AsyncIterator, Callable
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from dataclasses import dataclass
-from functools import lru_cache
-from typing import Any
+from contextlib import AbstractAsyncContextManager
 
-import numpy as np
 import pytest
-import soundfile
-import soxr
-import uvicorn
-import websockets
 from fake_engine import fake_engine
-from openai import AsyncOpenAI
-from PIL import Image
+from realtime_helpers import EngineFactory, RunningServer, running_server
 
-from omni.engine.api import Engine
-from omni.gateway.app import create_app
-from omni.gateway.serve import server_config
-from omni.gateway.state import Gateway
-from omni.settings import Settings
-
-EngineFactory = Callable[[], AbstractAsyncContextManager[Engine]]
 ENGINE_FACTORIES: dict[str, EngineFactory] = {"fake": fake_engine}
-API_KEY = "test-key"
-TIMEOUT = 20.0
-
-
-@dataclass
-class RunningServer:
-    gateway: Gateway
-    port: int
-
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/v1"
-
-    @property
-    def ws_url(self) -> str:
-        return f"ws://127.0.0.1:{self.port}/v1/realtime?model=qwen2.5-omni"
-
-    @property
-    def engine(self) -> Engine:
-        assert self.gateway.engine is not None
-        return self.gateway.engine
-
-    def client(self, api_key: str = API_KEY) -> AsyncOpenAI:
-        return AsyncOpenAI(base_url=self.base_url, api_key=api_key)
-
-    def ws(self, api_key: str | None = API_KEY, **kwargs: Any) -> websockets.connect:
-        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        return websockets.connect(self.ws_url, additional_headers=headers, **kwargs)
-
-
-@asynccontextmanager
-async def running_server(factory: EngineFactory, **settings: Any) -> AsyncIterator[RunningServer]:
-    """uvicorn in this event loop on a free loopback port, engine loaded."""
-    settings.setdefault("api_keys", [API_KEY])
-    config = Settings(host="127.0.0.1", port=0, **settings)
-    app = create_app(config, engine_factory=factory)
-    server = uvicorn.Server(server_config(config, app, log_level="warning"))
-    task = asyncio.create_task(server.serve())
-    while not server.started:
-        if task.done():
-            task.result()
-        await asyncio.sleep(0.01)
-    gateway: Gateway = app.state.gateway
-    await asyncio.wait_for(gateway.ready.wait(), TIMEOUT)
-    try:
-        yield RunningServer(gateway, server.servers[0].sockets[0].getsockname()[1])
-    finally:
-        server.should_exit = True
-        await task
 
 
 @pytest.fixture(params=sorted(ENGINE_FACTORIES))
@@ -98,79 +28,16 @@ def engine_factory(request: pytest.FixtureRequest) -> EngineFactory:
 
 
 @pytest.fixture
-def start_server(engine_factory: EngineFactory) -> Callable[..., AbstractAsyncContextManager[RunningServer]]:
+def start_server(
+    engine_factory: EngineFactory,
+) -> Callable[..., AbstractAsyncContextManager[RunningServer]]:
     """`async with start_server(max_sessions=1) as server:` for tests that need other settings."""
     return lambda **settings: running_server(engine_factory, **settings)
 
 
 @pytest.fixture
-async def server(start_server: Callable[..., AbstractAsyncContextManager[RunningServer]]) -> AsyncIterator[RunningServer]:
+async def server(
+    start_server: Callable[..., AbstractAsyncContextManager[RunningServer]],
+) -> AsyncIterator[RunningServer]:
     async with start_server() as running:
         yield running
-
-
-# -- raw WebSocket helpers
-
-
-async def recv_event(ws: websockets.ClientConnection, timeout: float = TIMEOUT) -> dict[str, Any]:
-    return json.loads(await asyncio.wait_for(ws.recv(), timeout))
-
-
-async def recv_until(
-    ws: websockets.ClientConnection, kind: str, timeout: float = TIMEOUT
-) -> list[dict[str, Any]]:
-    """Events up to and including the first of type `kind`."""
-    events: list[dict[str, Any]] = []
-
-    async def collect() -> list[dict[str, Any]]:
-        while True:
-            events.append(json.loads(await ws.recv()))
-            if events[-1]["type"] == kind:
-                return events
-
-    return await asyncio.wait_for(collect(), timeout)
-
-
-async def send_event(ws: websockets.ClientConnection, event: dict[str, Any]) -> None:
-    await ws.send(json.dumps(event))
-
-
-# -- media
-
-
-def b64(data: bytes) -> str:
-    return base64.b64encode(data).decode()
-
-
-def pcm16(audio: np.ndarray) -> bytes:
-    return (np.clip(audio, -1, 1) * 32767).astype("<i2").tobytes()
-
-
-def silence(ms: int, rate: int = 24_000) -> bytes:
-    return bytes(2 * rate * ms // 1000)
-
-
-@lru_cache(maxsize=8)
-def speech(text: str, rate: int = 24_000) -> bytes:
-    """`text` spoken by espeak-ng, as pcm16 mono at `rate`."""
-    if shutil.which("espeak-ng") is None:
-        pytest.skip("espeak-ng is not installed (apt-get install -y espeak-ng)")
-    wav = subprocess.run(["espeak-ng", "--stdout", text], check=True, capture_output=True).stdout
-    audio, source_rate = soundfile.read(io.BytesIO(wav), dtype="float32")
-    return pcm16(soxr.resample(audio, source_rate, rate))
-
-
-def chunks(data: bytes, rate: int = 24_000, ms: int = 100) -> list[bytes]:
-    size = 2 * rate * ms // 1000
-    return [data[i : i + size] for i in range(0, len(data), size)]
-
-
-def image_bytes(width: int = 64, height: int = 48, fmt: str = "JPEG") -> bytes:
-    image = Image.new("RGB", (width, height), (200, 30, 30))
-    out = io.BytesIO()
-    image.save(out, format=fmt)
-    return out.getvalue()
-
-
-def data_url(data: bytes, mime: str = "image/jpeg") -> str:
-    return f"data:{mime};base64,{b64(data)}"

@@ -9,37 +9,49 @@ from typing import Any
 import numpy as np
 import websockets
 from fake_engine import FakeEngine
-from gateway_fixtures import (  # noqa: F401  (fixtures)
+from realtime_helpers import (
     API_KEY,
     b64,
     chunks,
-    engine_factory,
     image_bytes,
     recv_event,
     recv_until,
     send_event,
-    server,
     silence,
     speech,
-    start_server,
 )
+
+pytest_plugins = ["gateway_fixtures"]  # server, start_server, engine_factory
 
 
 async def test_openai_beta_header_gets_beta_events(server: Any) -> None:
     headers = {"Authorization": f"Bearer {API_KEY}", "OpenAI-Beta": "realtime=v1"}
     async with websockets.connect(server.ws_url, additional_headers=headers) as ws:
         session = (await recv_event(ws))["session"]
-        assert session["modalities"] == ["text", "audio"] and session["input_audio_format"] == "pcm16"
+        assert (
+            session["modalities"] == ["text", "audio"] and session["input_audio_format"] == "pcm16"
+        )
         assert "audio" not in session and "type" not in session
-        await send_event(ws, {"type": "conversation.item.create", "item": {
-            "type": "message", "role": "user", "content": [{"type": "input_text", "text": "hi"}]}})
+        await send_event(
+            ws,
+            {
+                "type": "conversation.item.create",
+                "item": {
+                    "type": "message",
+                    "role": "user",
+                    "content": [{"type": "input_text", "text": "hi"}],
+                },
+            },
+        )
         created = await recv_event(ws)
         assert created["type"] == "conversation.item.created"
         await send_event(ws, {"type": "response.create", "response": {"modalities": ["text"]}})
         events = await recv_until(ws, "response.done")
     kinds = {e["type"] for e in events}
     assert "response.text.delta" in kinds and "response.text.done" in kinds
-    assert not any(kind.startswith(("response.output_text", "response.output_audio")) for kind in kinds)
+    assert not any(
+        kind.startswith(("response.output_text", "response.output_audio")) for kind in kinds
+    )
     done = events[-1]["response"]
     assert done["modalities"] == ["text"] and done["output"][0]["content"][0]["type"] == "text"
 
@@ -47,19 +59,39 @@ async def test_openai_beta_header_gets_beta_events(server: Any) -> None:
 async def test_qwen_omni_realtime_client(server: Any) -> None:
     async with server.ws() as ws:
         await recv_until(ws, "session.created")
-        await send_event(ws, {"type": "session.update", "session": {
-            "modalities": ["text", "audio"], "voice": "Ethan", "input_audio_format": "pcm16",
-            "output_audio_format": "pcm24", "instructions": "You are helpful.",
-            "turn_detection": {"type": "server_vad", "threshold": 0.5, "silence_duration_ms": 800},
-            "seed": 1314, "max_tokens": 512, "top_k": 50}})
+        await send_event(
+            ws,
+            {
+                "type": "session.update",
+                "session": {
+                    "modalities": ["text", "audio"],
+                    "voice": "Ethan",
+                    "input_audio_format": "pcm16",
+                    "output_audio_format": "pcm24",
+                    "instructions": "You are helpful.",
+                    "turn_detection": {
+                        "type": "server_vad",
+                        "threshold": 0.5,
+                        "silence_duration_ms": 800,
+                    },
+                    "seed": 1314,
+                    "max_tokens": 512,
+                    "top_k": 50,
+                },
+            },
+        )
         session = (await recv_until(ws, "session.updated"))[-1]["session"]
         assert (session["input_audio_format"], session["output_audio_format"]) == ("pcm16", "pcm24")
-        assert session["turn_detection"]["silence_duration_ms"] == 800 and session["voice"] == "Ethan"
+        assert (
+            session["turn_detection"]["silence_duration_ms"] == 800 and session["voice"] == "Ethan"
+        )
         audio = silence(300, 16000) + speech("What is on the table?", 16000) + silence(1200, 16000)
         for index, chunk in enumerate(chunks(audio, 16000)):
             await send_event(ws, {"type": "input_audio_buffer.append", "audio": b64(chunk)})
             if index % 6 == 5:  # about one frame a second while talking
-                await send_event(ws, {"type": "input_image_buffer.append", "image": b64(image_bytes())})
+                await send_event(
+                    ws, {"type": "input_image_buffer.append", "image": b64(image_bytes())}
+                )
         events = await recv_until(ws, "response.done")
     kinds = [e["type"] for e in events]
     assert "error" not in kinds
@@ -70,7 +102,9 @@ async def test_qwen_omni_realtime_client(server: Any) -> None:
     if isinstance(server.engine, FakeEngine):
         conversation = server.engine.conversation()
         turn = conversation.history[0][0]
-        assert abs(turn.audio_samples / 16000 - len(audio) / 32000) < 1.0  # 16 kHz in, taken as 16 kHz
+        assert (
+            abs(turn.audio_samples / 16000 - len(audio) / 32000) < 1.0
+        )  # 16 kHz in, taken as 16 kHz
         assert turn.frames >= 1
         options = conversation.replies[0]
         assert (options.voice, options.seed, options.max_text_tokens) == ("Ethan", 1314, 512)

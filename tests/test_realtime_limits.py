@@ -13,22 +13,21 @@ import pytest
 import uvicorn
 import websockets
 from fake_engine import FakeEngine
-from gateway_fixtures import (  # noqa: F401  (fixtures)
+from realtime_helpers import (
     API_KEY,
     b64,
-    engine_factory,
     recv_event,
     recv_until,
     send_event,
-    server,
     silence,
-    start_server,
 )
 
 from omni.gateway.app import create_app
 from omni.gateway.auth import KeyStore
 from omni.gateway.serve import bind_host, server_config
 from omni.settings import Settings
+
+pytest_plugins = ["gateway_fixtures"]  # server, start_server, engine_factory
 
 
 def model_calls(server: Any) -> list[tuple[str, str]]:
@@ -40,7 +39,9 @@ def model_calls(server: Any) -> list[tuple[str, str]]:
 
 
 @pytest.mark.parametrize("key", [None, "wrong-key", "ek_not_a_real_secret"])
-async def test_missing_or_wrong_key_is_refused_before_any_model_work(server: Any, key: str | None) -> None:
+async def test_missing_or_wrong_key_is_refused_before_any_model_work(
+    server: Any, key: str | None
+) -> None:
     with pytest.raises(websockets.InvalidStatus) as refused:
         async with server.ws(api_key=key):
             pass
@@ -55,7 +56,9 @@ async def test_browser_subprotocol_key_is_accepted(server: Any) -> None:
         assert ws.subprotocol == "realtime"
         assert (await recv_event(ws))["type"] == "session.created"
     with pytest.raises(websockets.InvalidStatus):
-        async with websockets.connect(server.ws_url, subprotocols=["realtime", "openai-insecure-api-key.nope"]):
+        async with websockets.connect(
+            server.ws_url, subprotocols=["realtime", "openai-insecure-api-key.nope"]
+        ):
             pass
 
 
@@ -69,9 +72,14 @@ async def test_client_secrets_need_a_real_key(server: Any) -> None:
         # a client secret opens sessions but cannot mint more
         again = await http.post(url, json={}, headers={"Authorization": f"Bearer {secret}"})
         assert again.status_code == 401
-        bad = await http.post(url, json={"session": {"type": "realtime", "audio": {"output": {"voice": "x"}}}},
-                              headers={"Authorization": f"Bearer {API_KEY}"})
-        assert bad.status_code == 400 and bad.json()["error"]["param"] == "session.audio.output.voice"
+        bad = await http.post(
+            url,
+            json={"session": {"type": "realtime", "audio": {"output": {"voice": "x"}}}},
+            headers={"Authorization": f"Bearer {API_KEY}"},
+        )
+        assert (
+            bad.status_code == 400 and bad.json()["error"]["param"] == "session.audio.output.voice"
+        )
     async with server.ws(api_key=secret) as ws:
         assert (await recv_event(ws))["type"] == "session.created"
 
@@ -113,7 +121,9 @@ async def test_connection_over_the_session_cap_is_refused(start_server: Any) -> 
             await recv_until(first, "session.created")
             async with server.ws() as second:
                 error = await recv_event(second)
-                assert error["type"] == "error" and error["error"]["code"] == "session_limit_reached"
+                assert (
+                    error["type"] == "error" and error["error"]["code"] == "session_limit_reached"
+                )
                 with pytest.raises(websockets.ConnectionClosed) as closed:
                     await second.recv()
                 assert closed.value.rcvd.code == 1013
@@ -140,8 +150,14 @@ async def test_buffered_audio_cap(start_server: Any) -> None:
         await send_event(ws, {"type": "session.update", "session": {"turn_detection": None}})
         await recv_until(ws, "session.updated")
         for index in range(3):
-            await send_event(ws, {"type": "input_audio_buffer.append", "audio": b64(silence(600)),
-                                  "event_id": f"a{index}"})
+            await send_event(
+                ws,
+                {
+                    "type": "input_audio_buffer.append",
+                    "audio": b64(silence(600)),
+                    "event_id": f"a{index}",
+                },
+            )
         error = (await recv_until(ws, "error"))[-1]["error"]
         assert (error["code"], error["event_id"]) == ("input_audio_buffer_full", "a1")
         await send_event(ws, {"type": "input_audio_buffer.commit"})
@@ -153,7 +169,14 @@ async def test_message_size_cap_and_hard_ceiling(start_server: Any) -> None:
     async with start_server(max_message_bytes=cap) as server:
         async with server.ws() as ws:
             await recv_until(ws, "session.created")
-            await send_event(ws, {"type": "input_audio_buffer.append", "audio": b64(silence(500)), "event_id": "big"})
+            await send_event(
+                ws,
+                {
+                    "type": "input_audio_buffer.append",
+                    "audio": b64(silence(500)),
+                    "event_id": "big",
+                },
+            )
             error = (await recv_until(ws, "error"))[-1]["error"]
             assert (error["code"], error["event_id"]) == ("message_too_large", "big")
         # past the transport's ceiling (a megabyte over the cap) the socket is closed instead
@@ -187,7 +210,7 @@ async def test_healthz_waits_for_the_engine() -> None:
     app = create_app(settings, engine_factory=lambda: slow_engine(loaded))
     server = uvicorn.Server(server_config(settings, app, log_level="warning"))
     task = asyncio.create_task(server.serve())
-    while not server.started:
+    while not server.started:  # noqa: ASYNC110 (uvicorn offers a flag, no event)
         await asyncio.sleep(0.01)
     port = server.servers[0].sockets[0].getsockname()[1]
     try:
@@ -195,7 +218,9 @@ async def test_healthz_waits_for_the_engine() -> None:
             loading = await http.get(f"http://127.0.0.1:{port}/healthz")
             assert (loading.status_code, loading.json()["status"]) == (503, "loading")
             headers = {"Authorization": f"Bearer {API_KEY}"}
-            async with websockets.connect(f"ws://127.0.0.1:{port}/v1/realtime", additional_headers=headers) as ws:
+            async with websockets.connect(
+                f"ws://127.0.0.1:{port}/v1/realtime", additional_headers=headers
+            ) as ws:
                 assert (await recv_event(ws))["error"]["code"] == "server_not_ready"
             loaded.set()
             await asyncio.wait_for(app.state.gateway.ready.wait(), 5)
@@ -212,6 +237,8 @@ async def test_healthz_reports_a_failed_engine() -> None:
             if app.state.gateway.engine_error:
                 break
             await asyncio.sleep(0.01)
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
+        async with httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://test"
+        ) as client:
             failed = await client.get("/healthz")
     assert failed.status_code == 503 and "no GPU here" in failed.json()["error"]

@@ -8,21 +8,20 @@ from typing import Any
 
 import httpx
 from fake_engine import FakeEngine
-from gateway_fixtures import (  # noqa: F401  (fixtures)
+from realtime_helpers import (
     TIMEOUT,
     RunningServer,
     b64,
     chunks,
     data_url,
-    engine_factory,
     image_bytes,
-    server,
     silence,
     speech,
-    start_server,
 )
 
 QUESTION = "What is the capital of France?"
+
+pytest_plugins = ["gateway_fixtures"]  # server, start_server, engine_factory
 
 
 async def collect(conn: Any, until: str, timeout: float = TIMEOUT) -> list[Any]:
@@ -54,18 +53,29 @@ async def test_spoken_question_gets_a_spoken_answer(server: RunningServer) -> No
         await speak(conn, QUESTION)
         events = await collect(conn, "response.done")
     kinds = [e.type for e in events]
-    order = ["input_audio_buffer.speech_started", "input_audio_buffer.speech_stopped",
-             "input_audio_buffer.committed", "response.created", "response.output_audio_transcript.delta",
-             "response.output_audio.delta", "response.output_audio.done", "response.done"]
+    order = [
+        "input_audio_buffer.speech_started",
+        "input_audio_buffer.speech_stopped",
+        "input_audio_buffer.committed",
+        "response.created",
+        "response.output_audio_transcript.delta",
+        "response.output_audio.delta",
+        "response.output_audio.done",
+        "response.done",
+    ]
     assert [first(events, k) for k in order] == sorted(first(events, k) for k in order), kinds
     assert "error" not in kinds
-    started, stopped = events[first(events, "input_audio_buffer.speech_started")], \
-        events[first(events, "input_audio_buffer.speech_stopped")]
+    started, stopped = (
+        events[first(events, "input_audio_buffer.speech_started")],
+        events[first(events, "input_audio_buffer.speech_stopped")],
+    )
     assert started.item_id == stopped.item_id and 0 <= started.audio_start_ms < stopped.audio_end_ms
     assert events[first(events, "input_audio_buffer.committed")].item_id == started.item_id
     done = events[-1].response
     assert done.status == "completed" and done.usage.output_tokens > 0
-    transcript = "".join(e.delta for e in events if e.type == "response.output_audio_transcript.delta")
+    transcript = "".join(
+        e.delta for e in events if e.type == "response.output_audio_transcript.delta"
+    )
     assert done.output[0].content[0].transcript == transcript
     assert float(done.metadata["vad_end_to_first_audio_ms"]) > 0
     for stage in ("prefill_ms", "first_text_ms", "first_audio_ms"):
@@ -83,8 +93,13 @@ async def test_barge_in_cancels_and_truncate_keeps_what_was_heard(server: Runnin
         await conn.recv()
         await speak(conn, QUESTION)
         reply = await collect(conn, "response.output_audio.delta")
-        while sum(len(e.delta) * 3 // 4 for e in reply if e.type == "response.output_audio.delta") < 2 * 24 * 200:
-            reply += await collect(conn, "response.output_audio.delta")  # 200 ms arrived and is playing
+        while (
+            sum(len(e.delta) * 3 // 4 for e in reply if e.type == "response.output_audio.delta")
+            < 2 * 24 * 200
+        ):
+            reply += await collect(
+                conn, "response.output_audio.delta"
+            )  # 200 ms arrived and is playing
         item_id = reply[-1].item_id
         await speak(conn, "wait a moment please", trailing_ms=0)  # the caller talks over the reply
         events = await collect(conn, "response.done")
@@ -100,7 +115,9 @@ async def test_barge_in_cancels_and_truncate_keeps_what_was_heard(server: Runnin
         # the caller's turn ends and gets its own reply
         await conn.input_audio_buffer.append(audio=b64(silence(1000)))
         second = await collect(conn, "response.done")
-    sent = "".join(e.delta for e in reply + events if e.type == "response.output_audio_transcript.delta")
+    sent = "".join(
+        e.delta for e in reply + events if e.type == "response.output_audio_transcript.delta"
+    )
     heard = item.content[0].transcript
     assert heard and sent.startswith(heard) and len(heard) < len(sent)
     assert second[-1].response.status == "completed"
@@ -112,8 +129,13 @@ async def test_barge_in_cancels_and_truncate_keeps_what_was_heard(server: Runnin
 async def test_image_then_spoken_question(server: RunningServer) -> None:
     async with server.client().realtime.connect(model="qwen2.5-omni") as conn:
         await conn.recv()
-        await conn.conversation.item.create(item={"type": "message", "role": "user", "content": [
-            {"type": "input_image", "image_url": data_url(image_bytes(64, 48))}]})
+        await conn.conversation.item.create(
+            item={
+                "type": "message",
+                "role": "user",
+                "content": [{"type": "input_image", "image_url": data_url(image_bytes(64, 48))}],
+            }
+        )
         added = await collect(conn, "conversation.item.done")
         assert added[-1].item.content[0].type == "input_image"
         await speak(conn, "What do you see in this picture?")
@@ -127,12 +149,22 @@ async def test_image_then_spoken_question(server: RunningServer) -> None:
 async def test_text_in_text_out(server: RunningServer) -> None:
     async with server.client().realtime.connect(model="qwen2.5-omni") as conn:
         await conn.recv()
-        await conn.session.update(session={"type": "realtime", "output_modalities": ["text"],
-                                           "audio": {"input": {"turn_detection": None}}})
+        await conn.session.update(
+            session={
+                "type": "realtime",
+                "output_modalities": ["text"],
+                "audio": {"input": {"turn_detection": None}},
+            }
+        )
         updated = (await collect(conn, "session.updated"))[-1].session
         assert updated.output_modalities == ["text"] and updated.audio.input.turn_detection is None
-        await conn.conversation.item.create(item={"type": "message", "role": "user",
-                                                  "content": [{"type": "input_text", "text": "Say hello"}]})
+        await conn.conversation.item.create(
+            item={
+                "type": "message",
+                "role": "user",
+                "content": [{"type": "input_text", "text": "Say hello"}],
+            }
+        )
         await conn.response.create()
         events = await collect(conn, "response.done")
     kinds = {e.type for e in events}
@@ -149,23 +181,38 @@ async def test_two_turns_remember_the_first(server: RunningServer) -> None:
         await conn.recv()
         replies = []
         for text in ("My name is Ada", "What is my name?"):
-            await conn.conversation.item.create(item={"type": "message", "role": "user",
-                                                      "content": [{"type": "input_text", "text": text}]})
+            await conn.conversation.item.create(
+                item={
+                    "type": "message",
+                    "role": "user",
+                    "content": [{"type": "input_text", "text": text}],
+                }
+            )
             await conn.response.create(response={"instructions": "Answer briefly."})
             replies.append((await collect(conn, "response.done"))[-1].response)
     assert [r.status for r in replies] == ["completed", "completed"]
     if isinstance(server.engine, FakeEngine):
         (conversation,) = server.engine.sessions.values()
-        assert len(conversation.history) == 2 and conversation.replies[-1].instructions == "Answer briefly."
+        assert (
+            len(conversation.history) == 2
+            and conversation.replies[-1].instructions == "Answer briefly."
+        )
         assert "Earlier you said: My name is Ada" in replies[1].output[0].content[0].transcript
 
 
 async def test_browser_flow_with_an_ephemeral_key(server: RunningServer) -> None:
     secret = await server.client().realtime.client_secrets.create(
-        session={"type": "realtime", "instructions": "You are a pirate.", "audio": {"output": {"voice": "Ethan"}}},
+        session={
+            "type": "realtime",
+            "instructions": "You are a pirate.",
+            "audio": {"output": {"voice": "Ethan"}},
+        },
         expires_after={"anchor": "created_at", "seconds": 60},
     )
     assert secret.value.startswith("ek_") and secret.session.audio.output.voice == "Ethan"
     async with server.client(api_key=secret.value).realtime.connect(model="qwen2.5-omni") as conn:
         created = await conn.recv()
-    assert created.session.instructions == "You are a pirate." and created.session.audio.output.voice == "Ethan"
+    assert (
+        created.session.instructions == "You are a pirate."
+        and created.session.audio.output.voice == "Ethan"
+    )

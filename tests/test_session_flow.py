@@ -11,13 +11,16 @@ from typing import Any
 import numpy as np
 import pytest
 from fake_engine import FakeEngine
-from gateway_fixtures import b64, data_url, image_bytes, silence, speech
+from realtime_helpers import b64, data_url, image_bytes, silence, speech
 
 from omni.metrics import Metrics
 from omni.session import AudioOut, Closed, Played, RealtimeSession
 from omni.settings import Settings
 
-MANUAL = {"type": "session.update", "session": {"type": "realtime", "audio": {"input": {"turn_detection": None}}}}
+MANUAL = {
+    "type": "session.update",
+    "session": {"type": "realtime", "audio": {"input": {"turn_detection": None}}},
+}
 
 
 class Harness:
@@ -45,7 +48,7 @@ class Harness:
 
     async def settle(self) -> None:
         """Let the engine queue catch up with what was sent."""
-        while not self.session._engine._calls.empty():
+        while not self.session._engine._calls.empty():  # noqa: ASYNC110 (a test probe, no event)
             await asyncio.sleep(0.01)
         await asyncio.sleep(0.05)
 
@@ -69,7 +72,9 @@ async def harness(engine: FakeEngine, request: pytest.FixtureRequest) -> AsyncIt
 
 async def manual(h: Harness) -> None:
     await h.send(MANUAL)
-    assert (await h.until("session.updated"))[-1]["session"]["audio"]["input"]["turn_detection"] is None
+    assert (await h.until("session.updated"))[-1]["session"]["audio"]["input"][
+        "turn_detection"
+    ] is None
 
 
 async def test_manual_turn_streams_audio_before_commit(h: Harness, engine: FakeEngine) -> None:
@@ -82,7 +87,10 @@ async def test_manual_turn_streams_audio_before_commit(h: Harness, engine: FakeE
     await h.send({"type": "input_audio_buffer.commit", "event_id": "c1"})
     committed = await h.until("conversation.item.done")
     assert [e["type"] for e in committed] == [
-        "input_audio_buffer.committed", "conversation.item.added", "conversation.item.done"]
+        "input_audio_buffer.committed",
+        "conversation.item.added",
+        "conversation.item.done",
+    ]
     item_id = committed[0]["item_id"]
     await h.send({"type": "response.create"})
     done = (await h.until("response.done"))[-1]["response"]
@@ -90,7 +98,9 @@ async def test_manual_turn_streams_audio_before_commit(h: Harness, engine: FakeE
     assert "I heard 1.0 seconds" in done["output"][0]["content"][0]["transcript"]
     assert h.audio and all(a.pcm.dtype == np.int16 for a in h.audio)
     await h.send({"type": "conversation.item.retrieve", "item_id": item_id})
-    assert (await h.until("conversation.item.retrieved"))[-1]["item"]["content"][0]["type"] == "input_audio"
+    assert (await h.until("conversation.item.retrieved"))[-1]["item"]["content"][0][
+        "type"
+    ] == "input_audio"
 
 
 async def test_commit_of_an_empty_buffer_is_an_error(h: Harness) -> None:
@@ -124,16 +134,28 @@ async def test_uncommitted_audio_waits_for_the_next_turn(h: Harness, engine: Fak
 
 
 async def test_text_and_image_item_then_text_reply(h: Harness, engine: FakeEngine) -> None:
-    await h.send({"type": "conversation.item.create", "item": {"type": "message", "role": "user", "content": [
-        {"type": "input_text", "text": "what is this"},
-        {"type": "input_image", "image_url": data_url(image_bytes(64, 48))},
-    ]}})
+    await h.send(
+        {
+            "type": "conversation.item.create",
+            "item": {
+                "type": "message",
+                "role": "user",
+                "content": [
+                    {"type": "input_text", "text": "what is this"},
+                    {"type": "input_image", "image_url": data_url(image_bytes(64, 48))},
+                ],
+            },
+        }
+    )
     added = await h.until("conversation.item.done")
     assert [p["type"] for p in added[0]["item"]["content"]] == ["input_text", "input_image"]
     await h.send({"type": "response.create", "response": {"output_modalities": ["text"]}})
     events = await h.until("response.done")
     kinds = [e["type"] for e in events]
-    assert "response.output_text.delta" in kinds and "response.output_audio_transcript.delta" not in kinds
+    assert (
+        "response.output_text.delta" in kinds
+        and "response.output_audio_transcript.delta" not in kinds
+    )
     text = next(e["text"] for e in events if e["type"] == "response.output_text.done")
     assert "You said: what is this" in text and "I see a 64x48 image" in text
     assert h.audio == [] and engine.conversation().replies[-1].output_audio is False
@@ -141,8 +163,17 @@ async def test_text_and_image_item_then_text_reply(h: Harness, engine: FakeEngin
 
 async def test_delete_pending_item_and_latest_reply(h: Harness, engine: FakeEngine) -> None:
     for text in ("first", "second"):
-        await h.send({"type": "conversation.item.create", "item": {"id": f"item_{text}", "type": "message",
-                      "role": "user", "content": [{"type": "input_text", "text": text}]}})
+        await h.send(
+            {
+                "type": "conversation.item.create",
+                "item": {
+                    "id": f"item_{text}",
+                    "type": "message",
+                    "role": "user",
+                    "content": [{"type": "input_text", "text": text}],
+                },
+            }
+        )
     await h.send({"type": "conversation.item.delete", "item_id": "item_first"})
     await h.until("conversation.item.deleted")
     await h.settle()
@@ -159,24 +190,52 @@ async def test_delete_pending_item_and_latest_reply(h: Harness, engine: FakeEngi
 
 
 async def test_truncate_keeps_heard_text(h: Harness, engine: FakeEngine) -> None:
-    await h.send({"type": "conversation.item.create", "item": {"type": "message", "role": "user",
-                  "content": [{"type": "input_text", "text": "hi"}]}})
+    await h.send(
+        {
+            "type": "conversation.item.create",
+            "item": {
+                "type": "message",
+                "role": "user",
+                "content": [{"type": "input_text", "text": "hi"}],
+            },
+        }
+    )
     await h.send({"type": "response.create"})
     done = (await h.until("response.done"))[-1]["response"]
     item = done["output"][0]
     full = item["content"][0]["transcript"]
-    await h.send({"type": "conversation.item.truncate", "item_id": item["id"], "content_index": 0,
-                  "audio_end_ms": 100})  # 5 codec steps = 5 text tokens
+    await h.send(
+        {
+            "type": "conversation.item.truncate",
+            "item_id": item["id"],
+            "content_index": 0,
+            "audio_end_ms": 100,
+        }
+    )  # 5 codec steps = 5 text tokens
     truncated = (await h.until("conversation.item.truncated"))[-1]
     assert truncated["audio_end_ms"] == 100
     await h.send({"type": "conversation.item.retrieve", "item_id": item["id"]})
     kept = (await h.until("conversation.item.retrieved"))[-1]["item"]["content"][0]["transcript"]
-    assert kept == engine.conversation().reply_text() and len(engine.conversation().history[-1][1]) == 5
+    assert (
+        kept == engine.conversation().reply_text()
+        and len(engine.conversation().history[-1][1]) == 5
+    )
     assert full.startswith(kept) and len(kept) < len(full)
-    await h.send({"type": "conversation.item.truncate", "item_id": item["id"], "content_index": 0,
-                  "audio_end_ms": 60_000, "event_id": "t2"})
+    await h.send(
+        {
+            "type": "conversation.item.truncate",
+            "item_id": item["id"],
+            "content_index": 0,
+            "audio_end_ms": 60_000,
+            "event_id": "t2",
+        }
+    )
     error = (await h.until("error"))[-1]["error"]
-    assert (error["code"], error["param"], error["event_id"]) == ("invalid_value", "audio_end_ms", "t2")
+    assert (error["code"], error["param"], error["event_id"]) == (
+        "invalid_value",
+        "audio_end_ms",
+        "t2",
+    )
 
 
 class FakePlayout:
@@ -200,7 +259,10 @@ async def test_webrtc_barge_in_truncates_to_playout(engine: FakeEngine) -> None:
     await session.start()
     h = Harness(session)
     await h.session.push_audio(np.zeros(8000, np.float32))
-    words = np.frombuffer(speech("Tell me a long story please", 16000), dtype="<i2").astype(np.float32) / 32768
+    words = (
+        np.frombuffer(speech("Tell me a long story please", 16000), dtype="<i2").astype(np.float32)
+        / 32768
+    )
     await h.session.push_audio(words)
     await h.session.push_audio(np.zeros(16000, np.float32))
     await h.until("response.created")
@@ -227,7 +289,9 @@ async def test_frames_are_rate_limited_and_wait_for_speech(h: Harness, engine: F
         await h.session.push_video_frame(frame)
     await h.settle()
     assert engine.conversation().turn.frames == 0  # server_vad, nobody talking: held back
-    await h.send({"type": "input_image_buffer.append", "image": b64(image_bytes()), "event_id": "f1"})
+    await h.send(
+        {"type": "input_image_buffer.append", "image": b64(image_bytes()), "event_id": "f1"}
+    )
     assert (await h.until("error"))[-1]["error"]["code"] == "image_before_audio"
     await manual(h)
     await asyncio.sleep(0.5)
@@ -237,11 +301,15 @@ async def test_frames_are_rate_limited_and_wait_for_speech(h: Harness, engine: F
     assert engine.conversation().turn.frames == 1  # at most 2 per second
 
 
-async def test_engine_failure_fails_the_response_not_the_session(h: Harness, engine: FakeEngine) -> None:
+async def test_engine_failure_fails_the_response_not_the_session(
+    h: Harness, engine: FakeEngine
+) -> None:
     engine.fail_next_reply = "GPU fell over"
     await h.send({"type": "response.create"})
     done = (await h.until("response.done"))[-1]["response"]
-    assert done["status"] == "failed" and "GPU fell over" in done["status_details"]["error"]["message"]
+    assert (
+        done["status"] == "failed" and "GPU fell over" in done["status_details"]["error"]["message"]
+    )
     await h.send({"type": "response.create"})
     assert (await h.until("response.done"))[-1]["response"]["status"] == "completed"
 
@@ -260,10 +328,16 @@ async def test_one_response_at_a_time_and_cancel(h: Harness) -> None:
 
 
 async def test_beta_client_is_answered_in_beta(h: Harness) -> None:
-    await h.send({"type": "session.update", "session": {"modalities": ["text", "audio"], "voice": "Ethan",
-                                                        "turn_detection": None}})
+    await h.send(
+        {
+            "type": "session.update",
+            "session": {"modalities": ["text", "audio"], "voice": "Ethan", "turn_detection": None},
+        }
+    )
     session = (await h.until("session.updated"))[-1]["session"]
-    assert session["voice"] == "Ethan" and "audio" not in session and session["turn_detection"] is None
+    assert (
+        session["voice"] == "Ethan" and "audio" not in session and session["turn_detection"] is None
+    )
     await h.send({"type": "response.create"})
     events = await h.until("response.done")
     kinds = {e["type"] for e in events}
@@ -283,7 +357,9 @@ async def test_session_length_cap(h: Harness, engine: FakeEngine) -> None:
 async def test_buffered_audio_cap(h: Harness, engine: FakeEngine) -> None:
     await manual(h)
     for _ in range(3):
-        await h.send({"type": "input_audio_buffer.append", "audio": b64(silence(600)), "event_id": "a"})
+        await h.send(
+            {"type": "input_audio_buffer.append", "audio": b64(silence(600)), "event_id": "a"}
+        )
     error = (await h.until("error"))[-1]["error"]
     assert (error["code"], error["event_id"]) == ("input_audio_buffer_full", "a")
     await h.settle()

@@ -7,10 +7,17 @@ import base64
 
 import numpy as np
 import pytest
-from gateway_fixtures import image_bytes
+from realtime_helpers import image_bytes
 
 from omni.engine.resample import ulaw_encode
-from omni.session.audio_input import PCM16K, PCM24K, AudioDecoder, AudioFormat, b64decode, decode_clip
+from omni.session.audio_input import (
+    PCM16K,
+    PCM24K,
+    AudioDecoder,
+    AudioFormat,
+    b64decode,
+    decode_clip,
+)
 from omni.session.client_events import ResponseIn, SessionIn, parse_client_event
 from omni.session.config import SessionConfig, session_shape
 from omni.session.errors import RealtimeError
@@ -41,12 +48,22 @@ def test_unknown_and_untyped_events_are_named() -> None:
 
 
 def test_missing_and_invalid_fields_name_the_param() -> None:
-    err = error_of(parse_client_event, {"type": "conversation.item.truncate", "item_id": "x", "event_id": "e3"})
+    err = error_of(
+        parse_client_event, {"type": "conversation.item.truncate", "item_id": "x", "event_id": "e3"}
+    )
     assert (err.code, err.event_id) == ("missing_field", "e3")
     assert err.param in ("content_index", "audio_end_ms")
-    err = error_of(parse_client_event, {"type": "session.update", "session": {"audio": {"input": {"turn_detection":
-                                                                                             {"threshold": 3}}}}})
-    assert (err.code, err.param) == ("invalid_value", "session.audio.input.turn_detection.threshold")
+    err = error_of(
+        parse_client_event,
+        {
+            "type": "session.update",
+            "session": {"audio": {"input": {"turn_detection": {"threshold": 3}}}},
+        },
+    )
+    assert (err.code, err.param) == (
+        "invalid_value",
+        "session.audio.input.turn_detection.threshold",
+    )
 
 
 def test_extra_fields_are_ignored() -> None:
@@ -58,14 +75,23 @@ def test_extra_fields_are_ignored() -> None:
 
 
 def test_ga_update_nested_audio_config() -> None:
-    event = parse_client_event({"type": "session.update", "session": {
-        "type": "realtime",
-        "instructions": "be brief",
-        "output_modalities": ["text"],
-        "audio": {"input": {"format": {"type": "audio/pcm", "rate": 16000},
-                            "turn_detection": {"type": "server_vad", "silence_duration_ms": 700}},
-                  "output": {"voice": "ethan"}},
-    }})
+    event = parse_client_event(
+        {
+            "type": "session.update",
+            "session": {
+                "type": "realtime",
+                "instructions": "be brief",
+                "output_modalities": ["text"],
+                "audio": {
+                    "input": {
+                        "format": {"type": "audio/pcm", "rate": 16000},
+                        "turn_detection": {"type": "server_vad", "silence_duration_ms": 700},
+                    },
+                    "output": {"voice": "ethan"},
+                },
+            },
+        }
+    )
     assert session_shape(event.session) == "ga"
     new = config().updated(event.session)
     assert new.instructions == "be brief" and new.voice == "Ethan" and not new.audio_out
@@ -78,8 +104,12 @@ def test_ga_update_nested_audio_config() -> None:
 
 
 def test_turn_detection_null_turns_vad_off() -> None:
-    ga = parse_client_event({"type": "session.update", "session": {"type": "realtime",
-                                                                    "audio": {"input": {"turn_detection": None}}}})
+    ga = parse_client_event(
+        {
+            "type": "session.update",
+            "session": {"type": "realtime", "audio": {"input": {"turn_detection": None}}},
+        }
+    )
     assert config().updated(ga.session).turn_detection is None
     beta = parse_client_event({"type": "session.update", "session": {"turn_detection": None}})
     assert session_shape(beta.session) == "beta"
@@ -90,8 +120,9 @@ def test_turn_detection_null_turns_vad_off() -> None:
 
 
 def test_beta_flat_fields_and_qwen_dialect() -> None:
-    openai_beta = SessionIn.model_validate({"modalities": ["text", "audio"], "input_audio_format": "pcm16",
-                                            "voice": "Chelsie"})
+    openai_beta = SessionIn.model_validate(
+        {"modalities": ["text", "audio"], "input_audio_format": "pcm16", "voice": "Chelsie"}
+    )
     new = config().updated(openai_beta)
     assert new.input_format.rate == 24000 and new.audio_out
     assert new.to_wire("beta", "s", 0)["input_audio_format"] == "pcm16"
@@ -103,17 +134,35 @@ def test_beta_flat_fields_and_qwen_dialect() -> None:
     assert g711.input_format == AudioFormat("pcmu", 8000, "g711_ulaw")
 
 
-@pytest.mark.parametrize("session, code, param", [
-    ({"audio": {"input": {"format": {"type": "audio/pcm", "rate": 44100}}}}, "invalid_value",
-     "session.audio.input.format.rate"),
-    ({"audio": {"input": {"format": {"type": "audio/flac"}}}}, "invalid_value", "session.audio.input.format.type"),
-    ({"audio": {"output": {"format": {"type": "audio/pcmu"}}}}, "unsupported", "session.audio.output.format"),
-    ({"audio": {"output": {"voice": "alloy"}}}, "invalid_value", "session.audio.output.voice"),
-    ({"voice": "alloy"}, "invalid_value", "session.voice"),
-    ({"tools": [{"type": "function", "name": "f"}]}, "unsupported", "session.tools"),
-    ({"turn_detection": {"type": "semantic_vad"}}, "unsupported", "session.turn_detection.type"),
-    ({"input_audio_format": "mp3"}, "invalid_value", "session.input_audio_format"),
-])
+@pytest.mark.parametrize(
+    "session, code, param",
+    [
+        (
+            {"audio": {"input": {"format": {"type": "audio/pcm", "rate": 44100}}}},
+            "invalid_value",
+            "session.audio.input.format.rate",
+        ),
+        (
+            {"audio": {"input": {"format": {"type": "audio/flac"}}}},
+            "invalid_value",
+            "session.audio.input.format.type",
+        ),
+        (
+            {"audio": {"output": {"format": {"type": "audio/pcmu"}}}},
+            "unsupported",
+            "session.audio.output.format",
+        ),
+        ({"audio": {"output": {"voice": "alloy"}}}, "invalid_value", "session.audio.output.voice"),
+        ({"voice": "alloy"}, "invalid_value", "session.voice"),
+        ({"tools": [{"type": "function", "name": "f"}]}, "unsupported", "session.tools"),
+        (
+            {"turn_detection": {"type": "semantic_vad"}},
+            "unsupported",
+            "session.turn_detection.type",
+        ),
+        ({"input_audio_format": "mp3"}, "invalid_value", "session.input_audio_format"),
+    ],
+)
 def test_bad_session_updates_are_refused_whole(session: dict, code: str, param: str) -> None:
     before = config()
     err = error_of(before.updated, SessionIn.model_validate({"instructions": "changed", **session}))
@@ -122,31 +171,67 @@ def test_bad_session_updates_are_refused_whole(session: dict, code: str, param: 
 
 
 def test_response_overrides() -> None:
-    request = ResponseIn.model_validate({"instructions": "shout", "output_modalities": ["text"],
-                                         "metadata": {"k": "v"}, "max_output_tokens": 7})
+    request = ResponseIn.model_validate(
+        {
+            "instructions": "shout",
+            "output_modalities": ["text"],
+            "metadata": {"k": "v"},
+            "max_output_tokens": 7,
+        }
+    )
     plan = ReplyPlan.from_request(config(), request)
     options = plan.reply_options()
-    assert (options.output_audio, options.instructions, options.max_text_tokens) == (False, "shout", 7)
-    beta = ReplyPlan.from_request(config(), ResponseIn.model_validate({"modalities": ["audio", "text"],
-                                                                       "voice": "Ethan"}))
+    assert (options.output_audio, options.instructions, options.max_text_tokens) == (
+        False,
+        "shout",
+        7,
+    )
+    beta = ReplyPlan.from_request(
+        config(), ResponseIn.model_validate({"modalities": ["audio", "text"], "voice": "Ethan"})
+    )
     assert beta.audio_out and beta.voice == "Ethan"
-    assert error_of(ReplyPlan.from_request, config(), ResponseIn(conversation="none")).code == "unsupported"
+    assert (
+        error_of(ReplyPlan.from_request, config(), ResponseIn(conversation="none")).code
+        == "unsupported"
+    )
 
 
 # -- shapes
 
 
 def test_to_beta_renames_events_and_content() -> None:
-    item = {"id": "i", "type": "message", "role": "assistant", "content": [{"type": "output_audio",
-                                                                             "transcript": "hi"}]}
-    assert to_beta({"type": "response.output_audio.delta", "delta": "x"})["type"] == "response.audio.delta"
-    assert to_beta({"type": "response.output_text.done", "text": "x"})["type"] == "response.text.done"
+    item = {
+        "id": "i",
+        "type": "message",
+        "role": "assistant",
+        "content": [{"type": "output_audio", "transcript": "hi"}],
+    }
+    assert (
+        to_beta({"type": "response.output_audio.delta", "delta": "x"})["type"]
+        == "response.audio.delta"
+    )
+    assert (
+        to_beta({"type": "response.output_text.done", "text": "x"})["type"] == "response.text.done"
+    )
     added = to_beta({"type": "conversation.item.added", "item": item})
-    assert added["type"] == "conversation.item.created" and added["item"]["content"][0]["type"] == "audio"
+    assert (
+        added["type"] == "conversation.item.created"
+        and added["item"]["content"][0]["type"] == "audio"
+    )
     assert to_beta({"type": "conversation.item.done", "item": item}) is None
-    done = to_beta({"type": "response.done", "response": {"output_modalities": ["audio"], "output": [item],
-                                                           "audio": {"output": {"voice": "Ethan"}}}})
-    assert done["response"]["modalities"] == ["text", "audio"] and done["response"]["voice"] == "Ethan"
+    done = to_beta(
+        {
+            "type": "response.done",
+            "response": {
+                "output_modalities": ["audio"],
+                "output": [item],
+                "audio": {"output": {"voice": "Ethan"}},
+            },
+        }
+    )
+    assert (
+        done["response"]["modalities"] == ["text", "audio"] and done["response"]["voice"] == "Ethan"
+    )
     assert "output_modalities" not in done["response"]
 
 
@@ -156,8 +241,9 @@ def test_to_beta_renames_events_and_content() -> None:
 def test_streaming_decode_matches_whole_clip() -> None:
     tone = (np.sin(np.arange(24000) * 2 * np.pi * 440 / 24000) * 12000).astype("<i2").tobytes()
     decoder = AudioDecoder(PCM24K)
-    streamed = np.concatenate([decoder.decode(tone[i : i + 4800]) for i in range(0, len(tone), 4800)]
-                              + [decoder.flush()])
+    streamed = np.concatenate(
+        [decoder.decode(tone[i : i + 4800]) for i in range(0, len(tone), 4800)] + [decoder.flush()]
+    )
     whole = decode_clip(tone, PCM24K, "audio")
     assert len(streamed) == len(whole) == 16000
     np.testing.assert_allclose(streamed, whole, atol=1e-4)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from gateway_fixtures import speech
+from realtime_helpers import speech
 
 from omni.session.vad import WINDOW, SpeechDetector
 
@@ -36,7 +36,9 @@ async def test_one_utterance_one_start_and_stop(chunk: int) -> None:
 
 
 async def test_positions_continue_from_the_given_offset() -> None:
-    audio = np.concatenate([np.zeros(8000, np.float32), spoken("hello there"), np.zeros(16000, np.float32)])
+    audio = np.concatenate(
+        [np.zeros(8000, np.float32), spoken("hello there"), np.zeros(16000, np.float32)]
+    )
     plain = await detect(audio, 1600)
     shifted = await detect(audio, 1600, position=5 * WINDOW)
     assert [e.sample + 5 * WINDOW for e in plain] == [e.sample for e in shifted]

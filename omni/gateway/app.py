@@ -40,7 +40,11 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         stop = asyncio.Event()
-        task = asyncio.create_task(gateway.run_engine(engine_factory, stop)) if engine_factory else None
+        task = (
+            asyncio.create_task(gateway.run_engine(engine_factory, stop))
+            if engine_factory
+            else None
+        )
         try:
             yield
         finally:
@@ -68,7 +72,9 @@ def create_app(
     async def client_secrets(request: Request) -> JSONResponse:
         grant = gateway.keys.check(bearer_token(request.headers))
         if grant is None or not grant.static:
-            return openai_error(401, "invalid_api_key", "a valid API key is required (client secrets cannot mint)")
+            return openai_error(
+                401, "invalid_api_key", "a valid API key is required (client secrets cannot mint)"
+            )
         try:
             body: dict[str, Any] = await request.json() if await request.body() else {}
         except ValueError:
@@ -77,21 +83,28 @@ def create_app(
             return openai_error(400, "invalid_value", "the body must be a JSON object")
         ttl = (body.get("expires_after") or {}).get("seconds", settings.client_secret_ttl_seconds)
         if not isinstance(ttl, int) or not 10 <= ttl <= 7200:
-            return openai_error(400, "invalid_value", "expires_after.seconds must be 10..7200", "expires_after.seconds")
+            return openai_error(
+                400,
+                "invalid_value",
+                "expires_after.seconds must be 10..7200",
+                "expires_after.seconds",
+            )
         try:
             session = SessionIn.model_validate(body.get("session") or {})
-            # the same checks as a session.update, so a secret never carries a config that fails later
+            # a session.update's checks: a secret never carries a config that fails later
             config = SessionConfig.from_settings(settings).updated(session)
         except RealtimeError as exc:
             return openai_error(400, exc.code, exc.message, exc.param)
         except ValueError as exc:
             return openai_error(400, "invalid_value", f"session: {exc}", "session")
         secret = gateway.keys.mint(ttl, session)
-        return JSONResponse({
-            "value": secret.value,
-            "expires_at": secret.expires_at,
-            "session": config.to_wire("ga", new_id("sess"), secret.expires_at),
-        })
+        return JSONResponse(
+            {
+                "value": secret.value,
+                "expires_at": secret.expires_at,
+                "session": config.to_wire("ga", new_id("sess"), secret.expires_at),
+            }
+        )
 
     app.add_api_websocket_route("/v1/realtime", realtime_ws.realtime_endpoint)
     return app

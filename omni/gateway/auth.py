@@ -79,7 +79,9 @@ class KeyStore:
     def mint(self, ttl_seconds: int, session: SessionIn | None) -> ClientSecret:
         now = time.time()
         self._secrets = {v: s for v, s in self._secrets.items() if s.expires_at > now}
-        secret = ClientSecret(SECRET_PREFIX + secrets.token_urlsafe(24), int(now + ttl_seconds), session)
+        secret = ClientSecret(
+            SECRET_PREFIX + secrets.token_urlsafe(24), int(now + ttl_seconds), session
+        )
         self._secrets[secret.value] = secret
         return secret
 

@@ -38,21 +38,32 @@ async def realtime_endpoint(websocket: WebSocket) -> None:
     if grant is None:
         gateway.metrics.connections_refused.labels("auth").inc()
         await websocket.send_denial_response(
-            openai_error(401, "invalid_api_key", "missing or invalid API key (Authorization: Bearer <key>)")
+            openai_error(
+                401, "invalid_api_key", "missing or invalid API key (Authorization: Bearer <key>)"
+            )
         )
         return
     engine = gateway.engine
     if engine is None:
         gateway.metrics.connections_refused.labels("not_ready").inc()
-        await _refuse(websocket, offered, "server_not_ready", "the model is still loading; try again shortly")
+        await _refuse(
+            websocket, offered, "server_not_ready", "the model is still loading; try again shortly"
+        )
         return
     if not gateway.take_slot():
         gateway.metrics.connections_refused.labels("session_limit").inc()
         limit = gateway.settings.max_sessions
-        await _refuse(websocket, offered, "session_limit_reached", f"the server is at its limit of {limit} sessions")
+        await _refuse(
+            websocket,
+            offered,
+            "session_limit_reached",
+            f"the server is at its limit of {limit} sessions",
+        )
         return
     try:
-        beta = "realtime=v1" in websocket.headers.get("openai-beta", "") or BETA_SUBPROTOCOL in offered
+        beta = (
+            "realtime=v1" in websocket.headers.get("openai-beta", "") or BETA_SUBPROTOCOL in offered
+        )
         session = RealtimeSession(
             engine,
             gateway.settings,
@@ -65,7 +76,9 @@ async def realtime_endpoint(websocket: WebSocket) -> None:
         try:
             await session.start()
         except EngineError as exc:
-            await _send(websocket, RealtimeError("engine_error", str(exc), type="server_error").to_event())
+            await _send(
+                websocket, RealtimeError("engine_error", str(exc), type="server_error").to_event()
+            )
             await websocket.close(INTERNAL_ERROR)
             return
         gateway.sessions.add(session)
@@ -85,7 +98,8 @@ async def _pump(websocket: WebSocket, session: RealtimeSession) -> None:
             message = await websocket.receive()
             if message["type"] == "websocket.disconnect":
                 break
-            await session.handle_message(message.get("text") if message.get("text") is not None else message["bytes"])
+            text = message.get("text")
+            await session.handle_message(text if text is not None else message.get("bytes", b""))
     except (WebSocketDisconnect, RuntimeError):  # the peer went away mid-receive
         pass
     finally:

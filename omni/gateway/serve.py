@@ -23,10 +23,15 @@ def bind_host(settings: Settings) -> str:
         return settings.host
     if settings.host != LOOPBACK_HOST:
         log.warning(
-            "no API keys configured (OMNI_API_KEYS): binding %s only, not %s", LOOPBACK_HOST, settings.host
+            "no API keys configured (OMNI_API_KEYS): binding %s only, not %s",
+            LOOPBACK_HOST,
+            settings.host,
         )
     else:
-        log.warning("no API keys configured (OMNI_API_KEYS): auth is off, listening on %s only", LOOPBACK_HOST)
+        log.warning(
+            "no API keys configured (OMNI_API_KEYS): auth is off, listening on %s only",
+            LOOPBACK_HOST,
+        )
     return LOOPBACK_HOST
 
 

@@ -64,5 +64,3 @@ class Gateway:
 def openai_error(status: int, code: str, message: str, param: str | None = None) -> JSONResponse:
     error = {"type": "invalid_request_error", "code": code, "message": message, "param": param}
     return JSONResponse({"error": error}, status_code=status)
-
-

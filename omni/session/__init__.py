@@ -1,4 +1,4 @@
-"""Realtime call sessions: OpenAI-Realtime-compatible conversation state, independent of transport."""
+"""Realtime call sessions: OpenAI-Realtime-compatible call state, independent of transport."""
 
 from omni.session.outputs import AudioOut, Closed, Played, Playout
 from omni.session.session import RealtimeSession

@@ -54,13 +54,17 @@ def parse_ga_format(spec: dict[str, Any], param: str) -> AudioFormat:
         rate = spec.get("rate", OUTPUT_SAMPLE_RATE)
         if rate not in PCM_RATES:
             raise RealtimeError(
-                "invalid_value", f"audio/pcm rate must be 16000 or 24000, got {rate!r}", param=f"{param}.rate"
+                "invalid_value",
+                f"audio/pcm rate must be 16000 or 24000, got {rate!r}",
+                param=f"{param}.rate",
             )
         return AudioFormat("pcm16", rate)
     if kind in ("audio/pcmu", "audio/pcma"):
         return AudioFormat(kind.removeprefix("audio/"), G711_RATE)  # type: ignore[arg-type]
     raise RealtimeError(
-        "invalid_value", f"unknown audio format {kind!r} (audio/pcm, audio/pcmu, audio/pcma)", param=f"{param}.type"
+        "invalid_value",
+        f"unknown audio format {kind!r} (audio/pcm, audio/pcmu, audio/pcma)",
+        param=f"{param}.type",
     )
 
 
@@ -85,7 +89,9 @@ def b64decode(data: object, param: str) -> bytes:
     try:
         return base64.b64decode(data, validate=True)
     except (binascii.Error, ValueError) as exc:
-        raise RealtimeError("invalid_base64", f"{param} is not valid base64: {exc}", param=param) from None
+        raise RealtimeError(
+            "invalid_base64", f"{param} is not valid base64: {exc}", param=param
+        ) from None
 
 
 def b64encode_pcm16(pcm: np.ndarray) -> str:

@@ -80,14 +80,23 @@ class SessionIn(_Model):
 
 
 BETA_SESSION_FIELDS = frozenset(
-    {"modalities", "voice", "input_audio_format", "output_audio_format", "turn_detection",
-     "max_response_output_tokens", "input_audio_transcription"}
+    {
+        "modalities",
+        "voice",
+        "input_audio_format",
+        "output_audio_format",
+        "turn_detection",
+        "max_response_output_tokens",
+        "input_audio_transcription",
+    }
 )
 GA_SESSION_FIELDS = frozenset({"type", "audio", "output_modalities", "max_output_tokens"})
 
 
 class ContentIn(_Model):
-    type: Literal["input_text", "input_audio", "input_image", "text", "output_text", "audio", "output_audio"]
+    type: Literal[
+        "input_text", "input_audio", "input_image", "text", "output_text", "audio", "output_audio"
+    ]
     text: str | None = None
     audio: str | None = None
     image_url: str | None = None
@@ -208,7 +217,8 @@ ClientEvent = Annotated[
 ]
 _adapter: TypeAdapter[ClientEvent] = TypeAdapter(ClientEvent)
 EVENT_TYPES = frozenset(
-    get_args(model.model_fields["type"].annotation)[0] for model in get_args(get_args(ClientEvent)[0])
+    get_args(model.model_fields["type"].annotation)[0]
+    for model in get_args(get_args(ClientEvent)[0])
 )
 
 
@@ -219,7 +229,9 @@ def parse_client_event(raw: object) -> ClientEvent:
     event_id = raw.get("event_id") if isinstance(raw.get("event_id"), str) else None
     kind = raw.get("type")
     if not isinstance(kind, str):
-        raise RealtimeError("missing_field", "the event has no string 'type'", param="type", event_id=event_id)
+        raise RealtimeError(
+            "missing_field", "the event has no string 'type'", param="type", event_id=event_id
+        )
     if kind not in EVENT_TYPES:
         raise RealtimeError(
             "unknown_event", f"unknown event type {kind!r}", param="type", event_id=event_id
@@ -232,7 +244,10 @@ def parse_client_event(raw: object) -> ClientEvent:
         param = ".".join(str(part) for part in first["loc"][1:]) or None
         if first["type"] == "missing":
             raise RealtimeError(
-                "missing_field", f"{kind}: missing required field {param!r}", param=param, event_id=event_id
+                "missing_field",
+                f"{kind}: missing required field {param!r}",
+                param=param,
+                event_id=event_id,
             ) from None
         raise RealtimeError(
             "invalid_value", f"{kind}: {param}: {first['msg']}", param=param, event_id=event_id

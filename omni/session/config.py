@@ -44,7 +44,11 @@ def normalize_voice(voice: str, param: str) -> str:
     for name in VOICES:
         if voice.lower() == name.lower():
             return name
-    raise RealtimeError("invalid_value", f"unknown voice {voice!r}; this model speaks as {', '.join(VOICES)}", param=param)
+    raise RealtimeError(
+        "invalid_value",
+        f"unknown voice {voice!r}; this model speaks as {', '.join(VOICES)}",
+        param=param,
+    )
 
 
 def output_modalities(requested: list[Modality]) -> tuple[Modality, ...]:
@@ -73,8 +77,16 @@ class TurnDetection:
 
     def merged(self, update: TurnDetectionIn, param: str) -> TurnDetection:
         if update.type == "semantic_vad":
-            raise RealtimeError("unsupported", "semantic_vad is not supported; use server_vad", param=f"{param}.type")
-        given = {k: v for k, v in update.model_dump(exclude_none=True).items() if k in self.__dataclass_fields__}
+            raise RealtimeError(
+                "unsupported",
+                "semantic_vad is not supported; use server_vad",
+                param=f"{param}.type",
+            )
+        given = {
+            k: v
+            for k, v in update.model_dump(exclude_none=True).items()
+            if k in self.__dataclass_fields__
+        }
         return replace(self, **given)
 
     def to_wire(self, shape: Shape) -> dict[str, Any]:
@@ -101,7 +113,9 @@ class SessionConfig:
     @classmethod
     def from_settings(cls, settings: Settings, model: str | None = None) -> SessionConfig:
         """A new session's config: server_vad on with the configured defaults (OpenAI's default)."""
-        vad = TurnDetection(settings.vad_threshold, settings.vad_prefix_padding_ms, settings.vad_silence_duration_ms)
+        vad = TurnDetection(
+            settings.vad_threshold, settings.vad_prefix_padding_ms, settings.vad_silence_duration_ms
+        )
         return cls(model=model or settings.served_model_name, vad_defaults=vad, turn_detection=vad)
 
     @property
@@ -112,7 +126,9 @@ class SessionConfig:
         sent = s.model_fields_set
         new: dict[str, Any] = {}
         if s.tools:
-            raise RealtimeError("unsupported", "tools (function calling) are not supported", param=f"{param}.tools")
+            raise RealtimeError(
+                "unsupported", "tools (function calling) are not supported", param=f"{param}.tools"
+            )
         if s.model:
             new["model"] = s.model
         if "instructions" in sent:
@@ -130,23 +146,33 @@ class SessionConfig:
             new["voice"] = normalize_voice(s.voice, f"{param}.voice")
 
         # beta / Qwen flat audio fields
-        qwen = self.qwen or s.input_audio_format == "pcm" or s.output_audio_format in ("pcm", "pcm24")
+        qwen = (
+            self.qwen or s.input_audio_format == "pcm" or s.output_audio_format in ("pcm", "pcm24")
+        )
         new["qwen"] = qwen
         if s.input_audio_format:
-            new["input_format"] = parse_beta_format(s.input_audio_format, f"{param}.input_audio_format", qwen=qwen)
+            new["input_format"] = parse_beta_format(
+                s.input_audio_format, f"{param}.input_audio_format", qwen=qwen
+            )
         if s.output_audio_format:
-            fmt = parse_beta_format(s.output_audio_format, f"{param}.output_audio_format", qwen=False)
+            fmt = parse_beta_format(
+                s.output_audio_format, f"{param}.output_audio_format", qwen=False
+            )
             check_output_format(fmt, f"{param}.output_audio_format")
             new["output_format"] = fmt
         if "turn_detection" in sent:
-            new["turn_detection"] = self._turn_detection(s.turn_detection, f"{param}.turn_detection")
+            new["turn_detection"] = self._turn_detection(
+                s.turn_detection, f"{param}.turn_detection"
+            )
 
         # GA nested audio config
         audio_in = s.audio.input if s.audio else None
         audio_out = s.audio.output if s.audio else None
         if audio_in is not None:
             if audio_in.format is not None:
-                new["input_format"] = self._ga_format(audio_in.format, f"{param}.audio.input.format")
+                new["input_format"] = self._ga_format(
+                    audio_in.format, f"{param}.audio.input.format"
+                )
             if "turn_detection" in audio_in.model_fields_set:
                 new["turn_detection"] = self._turn_detection(
                     audio_in.turn_detection, f"{param}.audio.input.turn_detection"

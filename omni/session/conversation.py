@@ -47,7 +47,9 @@ class Conversation:
     def add(self, item: Item) -> str | None:
         """Append; returns the previous item's id (None for the first)."""
         if item.id in self._items:
-            raise RealtimeError("invalid_value", f"an item with id {item.id!r} already exists", param="item.id")
+            raise RealtimeError(
+                "invalid_value", f"an item with id {item.id!r} already exists", param="item.id"
+            )
         previous = self.last_id
         self._items[item.id] = item
         return previous
@@ -56,7 +58,9 @@ class Conversation:
         try:
             return self._items[item_id]
         except KeyError:
-            raise RealtimeError("item_not_found", f"no item with id {item_id!r}", param=param) from None
+            raise RealtimeError(
+                "item_not_found", f"no item with id {item_id!r}", param=param
+            ) from None
 
     def remove(self, item_id: str) -> None:
         self._items.pop(item_id, None)

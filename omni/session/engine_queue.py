@@ -79,13 +79,13 @@ class EngineQueue:
             self.add(piece, event_id)
 
     async def _send(self, piece: TurnInput) -> None:
-        send = {
+        senders: dict[str, Callable[[str, Any], Awaitable[None]]] = {
             "audio": self.engine.append_audio,
             "frame": self.engine.append_video_frame,
             "image": self.engine.add_image,
             "text": self.engine.add_text,
-        }[piece.kind]
-        await send(self.session_id, piece.data)
+        }
+        await senders[piece.kind](self.session_id, piece.data)
 
     async def run(self) -> None:
         """The worker: runs until cancelled."""
@@ -97,9 +97,13 @@ class EngineQueue:
                 error.event_id = error.event_id or event_id
                 await self._on_error(error)
             except EngineError as exc:
-                await self._on_error(RealtimeError("engine_error", str(exc), type="server_error", event_id=event_id))
+                await self._on_error(
+                    RealtimeError("engine_error", str(exc), type="server_error", event_id=event_id)
+                )
             except Exception:  # a broken call must not stop the queue
                 log.exception("session %s: engine call failed", self.session_id)
                 await self._on_error(
-                    RealtimeError("server_error", "internal error", type="server_error", event_id=event_id)
+                    RealtimeError(
+                        "server_error", "internal error", type="server_error", event_id=event_id
+                    )
                 )

@@ -25,15 +25,25 @@ def decode_image(data: bytes, param: str) -> np.ndarray:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data)) as image:
                 return np.asarray(image.convert("RGB"))
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise RealtimeError("invalid_image", f"{param} could not be decoded as an image: {exc}", param=param) from None
+    except (
+        OSError,
+        ValueError,
+        SyntaxError,
+        Image.DecompressionBombError,
+        Image.DecompressionBombWarning,
+    ) as exc:
+        raise RealtimeError(
+            "invalid_image", f"{param} could not be decoded as an image: {exc}", param=param
+        ) from None
 
 
 def decode_image_url(url: object, param: str) -> np.ndarray:
     """An input_image `image_url`; only data: URLs, since the server fetches nothing."""
     if not isinstance(url, str) or not url.startswith(_DATA_URL_PREFIX):
         raise RealtimeError(
-            "invalid_value", f"{param} must be a data: URL (data:image/jpeg;base64,...)", param=param
+            "invalid_value",
+            f"{param} must be a data: URL (data:image/jpeg;base64,...)",
+            param=param,
         )
     header, sep, payload = url.partition(",")
     if not sep or not header.endswith(";base64"):

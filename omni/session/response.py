@@ -29,6 +29,7 @@ from omni.engine.api import (
     ReplyOptions,
     TextDelta,
 )
+from omni.session.audio_input import parse_ga_format
 from omni.session.client_events import ResponseIn
 from omni.session.config import (
     Modality,
@@ -39,7 +40,6 @@ from omni.session.config import (
     output_modalities,
 )
 from omni.session.conversation import Item
-from omni.session.audio_input import parse_ga_format
 from omni.session.errors import RealtimeError, new_id
 from omni.session.outputs import AudioOut
 
@@ -64,18 +64,30 @@ class ReplyPlan:
 
     @classmethod
     def from_request(cls, config: SessionConfig, r: ResponseIn | None) -> ReplyPlan:
-        plan = cls(config.modalities, config.voice, config.instructions, config.max_output_tokens, {}, config.seed)
+        plan = cls(
+            config.modalities,
+            config.voice,
+            config.instructions,
+            config.max_output_tokens,
+            {},
+            config.seed,
+        )
         if r is None:
             return plan
         if r.conversation not in (None, "auto"):
             raise RealtimeError(
-                "unsupported", "out-of-band responses (conversation != 'auto') are not supported",
+                "unsupported",
+                "out-of-band responses (conversation != 'auto') are not supported",
                 param="response.conversation",
             )
         if r.input is not None:
-            raise RealtimeError("unsupported", "custom response input is not supported", param="response.input")
+            raise RealtimeError(
+                "unsupported", "custom response input is not supported", param="response.input"
+            )
         if r.tools:
-            raise RealtimeError("unsupported", "tools (function calling) are not supported", param="response.tools")
+            raise RealtimeError(
+                "unsupported", "tools (function calling) are not supported", param="response.tools"
+            )
         new: dict[str, Any] = {}
         if r.instructions is not None:
             new["instructions"] = r.instructions
@@ -86,7 +98,10 @@ class ReplyPlan:
         if r.audio and r.audio.output:
             if r.audio.output.format is not None:
                 fmt_param = "response.audio.output.format"
-                check_output_format(parse_ga_format(r.audio.output.format.model_dump(exclude_none=True), fmt_param), fmt_param)
+                check_output_format(
+                    parse_ga_format(r.audio.output.format.model_dump(exclude_none=True), fmt_param),
+                    fmt_param,
+                )
             if r.audio.output.voice:
                 voice, param = r.audio.output.voice, "response.audio.output.voice"
         if voice:
@@ -104,7 +119,10 @@ class ReplyPlan:
 
     def reply_options(self) -> ReplyOptions:
         options = ReplyOptions(
-            output_audio=self.audio_out, voice=self.voice, instructions=self.instructions, seed=self.seed
+            output_audio=self.audio_out,
+            voice=self.voice,
+            instructions=self.instructions,
+            seed=self.seed,
         )
         if self.max_output_tokens is not None:
             options.max_text_tokens = self.max_output_tokens
@@ -140,7 +158,9 @@ class Response:
     def truncated(self, kept_tokens: int, audio_end_ms: int) -> None:
         """The engine kept `kept_tokens` of this reply: the item keeps the matching text."""
         self.text = self.text_for_tokens(kept_tokens)
-        self.item.audio_samples = min(self.item.audio_samples, audio_end_ms * OUTPUT_SAMPLE_RATE // 1000)
+        self.item.audio_samples = min(
+            self.item.audio_samples, audio_end_ms * OUTPUT_SAMPLE_RATE // 1000
+        )
         self.item.content = [self._content()]
 
     # -- the event sequence
@@ -152,7 +172,11 @@ class Response:
         return ref
 
     def _part(self) -> dict[str, Any]:
-        return {"type": "audio", "transcript": self.text} if self.plan.audio_out else {"type": "text", "text": self.text}
+        return (
+            {"type": "audio", "transcript": self.text}
+            if self.plan.audio_out
+            else {"type": "text", "text": self.text}
+        )
 
     def _content(self) -> dict[str, Any]:
         if self.plan.audio_out:
@@ -167,7 +191,9 @@ class Response:
             "status_details": None,
             "output": [self.item.to_wire()] if self.done else [],
             "output_modalities": list(self.plan.modalities),
-            "audio": {"output": {"format": {"type": "audio/pcm", "rate": 24000}, "voice": self.plan.voice}},
+            "audio": {
+                "output": {"format": {"type": "audio/pcm", "rate": 24000}, "voice": self.plan.voice}
+            },
             "max_output_tokens": self.plan.max_output_tokens or "inf",
             "metadata": self.plan.metadata or None,
             "usage": None,
@@ -182,7 +208,10 @@ class Response:
         if self.status == "cancelled":
             return {"type": "cancelled", "reason": self.cancel_reason}
         if self.status == "failed":
-            return {"type": "failed", "error": {"type": "server_error", "code": "engine_error", "message": done.error}}
+            return {
+                "type": "failed",
+                "error": {"type": "server_error", "code": "engine_error", "message": done.error},
+            }
         return None
 
     @staticmethod
@@ -207,13 +236,29 @@ class Response:
         return timings
 
     async def run(
-        self, engine: Engine, session_id: str, previous_item_id: str | None, emit: Emit, emit_audio: EmitAudio
+        self,
+        engine: Engine,
+        session_id: str,
+        previous_item_id: str | None,
+        emit: Emit,
+        emit_audio: EmitAudio,
     ) -> ReplyDone:
         await emit({"type": "response.created", "response": self.to_wire()})
-        await emit({"type": "response.output_item.added", "response_id": self.id, "output_index": 0,
-                    "item": self.item.to_wire()})
-        await emit({"type": "conversation.item.added", "previous_item_id": previous_item_id,
-                    "item": self.item.to_wire()})
+        await emit(
+            {
+                "type": "response.output_item.added",
+                "response_id": self.id,
+                "output_index": 0,
+                "item": self.item.to_wire(),
+            }
+        )
+        await emit(
+            {
+                "type": "conversation.item.added",
+                "previous_item_id": previous_item_id,
+                "item": self.item.to_wire(),
+            }
+        )
         await emit({"type": "response.content_part.added", **self._ref(), "part": self._part()})
 
         done = await self._stream(engine, session_id, emit, emit_audio)
@@ -232,20 +277,38 @@ class Response:
 
         if self.plan.audio_out:
             await emit({"type": "response.output_audio.done", **self._ref()})
-            await emit({"type": "response.output_audio_transcript.done", **self._ref(), "transcript": self.text})
+            await emit(
+                {
+                    "type": "response.output_audio_transcript.done",
+                    **self._ref(),
+                    "transcript": self.text,
+                }
+            )
         else:
             await emit({"type": "response.output_text.done", **self._ref(), "text": self.text})
         await emit({"type": "response.content_part.done", **self._ref(), "part": self._part()})
-        await emit({"type": "response.output_item.done", "response_id": self.id, "output_index": 0,
-                    "item": self.item.to_wire()})
+        await emit(
+            {
+                "type": "response.output_item.done",
+                "response_id": self.id,
+                "output_index": 0,
+                "item": self.item.to_wire(),
+            }
+        )
         await emit({"type": "conversation.item.done", "item": self.item.to_wire()})
         await emit({"type": "response.done", "response": self.to_wire()})
         return done
 
-    async def _stream(self, engine: Engine, session_id: str, emit: Emit, emit_audio: EmitAudio) -> ReplyDone:
+    async def _stream(
+        self, engine: Engine, session_id: str, emit: Emit, emit_audio: EmitAudio
+    ) -> ReplyDone:
         if self.cancel_reason:  # cancelled before it started: the engine never hears of it
             return ReplyDone("cancelled", "", 0, 0)
-        delta_type = "response.output_audio_transcript.delta" if self.plan.audio_out else "response.output_text.delta"
+        delta_type = (
+            "response.output_audio_transcript.delta"
+            if self.plan.audio_out
+            else "response.output_text.delta"
+        )
         tokens = 0
         done: ReplyDone | None = None
         error = "the engine ended the reply without a ReplyDone"
@@ -267,7 +330,9 @@ class Response:
                 elif isinstance(event, AudioChunk) and self.plan.audio_out and len(event.pcm):
                     if self.first_audio_at is None:
                         self.first_audio_at = time.monotonic()
-                    await emit_audio(AudioOut(self.id, self.item.id, event.pcm, self.item.audio_samples))
+                    await emit_audio(
+                        AudioOut(self.id, self.item.id, event.pcm, self.item.audio_samples)
+                    )
                     self.item.audio_samples += len(event.pcm)
         except EngineError as exc:
             error = str(exc)

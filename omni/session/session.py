@@ -27,7 +27,13 @@ from typing import Any
 
 import numpy as np
 
-from omni.engine.api import INPUT_SAMPLE_RATE, OUTPUT_SAMPLE_RATE, Engine, EngineError, SessionOptions
+from omni.engine.api import (
+    INPUT_SAMPLE_RATE,
+    OUTPUT_SAMPLE_RATE,
+    Engine,
+    EngineError,
+    SessionOptions,
+)
 from omni.metrics import Metrics
 from omni.session import client_events as ce
 from omni.session.audio_input import AudioDecoder, b64decode, b64encode_pcm16, decode_clip
@@ -141,7 +147,9 @@ class RealtimeSession:
     async def _expire(self) -> None:
         await asyncio.sleep(self.settings.max_session_seconds)
         limit = self.settings.max_session_seconds
-        await self.emit_error(RealtimeError("session_expired", f"the session reached its {limit:g} s limit"))
+        await self.emit_error(
+            RealtimeError("session_expired", f"the session reached its {limit:g} s limit")
+        )
         await self.close("session_expired")
 
     # -- output
@@ -187,17 +195,23 @@ class RealtimeSession:
         self._event_id = None
         try:
             if isinstance(message, bytes):
-                raise RealtimeError("invalid_event", "binary messages are not supported; send JSON text")
+                raise RealtimeError(
+                    "invalid_event", "binary messages are not supported; send JSON text"
+                )
             size = len(message) if message.isascii() else len(message.encode())
             cap = self.settings.max_message_bytes
             if size > cap:
                 self._event_id = _sniff_event_id(message)
-                raise RealtimeError("message_too_large", f"the message is {size} bytes, over the {cap}-byte limit")
+                raise RealtimeError(
+                    "message_too_large", f"the message is {size} bytes, over the {cap}-byte limit"
+                )
             try:
                 raw = json.loads(message)
             except ValueError as exc:
                 self._event_id = _sniff_event_id(message)
-                raise RealtimeError("invalid_json", f"the message is not valid JSON: {exc}") from None
+                raise RealtimeError(
+                    "invalid_json", f"the message is not valid JSON: {exc}"
+                ) from None
             event = ce.parse_client_event(raw)
             self._event_id = event.event_id
             await self._handlers[type(event)](self, event)
@@ -254,29 +268,40 @@ class RealtimeSession:
             self._speaking = False
         self._ring = self._ring[:0]
         if self._engine.uncommitted():
-            self._engine.rebuild([i for i in self._engine.turn if i.item_id is not None], self._event_id)
+            self._engine.rebuild(
+                [i for i in self._engine.turn if i.item_id is not None], self._event_id
+            )
         self._uncommitted = 0
         self._buffer_full_reported = False
         await self.emit({"type": "input_audio_buffer.cleared"})
 
     async def _append_image(self, event: ce.InputImageBufferAppend) -> None:
         if not self._audio_seen:  # Qwen-Omni-Realtime's rule: frames accompany speech
-            raise RealtimeError("image_before_audio", "append audio before the first image", param="image")
+            raise RealtimeError(
+                "image_before_audio", "append audio before the first image", param="image"
+            )
         await self.push_video_frame(decode_image(b64decode(event.image, "image"), "image"))
 
     async def _create_item(self, event: ce.ConversationItemCreate) -> None:
         item = event.item
         if item.type != "message" or item.role != "user":
             raise RealtimeError(
-                "unsupported", "only user messages can be added (no function calls, system or assistant items)",
+                "unsupported",
+                "only user messages can be added (no function calls, system or assistant items)",
                 param="item.role" if item.type == "message" else "item.type",
             )
         if event.previous_item_id not in (None, self.conversation.last_id):
             raise RealtimeError(
-                "unsupported", "items can only be added at the end of the conversation", param="previous_item_id"
+                "unsupported",
+                "items can only be added at the end of the conversation",
+                param="previous_item_id",
             )
         if not item.content:
-            raise RealtimeError("invalid_value", "a user message needs at least one content part", param="item.content")
+            raise RealtimeError(
+                "invalid_value",
+                "a user message needs at least one content part",
+                param="item.content",
+            )
         inputs: list[TurnInput] = []
         parts: list[dict[str, Any]] = []
         for index, part in enumerate(item.content):  # decode everything before changing anything
@@ -285,18 +310,34 @@ class RealtimeSession:
                 inputs.append(TurnInput("text", part.text))
                 parts.append({"type": "input_text", "text": part.text})
             elif part.type == "input_image" and part.image_url is not None:
-                inputs.append(TurnInput("image", decode_image_url(part.image_url, f"{param}.image_url")))
+                inputs.append(
+                    TurnInput("image", decode_image_url(part.image_url, f"{param}.image_url"))
+                )
                 parts.append({"type": "input_image", "detail": part.detail or "auto"})
             elif part.type == "input_audio" and part.audio is not None:
-                pcm = decode_clip(b64decode(part.audio, f"{param}.audio"), self.config.input_format, f"{param}.audio")
+                pcm = decode_clip(
+                    b64decode(part.audio, f"{param}.audio"),
+                    self.config.input_format,
+                    f"{param}.audio",
+                )
                 inputs.append(TurnInput("audio", pcm))
                 parts.append({"type": "input_audio", "transcript": part.transcript})
             else:
-                field = {"input_text": "text", "input_image": "image_url", "input_audio": "audio"}.get(part.type)
+                field = {
+                    "input_text": "text",
+                    "input_image": "image_url",
+                    "input_audio": "audio",
+                }.get(part.type)
                 if field is None:
-                    raise RealtimeError("invalid_value", f"{part.type!r} is not a user content type", param=f"{param}.type")
-                raise RealtimeError("missing_field", f"{part.type} needs '{field}'", param=f"{param}.{field}")
-        new = Item("user", parts, **({"id": item.id} if item.id else {}))
+                    raise RealtimeError(
+                        "invalid_value",
+                        f"{part.type!r} is not a user content type",
+                        param=f"{param}.type",
+                    )
+                raise RealtimeError(
+                    "missing_field", f"{part.type} needs '{field}'", param=f"{param}.{field}"
+                )
+        new = Item("user", parts, id=item.id or new_id("item"))
         previous = self.conversation.add(new)
         for piece in inputs:
             piece.item_id = new.id
@@ -310,14 +351,24 @@ class RealtimeSession:
     async def _truncate_item(self, event: ce.ConversationItemTruncate) -> None:
         item = self.conversation.get(event.item_id)
         if item.role != "assistant":
-            raise RealtimeError("invalid_value", "only assistant items can be truncated", param="item_id")
+            raise RealtimeError(
+                "invalid_value", "only assistant items can be truncated", param="item_id"
+            )
         if event.content_index != 0:
-            raise RealtimeError("invalid_value", "assistant items have one content part (index 0)", param="content_index")
+            raise RealtimeError(
+                "invalid_value",
+                "assistant items have one content part (index 0)",
+                param="content_index",
+            )
         response = self._last_response
         if response is None or response.item is not item:
-            raise RealtimeError("unsupported", "only the latest assistant reply can be truncated", param="item_id")
+            raise RealtimeError(
+                "unsupported", "only the latest assistant reply can be truncated", param="item_id"
+            )
         if not response.plan.audio_out:
-            raise RealtimeError("invalid_value", "the item has no audio to truncate", param="item_id")
+            raise RealtimeError(
+                "invalid_value", "the item has no audio to truncate", param="item_id"
+            )
         if not response.done:  # the caller stopped listening: stop talking
             await self._cancel_responses("client_cancelled")
         self._call(partial(self._truncate, response, event.audio_end_ms))
@@ -326,13 +377,17 @@ class RealtimeSession:
         item = self.conversation.get(event.item_id)
         response = self._last_response
         if any(i.item_id == item.id for i in self._engine.turn):
-            self._engine.rebuild([i for i in self._engine.turn if i.item_id != item.id], self._event_id)
+            self._engine.rebuild(
+                [i for i in self._engine.turn if i.item_id != item.id], self._event_id
+            )
         elif response is not None and response.item is item and response.done:
             # the latest reply: truncated to nothing, the model forgets what it said
             self._call(partial(self._truncate, response, 0, announce=False))
         else:
             raise RealtimeError(
-                "unsupported", "only pending user items and the latest reply can be deleted", param="item_id"
+                "unsupported",
+                "only pending user items and the latest reply can be deleted",
+                param="item_id",
             )
         self.conversation.remove(item.id)
         await self.emit({"type": "conversation.item.deleted", "item_id": item.id})
@@ -342,15 +397,22 @@ class RealtimeSession:
 
     async def _response_cancel(self, event: ce.ResponseCancel) -> None:
         if not self._responses:
-            raise RealtimeError("response_cancel_not_active", "there is no response in progress to cancel")
+            raise RealtimeError(
+                "response_cancel_not_active", "there is no response in progress to cancel"
+            )
         if event.response_id and event.response_id not in {r.id for r in self._responses}:
-            raise RealtimeError("invalid_value", f"response {event.response_id!r} is not in progress", param="response_id")
+            raise RealtimeError(
+                "invalid_value",
+                f"response {event.response_id!r} is not in progress",
+                param="response_id",
+            )
         await self._interrupt("client_cancelled")
 
     async def _output_clear(self, event: ce.OutputAudioBufferClear) -> None:
         if self.playout is None:
             raise RealtimeError(
-                "unsupported", "output_audio_buffer.clear is for WebRTC; over WebSocket the client owns playback"
+                "unsupported",
+                "output_audio_buffer.clear is for WebRTC; over WebSocket the client owns playback",
             )
         await self._clear_playout()
 
@@ -375,10 +437,14 @@ class RealtimeSession:
         new = self.config.turn_detection
         if new is None:
             self._vad, self._speaking = None, False
-        elif self._vad is None or old is None or (new.threshold, new.silence_duration_ms) != (
-            old.threshold, old.silence_duration_ms
+        elif (
+            self._vad is None
+            or old is None
+            or (new.threshold, new.silence_duration_ms) != (old.threshold, old.silence_duration_ms)
         ):
-            self._vad = await SpeechDetector.create(new.threshold, new.silence_duration_ms, self._received)
+            self._vad = await SpeechDetector.create(
+                new.threshold, new.silence_duration_ms, self._received
+            )
             self._speaking = False
 
     async def _push_audio(self, pcm: np.ndarray) -> None:
@@ -395,7 +461,9 @@ class RealtimeSession:
             cut = min(max(vad_event.at - base, done), len(pcm))
             await self._route(pcm[done:cut])
             done = cut
-            await (self._speech_started if vad_event.kind == "start" else self._speech_stopped)(vad_event)
+            await (self._speech_started if vad_event.kind == "start" else self._speech_stopped)(
+                vad_event
+            )
         await self._route(pcm[done:])
 
     async def _route(self, pcm: np.ndarray) -> None:
@@ -403,7 +471,11 @@ class RealtimeSession:
         if self._speaking:
             await self._buffer_audio(pcm)
         elif len(pcm):
-            keep = _samples(self.config.turn_detection.prefix_padding_ms) + 2 * 512 if self.config.turn_detection else 0
+            keep = (
+                _samples(self.config.turn_detection.prefix_padding_ms) + 2 * 512
+                if self.config.turn_detection
+                else 0
+            )
             self._ring = np.concatenate([self._ring, pcm])[-keep:] if keep else self._ring[:0]
 
     async def _speech_started(self, vad_event: VadEvent) -> None:
@@ -412,22 +484,32 @@ class RealtimeSession:
         self._speaking = True
         self._speech_item = new_id("item")
         start = max(vad_event.sample - _samples(detection.prefix_padding_ms), 0)
-        await self.emit({"type": "input_audio_buffer.speech_started", "audio_start_ms": _ms(start),
-                         "item_id": self._speech_item})
+        await self.emit(
+            {
+                "type": "input_audio_buffer.speech_started",
+                "audio_start_ms": _ms(start),
+                "item_id": self._speech_item,
+            }
+        )
         if detection.interrupt_response:
             await self._interrupt("turn_detected")
         if self._idle_frame is not None:
             self._add_input(TurnInput("frame", self._idle_frame))
             self._idle_frame = None
         ring_start = vad_event.at - len(self._ring)
-        head, self._ring = self._ring[max(start - ring_start, 0):], self._ring[:0]
+        head, self._ring = self._ring[max(start - ring_start, 0) :], self._ring[:0]
         await self._buffer_audio(head)
 
     async def _speech_stopped(self, vad_event: VadEvent) -> None:
         turn_end = time.monotonic()
         self._speaking = False
-        await self.emit({"type": "input_audio_buffer.speech_stopped", "audio_end_ms": _ms(vad_event.sample),
-                         "item_id": self._speech_item})
+        await self.emit(
+            {
+                "type": "input_audio_buffer.speech_stopped",
+                "audio_end_ms": _ms(vad_event.sample),
+                "item_id": self._speech_item,
+            }
+        )
         await self._commit(self._speech_item)
         if self.config.turn_detection and self.config.turn_detection.create_response:
             await self._create_response(None, turn_end=turn_end, queue=True)
@@ -440,11 +522,13 @@ class RealtimeSession:
         if self._uncommitted + len(pcm) > cap:
             if not self._buffer_full_reported:
                 self._buffer_full_reported = True
-                await self.emit_error(RealtimeError(
-                    "input_audio_buffer_full",
-                    f"over {self.settings.max_buffered_audio_seconds:g} s of uncommitted audio; "
-                    "commit or clear the buffer (audio beyond the limit is dropped)",
-                ))
+                await self.emit_error(
+                    RealtimeError(
+                        "input_audio_buffer_full",
+                        f"over {self.settings.max_buffered_audio_seconds:g} s of uncommitted "
+                        "audio; commit or clear the buffer (audio beyond the limit is dropped)",
+                    )
+                )
             return
         self._uncommitted += len(pcm)
         self._add_input(TurnInput("audio", pcm))
@@ -454,19 +538,38 @@ class RealtimeSession:
             await self._buffer_audio(self._decoder.flush())  # the resampler's last samples
         pending = self._engine.uncommitted()
         if not any(i.kind == "audio" for i in pending):
-            raise RealtimeError("input_audio_buffer_commit_empty", "the input audio buffer is empty; append audio first")
-        item = Item("user", [{"type": "input_audio", "transcript": None}], **({"id": item_id} if item_id else {}))
+            raise RealtimeError(
+                "input_audio_buffer_commit_empty",
+                "the input audio buffer is empty; append audio first",
+            )
+        item = Item(
+            "user", [{"type": "input_audio", "transcript": None}], id=item_id or new_id("item")
+        )
         for piece in pending:
             piece.item_id = item.id
         self._uncommitted = 0
         self._buffer_full_reported = False
         previous = self.conversation.add(item)
-        await self.emit({"type": "input_audio_buffer.committed", "item_id": item.id, "previous_item_id": previous})
+        await self.emit(
+            {
+                "type": "input_audio_buffer.committed",
+                "item_id": item.id,
+                "previous_item_id": previous,
+            }
+        )
         await self._item_added(item, previous)
 
     async def _item_added(self, item: Item, previous: str | None) -> None:
-        await self.emit({"type": "conversation.item.added", "previous_item_id": previous, "item": item.to_wire()})
-        await self.emit({"type": "conversation.item.done", "previous_item_id": previous, "item": item.to_wire()})
+        await self.emit(
+            {
+                "type": "conversation.item.added",
+                "previous_item_id": previous,
+                "item": item.to_wire(),
+            }
+        )
+        await self.emit(
+            {"type": "conversation.item.done", "previous_item_id": previous, "item": item.to_wire()}
+        )
 
     # -- responses and barge-in
 
@@ -476,7 +579,8 @@ class RealtimeSession:
         if self._responses and not queue:
             raise RealtimeError(
                 "conversation_already_has_active_response",
-                f"response {self._responses[0].id} is still in progress; cancel it or wait for response.done",
+                f"response {self._responses[0].id} is still in progress; "
+                "cancel it or wait for response.done",
             )
         plan = ReplyPlan.from_request(self.config, request)
         item = Item("assistant", [], status="in_progress")
@@ -519,22 +623,31 @@ class RealtimeSession:
         response = self._last_response
         if response is not None and response.item.id == played.item_id:
             # a track cannot have played more than it was given
-            heard = min(played.audio_end_ms, response.item.audio_samples * 1000 // OUTPUT_SAMPLE_RATE)
+            heard = min(
+                played.audio_end_ms, response.item.audio_samples * 1000 // OUTPUT_SAMPLE_RATE
+            )
             self._call(partial(self._truncate, response, heard))
 
     async def _truncate(self, response: Response, audio_end_ms: int, announce: bool = True) -> None:
-        """Runs after the reply has ended: keep what the caller heard, in the engine and the item."""
+        """After the reply has ended: keep what the caller heard, in the engine and the item."""
         produced_ms = response.item.audio_samples * 1000 // OUTPUT_SAMPLE_RATE
         if audio_end_ms > produced_ms:
             raise RealtimeError(
                 "invalid_value",
-                f"audio_end_ms {audio_end_ms} is past the end of the item's audio ({produced_ms} ms)",
+                f"audio_end_ms {audio_end_ms} is past the end of the item's audio "
+                f"({produced_ms} ms)",
                 param="audio_end_ms",
             )
         response.truncated(await self.engine.truncate_reply(self.id, audio_end_ms), audio_end_ms)
         if announce:
-            await self.emit({"type": "conversation.item.truncated", "item_id": response.item.id,
-                             "content_index": 0, "audio_end_ms": audio_end_ms})
+            await self.emit(
+                {
+                    "type": "conversation.item.truncated",
+                    "item_id": response.item.id,
+                    "content_index": 0,
+                    "audio_end_ms": audio_end_ms,
+                }
+            )
 
     def _call(self, call: Callable[[], Awaitable[None]]) -> None:
         self._engine.call(call, self._event_id)

@@ -24,7 +24,10 @@ _CONTENT_TYPES = {"output_audio": "audio", "output_text": "text"}
 
 
 def _item(item: dict[str, Any]) -> dict[str, Any]:
-    content = [{**part, "type": _CONTENT_TYPES.get(part.get("type"), part.get("type"))} for part in item["content"]]
+    content = [
+        {**part, "type": _CONTENT_TYPES.get(part.get("type"), part.get("type"))}
+        for part in item["content"]
+    ]
     return {**item, "content": content}
 
 

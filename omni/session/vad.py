@@ -61,7 +61,9 @@ class SpeechDetector:
     """
 
     @classmethod
-    async def create(cls, threshold: float, silence_duration_ms: int, position: int = 0) -> SpeechDetector:
+    async def create(
+        cls, threshold: float, silence_duration_ms: int, position: int = 0
+    ) -> SpeechDetector:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(_executor, cls, threshold, silence_duration_ms, position)
 
@@ -92,11 +94,17 @@ class SpeechDetector:
         whole = len(audio) - len(audio) % WINDOW
         with torch.inference_mode():
             for begin in range(0, whole, WINDOW):
-                result = self._iterator(torch.from_numpy(np.ascontiguousarray(audio[begin : begin + WINDOW])))
+                result = self._iterator(
+                    torch.from_numpy(np.ascontiguousarray(audio[begin : begin + WINDOW]))
+                )
                 self._consumed += WINDOW
                 if result:
                     kind: Literal["start", "stop"] = "start" if "start" in result else "stop"
-                    events.append(VadEvent(kind, int(result[kind if kind == "start" else "end"]), self._consumed))
+                    events.append(
+                        VadEvent(
+                            kind, int(result[kind if kind == "start" else "end"]), self._consumed
+                        )
+                    )
         self._pending = audio[whole:].copy()
         return events
 
