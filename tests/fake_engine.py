@@ -43,6 +43,7 @@ TOKEN_MS = 20
 @dataclass
 class FakeTurn:
     audio_samples: int = 0
+    audio: list[np.ndarray] = field(default_factory=list)
     frames: int = 0
     images: list[tuple[int, int]] = field(default_factory=list)  # (width, height)
     texts: list[str] = field(default_factory=list)
@@ -132,6 +133,7 @@ class FakeEngine:
         conversation = self._enter("append_audio", session_id)
         assert pcm.dtype == np.float32 and pcm.ndim == 1
         conversation.turn.audio_samples += len(pcm)
+        conversation.turn.audio.append(pcm)
         await asyncio.sleep(0)
         self._leave(conversation)
 

@@ -87,13 +87,11 @@ async def running_server(factory: EngineFactory, **settings: Any) -> AsyncIterat
 # -- raw WebSocket helpers
 
 
-async def recv_event(ws: websockets.ClientConnection, timeout: float = TIMEOUT) -> dict[str, Any]:
-    return json.loads(await asyncio.wait_for(ws.recv(), timeout))
+async def recv_event(ws: websockets.ClientConnection) -> dict[str, Any]:
+    return json.loads(await asyncio.wait_for(ws.recv(), TIMEOUT))
 
 
-async def recv_until(
-    ws: websockets.ClientConnection, kind: str, timeout: float = TIMEOUT
-) -> list[dict[str, Any]]:
+async def recv_until(ws: websockets.ClientConnection, kind: str) -> list[dict[str, Any]]:
     """Events up to and including the first of type `kind`."""
     events: list[dict[str, Any]] = []
 
@@ -103,7 +101,7 @@ async def recv_until(
             if events[-1]["type"] == kind:
                 return events
 
-    return await asyncio.wait_for(collect(), timeout)
+    return await asyncio.wait_for(collect(), TIMEOUT)
 
 
 async def send_event(ws: websockets.ClientConnection, event: dict[str, Any]) -> None:

@@ -18,10 +18,12 @@ from realtime_helpers import (
     b64,
     recv_event,
     recv_until,
+    running_server,
     send_event,
     silence,
 )
 
+from omni.engine.api import EngineError
 from omni.gateway.app import create_app
 from omni.gateway.auth import KeyStore
 from omni.gateway.serve import bind_host, server_config
@@ -137,7 +139,7 @@ async def test_connection_over_the_session_cap_is_refused(start_server: Any) -> 
 async def test_session_length_cap(start_server: Any) -> None:
     async with start_server(max_session_seconds=0.5) as server, server.ws() as ws:
         await recv_until(ws, "session.created")
-        error = (await recv_until(ws, "error", timeout=5))[-1]["error"]
+        error = (await recv_until(ws, "error"))[-1]["error"]
         assert error["code"] == "session_expired" and "0.5 s" in error["message"]
         with pytest.raises(websockets.ConnectionClosed) as closed:
             await recv_event(ws)
@@ -242,3 +244,49 @@ async def test_healthz_reports_a_failed_engine() -> None:
         ) as client:
             failed = await client.get("/healthz")
     assert failed.status_code == 503 and "no GPU here" in failed.json()["error"]
+
+
+# -- the engine's side
+
+
+class RefusingEngine(FakeEngine):
+    async def open_session(self, session_id: str, options: Any) -> None:
+        raise EngineError("the engine is at its session limit")
+
+
+@asynccontextmanager
+async def refusing_engine() -> AsyncIterator[FakeEngine]:
+    yield RefusingEngine()
+
+
+async def test_engine_refusing_a_session_is_reported_and_frees_the_slot() -> None:
+    async with running_server(refusing_engine, max_sessions=1) as server:
+        for _ in range(2):  # the second attempt would hit the cap if the slot leaked
+            async with server.ws() as ws:
+                error = await recv_event(ws)
+                assert (
+                    error["error"]["code"] == "engine_error"
+                    and "limit" in error["error"]["message"]
+                )
+                with pytest.raises(websockets.ConnectionClosed) as closed:
+                    await recv_event(ws)
+                assert closed.value.rcvd.code == 1011
+
+
+async def test_hanging_up_mid_reply_releases_everything(server: Any) -> None:
+    async with server.ws() as ws:
+        await recv_until(ws, "session.created")
+        await send_event(ws, {"type": "response.create"})
+        await recv_until(ws, "response.output_audio.delta")
+    for _ in range(200):
+        if not server.gateway.sessions:
+            break
+        await asyncio.sleep(0.01)
+    assert not server.gateway.sessions
+    async with httpx.AsyncClient() as http:
+        metrics = (await http.get(f"http://127.0.0.1:{server.port}/metrics")).text
+    assert "omni_sessions_active 0.0" in metrics
+    if isinstance(server.engine, FakeEngine):
+        (session_id,) = server.engine.sessions
+        assert session_id in server.engine.closed and ("cancel", session_id) in server.engine.calls
+        assert server.engine.violations == []

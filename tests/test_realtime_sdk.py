@@ -24,7 +24,7 @@ QUESTION = "What is the capital of France?"
 pytest_plugins = ["gateway_fixtures"]  # server, start_server, engine_factory
 
 
-async def collect(conn: Any, until: str, timeout: float = TIMEOUT) -> list[Any]:
+async def collect(conn: Any, until: str) -> list[Any]:
     """Server events up to and including the first `until`."""
     events: list[Any] = []
 
@@ -34,7 +34,7 @@ async def collect(conn: Any, until: str, timeout: float = TIMEOUT) -> list[Any]:
             if events[-1].type == until:
                 return events
 
-    return await asyncio.wait_for(run(), timeout)
+    return await asyncio.wait_for(run(), TIMEOUT)
 
 
 async def speak(conn: Any, text: str, trailing_ms: int = 1000) -> None:

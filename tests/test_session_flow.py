@@ -31,11 +31,11 @@ class Harness:
     async def send(self, event: dict[str, Any]) -> None:
         await self.session.handle_message(json.dumps(event))
 
-    async def until(self, kind: str, timeout: float = 10.0) -> list[dict[str, Any]]:
+    async def until(self, kind: str) -> list[dict[str, Any]]:
         """Events up to the first `kind` (reply audio is collected in `self.audio`)."""
         events: list[dict[str, Any]] = []
         while True:
-            out = await asyncio.wait_for(self.session.outbox.get(), timeout)
+            out = await asyncio.wait_for(self.session.outbox.get(), 10.0)
             if isinstance(out, AudioOut):
                 self.audio.append(out)
                 continue
@@ -348,7 +348,7 @@ async def test_beta_client_is_answered_in_beta(h: Harness) -> None:
 
 @pytest.mark.parametrize("harness", [{"max_session_seconds": 0.3}], indirect=True)
 async def test_session_length_cap(h: Harness, engine: FakeEngine) -> None:
-    events = await h.until("closed", timeout=5)
+    events = await h.until("closed")
     assert events[-2]["error"]["code"] == "session_expired"
     assert h.session.id in engine.closed
 
@@ -371,3 +371,36 @@ async def test_buffered_audio_cap(h: Harness, engine: FakeEngine) -> None:
 @pytest.fixture
 def h(harness: Harness) -> Harness:
     return harness
+
+
+async def test_input_audio_item_reaches_the_engine(h: Harness, engine: FakeEngine) -> None:
+    await h.send(
+        {
+            "type": "conversation.item.create",
+            "item": {
+                "type": "message",
+                "role": "user",
+                "content": [{"type": "input_audio", "audio": b64(silence(1000))}],
+            },
+        }
+    )
+    item = (await h.until("conversation.item.done"))[-1]["item"]
+    assert item["content"] == [{"type": "input_audio", "transcript": None}]
+    await h.settle()
+    assert engine.conversation().turn.audio_samples == 16000
+
+
+async def test_concurrent_pushes_keep_arrival_order(h: Harness, engine: FakeEngine) -> None:
+    # a WebRTC track and data-channel events may push at once; VAD state must not interleave
+    words = np.frombuffer(speech("hello there", 16000), dtype="<i2").astype(np.float32) / 32768
+    audio = np.concatenate([np.zeros(8000, np.float32), words, np.zeros(16000, np.float32)])
+    pieces = [audio[i : i + 1600] for i in range(0, len(audio), 1600)]
+    await asyncio.gather(*(h.session.push_audio(piece) for piece in pieces))
+    events = await h.until("input_audio_buffer.committed")
+    kinds = [e["type"] for e in events]
+    assert kinds.count("input_audio_buffer.speech_started") == 1
+    assert "input_audio_buffer.speech_stopped" in kinds
+    await h.until("response.done")
+    received = np.concatenate(engine.conversation().history[0][0].audio)
+    start = events[0]["audio_start_ms"] * 16
+    np.testing.assert_array_equal(received, audio[start : start + len(received)])

@@ -43,21 +43,23 @@ class EngineQueue:
         self.engine = engine
         self.session_id = session_id
         self.turn: list[TurnInput] = []  # what the engine has (or will have) for this turn
+        # the client event being handled; errors from the calls it causes name it
+        self.event_id: str | None = None
         self._on_error = on_error
         self._calls: asyncio.Queue[tuple[Call, str | None]] = asyncio.Queue()
 
-    def call(self, call: Call, event_id: str | None = None) -> None:
+    def call(self, call: Call) -> None:
         """Run `call` after everything queued before it; errors go to the client as events."""
-        self._calls.put_nowait((call, event_id))
+        self._calls.put_nowait((call, self.event_id))
 
-    def add(self, piece: TurnInput, event_id: str | None = None) -> None:
+    def add(self, piece: TurnInput) -> None:
         self.turn.append(piece)
-        self.call(partial(self._send, piece), event_id)
+        self.call(partial(self._send, piece))
 
     def uncommitted(self) -> list[TurnInput]:
         return [piece for piece in self.turn if piece.item_id is None]
 
-    def rebuild(self, keep: list[TurnInput], event_id: str | None = None) -> None:
+    def rebuild(self, keep: list[TurnInput]) -> None:
         """Make the pending turn exactly `keep`, in order."""
         self.turn = list(keep)
 
@@ -66,17 +68,17 @@ class EngineQueue:
             for piece in keep:
                 await self._send(piece)
 
-        self.call(rebuild, event_id)
+        self.call(rebuild)
 
-    def end_turn(self, respond: Call, event_id: str | None = None) -> None:
+    def end_turn(self, respond: Call) -> None:
         """Reply to the committed turn; uncommitted input moves to the next turn."""
         pending = self.uncommitted()
         if pending:
-            self.rebuild([piece for piece in self.turn if piece.item_id is not None], event_id)
-        self.call(respond, event_id)
+            self.rebuild([piece for piece in self.turn if piece.item_id is not None])
+        self.call(respond)
         self.turn = []
         for piece in pending:
-            self.add(piece, event_id)
+            self.add(piece)
 
     async def _send(self, piece: TurnInput) -> None:
         senders: dict[str, Callable[[str, Any], Awaitable[None]]] = {

@@ -6,12 +6,11 @@ Transports feed it and drain it (see outputs.py):
   16 kHz float32 mic audio, RGB camera frames); WebSocket appends end up in the same place;
 - read `outbox` and send what comes out; call `close()` when the peer goes away.
 
-Engine calls go through an `EngineQueue` (one at a time, in event order); only
-`engine.cancel` goes around it, so barge-in lands within one model step.
-
-With server_vad, audio before speech waits in a short ring (prefix padding); from the
-detected start, speech streams into the engine as it arrives (incremental prefill), and the
-VAD's stop commits the turn and starts the response at once.
+Its parts: `InputAudio` (the input buffer and server VAD), `EngineQueue` (engine calls one
+at a time, in event order; only `engine.cancel` goes around it, so barge-in lands within one
+model step), `Conversation` (the client's item ledger) and one `Response` per reply. The
+session ties them to the protocol: which event does what, when a turn ends, what a barge-in
+cancels and how a reply is truncated to what the caller heard.
 """
 
 from __future__ import annotations
@@ -27,25 +26,20 @@ from typing import Any
 
 import numpy as np
 
-from omni.engine.api import (
-    INPUT_SAMPLE_RATE,
-    OUTPUT_SAMPLE_RATE,
-    Engine,
-    EngineError,
-    SessionOptions,
-)
+from omni.engine.api import OUTPUT_SAMPLE_RATE, Engine, EngineError, SessionOptions
 from omni.metrics import Metrics
 from omni.session import client_events as ce
-from omni.session.audio_input import AudioDecoder, b64decode, b64encode_pcm16, decode_clip
-from omni.session.config import SessionConfig, Shape, TurnDetection, session_shape
+from omni.session.audio_input import b64decode, b64encode_pcm16
+from omni.session.config import SessionConfig, Shape, session_shape
 from omni.session.conversation import Conversation, Item
 from omni.session.engine_queue import EngineQueue, TurnInput
 from omni.session.errors import RealtimeError, new_id
-from omni.session.images import decode_image, decode_image_url
+from omni.session.images import decode_image
+from omni.session.input_audio import InputAudio
 from omni.session.outputs import AudioOut, Closed, Playout
 from omni.session.response import ReplyPlan, Response
 from omni.session.shape import to_beta
-from omni.session.vad import SpeechDetector, VadEvent
+from omni.session.user_content import user_content
 from omni.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -59,14 +53,6 @@ def _sniff_event_id(message: str) -> str | None:
     """The client's event_id from a message that will not be parsed (too big, or broken)."""
     found = _EVENT_ID.search(message)
     return found.group(1) if found else None
-
-
-def _ms(samples: int) -> int:
-    return samples * 1000 // INPUT_SAMPLE_RATE
-
-
-def _samples(ms: int) -> int:
-    return ms * INPUT_SAMPLE_RATE // 1000
 
 
 class RealtimeSession:
@@ -95,22 +81,19 @@ class RealtimeSession:
         self.expires_at = int(time.time() + settings.max_session_seconds)
         self.closed = False
         self._started = False
-        self._decoder = AudioDecoder(self.config.input_format)
-        self._vad: SpeechDetector | None = None
-        self._speaking = False
-        self._speech_item: str | None = None
-        self._received = 0  # user audio samples so far (16 kHz): the clock of VAD positions
-        self._ring = np.zeros(0, np.float32)  # latest audio before speech, for prefix padding
+        self._engine = EngineQueue(engine, self.id, self.emit_error)
+        self._input = InputAudio(
+            self._engine,
+            self.config.input_format,
+            settings.max_buffered_audio_seconds,
+            self,
+            self.emit_error,
+        )
         self._idle_frame: np.ndarray | None = None  # latest camera frame while nobody talks
         self._last_frame_at = -MIN_FRAME_INTERVAL_S
-        self._audio_seen = False
-        self._engine = EngineQueue(engine, self.id, self.emit_error)
-        self._uncommitted = 0  # samples of uncommitted audio in _turn
-        self._buffer_full_reported = False
         self._responses: list[Response] = []  # running or queued, oldest first
         self._last_response: Response | None = None
         self._tasks: list[asyncio.Task[None]] = []
-        self._event_id: str | None = None  # the client event being handled, for errors
 
     # -- lifecycle
 
@@ -122,7 +105,7 @@ class RealtimeSession:
         self._started = True
         self.metrics.sessions_total.inc()
         self.metrics.sessions_active.inc()
-        await self._configure_vad()
+        await self._input.configure(self.config.turn_detection)
         self._tasks = [asyncio.create_task(self._engine.run()), asyncio.create_task(self._expire())]
         await self.emit({"type": "session.created", "session": self._session_wire()})
 
@@ -163,7 +146,7 @@ class RealtimeSession:
             self.outbox.put_nowait(wire)
 
     async def emit_error(self, error: RealtimeError) -> None:
-        error.event_id = error.event_id or self._event_id
+        error.event_id = error.event_id or self._engine.event_id
         self.metrics.errors.labels(error.code).inc()
         await self.emit(error.to_event())
 
@@ -192,7 +175,7 @@ class RealtimeSession:
         """One client message; any problem becomes an `error` event and the session goes on."""
         if self.closed:
             return
-        self._event_id = None
+        self._engine.event_id = None
         try:
             if isinstance(message, bytes):
                 raise RealtimeError(
@@ -201,29 +184,31 @@ class RealtimeSession:
             size = len(message) if message.isascii() else len(message.encode())
             cap = self.settings.max_message_bytes
             if size > cap:
-                self._event_id = _sniff_event_id(message)
+                self._engine.event_id = _sniff_event_id(message)
                 raise RealtimeError(
                     "message_too_large", f"the message is {size} bytes, over the {cap}-byte limit"
                 )
             try:
                 raw = json.loads(message)
             except ValueError as exc:
-                self._event_id = _sniff_event_id(message)
+                self._engine.event_id = _sniff_event_id(message)
                 raise RealtimeError(
                     "invalid_json", f"the message is not valid JSON: {exc}"
                 ) from None
             event = ce.parse_client_event(raw)
-            self._event_id = event.event_id
+            self._engine.event_id = event.event_id
             await self._handlers[type(event)](self, event)
         except RealtimeError as error:
             await self.emit_error(error)
         finally:
-            self._event_id = None
+            self._engine.event_id = None
 
     async def push_audio(self, pcm: np.ndarray) -> None:
-        """User audio as float32 16 kHz (a WebRTC mic track, or decoded appends)."""
+        """User audio as float32 16 kHz (a WebRTC mic track)."""
+        if self.closed:
+            return
         try:
-            await self._push_audio(pcm)
+            await self._input.push(pcm)
         except RealtimeError as error:
             await self.emit_error(error)
 
@@ -233,115 +218,53 @@ class RealtimeSession:
         if self.closed or now - self._last_frame_at < MIN_FRAME_INTERVAL_S:
             return
         self._last_frame_at = now
-        if self._vad is not None and not self._speaking:
+        if self._input.detection is not None and not self._input.speaking:
             self._idle_frame = rgb  # the turn starts with the latest view, sent on speech start
             return
-        self._add_input(TurnInput("frame", rgb))
+        self._engine.add(TurnInput("frame", rgb))
 
     # -- client events
 
     async def _session_update(self, event: ce.SessionUpdate) -> None:
         config = self.config.updated(event.session)
         self.shape = session_shape(event.session) or self.shape
-        old, self.config = self.config, config
-        if config.input_format != old.input_format:
-            await self._push_audio(self._decoder.flush())
-            self._decoder = AudioDecoder(config.input_format)
-        if config.turn_detection != old.turn_detection:
-            await self._configure_vad(old.turn_detection)
+        self.config = config
+        await self._input.set_format(config.input_format)
+        await self._input.configure(config.turn_detection)
         await self.emit({"type": "session.updated", "session": self._session_wire()})
 
     async def _append_audio(self, event: ce.InputAudioBufferAppend) -> None:
-        await self._push_audio(self._decoder.decode(b64decode(event.audio, "audio"), "audio"))
+        await self._input.append(b64decode(event.audio, "audio"))
 
     async def _commit_buffer(self, event: ce.InputAudioBufferCommit) -> None:
-        item_id = self._speech_item if self._speaking else None
-        if self._vad is not None and self._speaking:
-            self._vad.reset()
-            self._speaking = False
-        await self._commit(item_id)
+        await self._commit(self._input.stop_speech())
 
     async def _clear_buffer(self, event: ce.InputAudioBufferClear) -> None:
-        self._decoder.flush()
-        if self._vad is not None and self._speaking:
-            self._vad.reset()
-            self._speaking = False
-        self._ring = self._ring[:0]
+        self._input.clear()
         if self._engine.uncommitted():
-            self._engine.rebuild(
-                [i for i in self._engine.turn if i.item_id is not None], self._event_id
-            )
-        self._uncommitted = 0
-        self._buffer_full_reported = False
+            self._engine.rebuild([i for i in self._engine.turn if i.item_id is not None])
         await self.emit({"type": "input_audio_buffer.cleared"})
 
     async def _append_image(self, event: ce.InputImageBufferAppend) -> None:
-        if not self._audio_seen:  # Qwen-Omni-Realtime's rule: frames accompany speech
+        if not self._input.received:  # Qwen-Omni-Realtime's rule: frames accompany speech
             raise RealtimeError(
                 "image_before_audio", "append audio before the first image", param="image"
             )
         await self.push_video_frame(decode_image(b64decode(event.image, "image"), "image"))
 
     async def _create_item(self, event: ce.ConversationItemCreate) -> None:
-        item = event.item
-        if item.type != "message" or item.role != "user":
-            raise RealtimeError(
-                "unsupported",
-                "only user messages can be added (no function calls, system or assistant items)",
-                param="item.role" if item.type == "message" else "item.type",
-            )
         if event.previous_item_id not in (None, self.conversation.last_id):
             raise RealtimeError(
                 "unsupported",
                 "items can only be added at the end of the conversation",
                 param="previous_item_id",
             )
-        if not item.content:
-            raise RealtimeError(
-                "invalid_value",
-                "a user message needs at least one content part",
-                param="item.content",
-            )
-        inputs: list[TurnInput] = []
-        parts: list[dict[str, Any]] = []
-        for index, part in enumerate(item.content):  # decode everything before changing anything
-            param = f"item.content.{index}"
-            if part.type == "input_text" and part.text is not None:
-                inputs.append(TurnInput("text", part.text))
-                parts.append({"type": "input_text", "text": part.text})
-            elif part.type == "input_image" and part.image_url is not None:
-                inputs.append(
-                    TurnInput("image", decode_image_url(part.image_url, f"{param}.image_url"))
-                )
-                parts.append({"type": "input_image", "detail": part.detail or "auto"})
-            elif part.type == "input_audio" and part.audio is not None:
-                pcm = decode_clip(
-                    b64decode(part.audio, f"{param}.audio"),
-                    self.config.input_format,
-                    f"{param}.audio",
-                )
-                inputs.append(TurnInput("audio", pcm))
-                parts.append({"type": "input_audio", "transcript": part.transcript})
-            else:
-                field = {
-                    "input_text": "text",
-                    "input_image": "image_url",
-                    "input_audio": "audio",
-                }.get(part.type)
-                if field is None:
-                    raise RealtimeError(
-                        "invalid_value",
-                        f"{part.type!r} is not a user content type",
-                        param=f"{param}.type",
-                    )
-                raise RealtimeError(
-                    "missing_field", f"{part.type} needs '{field}'", param=f"{param}.{field}"
-                )
-        new = Item("user", parts, id=item.id or new_id("item"))
+        parts, inputs = user_content(event.item, self.config.input_format)
+        new = Item("user", parts, id=event.item.id or new_id("item"))
         previous = self.conversation.add(new)
         for piece in inputs:
             piece.item_id = new.id
-            self._add_input(piece)
+            self._engine.add(piece)
         await self._item_added(new, previous)
 
     async def _retrieve_item(self, event: ce.ConversationItemRetrieve) -> None:
@@ -371,18 +294,16 @@ class RealtimeSession:
             )
         if not response.done:  # the caller stopped listening: stop talking
             await self._cancel_responses("client_cancelled")
-        self._call(partial(self._truncate, response, event.audio_end_ms))
+        self._engine.call(partial(self._truncate, response, event.audio_end_ms))
 
     async def _delete_item(self, event: ce.ConversationItemDelete) -> None:
         item = self.conversation.get(event.item_id)
         response = self._last_response
         if any(i.item_id == item.id for i in self._engine.turn):
-            self._engine.rebuild(
-                [i for i in self._engine.turn if i.item_id != item.id], self._event_id
-            )
+            self._engine.rebuild([i for i in self._engine.turn if i.item_id != item.id])
         elif response is not None and response.item is item and response.done:
             # the latest reply: truncated to nothing, the model forgets what it said
-            self._call(partial(self._truncate, response, 0, announce=False))
+            self._engine.call(partial(self._truncate, response, 0, announce=False))
         else:
             raise RealtimeError(
                 "unsupported",
@@ -431,111 +352,39 @@ class RealtimeSession:
         ce.OutputAudioBufferClear: _output_clear,
     }
 
-    # -- turn-taking
+    # -- turn-taking (InputAudio calls these)
 
-    async def _configure_vad(self, old: TurnDetection | None = None) -> None:
-        new = self.config.turn_detection
-        if new is None:
-            self._vad, self._speaking = None, False
-        elif (
-            self._vad is None
-            or old is None
-            or (new.threshold, new.silence_duration_ms) != (old.threshold, old.silence_duration_ms)
-        ):
-            self._vad = await SpeechDetector.create(
-                new.threshold, new.silence_duration_ms, self._received
-            )
-            self._speaking = False
-
-    async def _push_audio(self, pcm: np.ndarray) -> None:
-        if self.closed or not len(pcm):
-            return
-        self._audio_seen = True
-        base = self._received
-        self._received += len(pcm)
-        if self._vad is None:
-            await self._buffer_audio(pcm)
-            return
-        done = 0
-        for vad_event in await self._vad.feed(pcm):
-            cut = min(max(vad_event.at - base, done), len(pcm))
-            await self._route(pcm[done:cut])
-            done = cut
-            await (self._speech_started if vad_event.kind == "start" else self._speech_stopped)(
-                vad_event
-            )
-        await self._route(pcm[done:])
-
-    async def _route(self, pcm: np.ndarray) -> None:
-        """VAD mode: speech goes to the engine as it comes; silence waits in the padding ring."""
-        if self._speaking:
-            await self._buffer_audio(pcm)
-        elif len(pcm):
-            keep = (
-                _samples(self.config.turn_detection.prefix_padding_ms) + 2 * 512
-                if self.config.turn_detection
-                else 0
-            )
-            self._ring = np.concatenate([self._ring, pcm])[-keep:] if keep else self._ring[:0]
-
-    async def _speech_started(self, vad_event: VadEvent) -> None:
+    async def speech_started(self, item_id: str, audio_start_ms: int) -> None:
         detection = self.config.turn_detection
-        assert detection is not None
-        self._speaking = True
-        self._speech_item = new_id("item")
-        start = max(vad_event.sample - _samples(detection.prefix_padding_ms), 0)
         await self.emit(
             {
                 "type": "input_audio_buffer.speech_started",
-                "audio_start_ms": _ms(start),
-                "item_id": self._speech_item,
+                "audio_start_ms": audio_start_ms,
+                "item_id": item_id,
             }
         )
-        if detection.interrupt_response:
+        if detection is not None and detection.interrupt_response:
             await self._interrupt("turn_detected")
         if self._idle_frame is not None:
-            self._add_input(TurnInput("frame", self._idle_frame))
+            self._engine.add(TurnInput("frame", self._idle_frame))
             self._idle_frame = None
-        ring_start = vad_event.at - len(self._ring)
-        head, self._ring = self._ring[max(start - ring_start, 0) :], self._ring[:0]
-        await self._buffer_audio(head)
 
-    async def _speech_stopped(self, vad_event: VadEvent) -> None:
+    async def speech_stopped(self, item_id: str, audio_end_ms: int) -> None:
         turn_end = time.monotonic()
-        self._speaking = False
         await self.emit(
             {
                 "type": "input_audio_buffer.speech_stopped",
-                "audio_end_ms": _ms(vad_event.sample),
-                "item_id": self._speech_item,
+                "audio_end_ms": audio_end_ms,
+                "item_id": item_id,
             }
         )
-        await self._commit(self._speech_item)
-        if self.config.turn_detection and self.config.turn_detection.create_response:
+        await self._commit(item_id)
+        detection = self.config.turn_detection
+        if detection is not None and detection.create_response:
             await self._create_response(None, turn_end=turn_end, queue=True)
 
-    async def _buffer_audio(self, pcm: np.ndarray) -> None:
-        """Uncommitted user audio: into the engine now (incremental prefill), within the cap."""
-        if not len(pcm):
-            return
-        cap = int(self.settings.max_buffered_audio_seconds * INPUT_SAMPLE_RATE)
-        if self._uncommitted + len(pcm) > cap:
-            if not self._buffer_full_reported:
-                self._buffer_full_reported = True
-                await self.emit_error(
-                    RealtimeError(
-                        "input_audio_buffer_full",
-                        f"over {self.settings.max_buffered_audio_seconds:g} s of uncommitted "
-                        "audio; commit or clear the buffer (audio beyond the limit is dropped)",
-                    )
-                )
-            return
-        self._uncommitted += len(pcm)
-        self._add_input(TurnInput("audio", pcm))
-
     async def _commit(self, item_id: str | None) -> None:
-        if self._vad is None:
-            await self._buffer_audio(self._decoder.flush())  # the resampler's last samples
+        await self._input.end_of_input()
         pending = self._engine.uncommitted()
         if not any(i.kind == "audio" for i in pending):
             raise RealtimeError(
@@ -547,8 +396,7 @@ class RealtimeSession:
         )
         for piece in pending:
             piece.item_id = item.id
-        self._uncommitted = 0
-        self._buffer_full_reported = False
+        self._input.committed()
         previous = self.conversation.add(item)
         await self.emit(
             {
@@ -588,7 +436,7 @@ class RealtimeSession:
         response = Response(plan, item, turn_end=turn_end)
         self._responses.append(response)
         self._last_response = response
-        self._engine.end_turn(partial(self._run_response, response, previous), self._event_id)
+        self._engine.end_turn(partial(self._run_response, response, previous))
 
     async def _run_response(self, response: Response, previous: str | None) -> None:
         try:
@@ -626,7 +474,7 @@ class RealtimeSession:
             heard = min(
                 played.audio_end_ms, response.item.audio_samples * 1000 // OUTPUT_SAMPLE_RATE
             )
-            self._call(partial(self._truncate, response, heard))
+            self._engine.call(partial(self._truncate, response, heard))
 
     async def _truncate(self, response: Response, audio_end_ms: int, announce: bool = True) -> None:
         """After the reply has ended: keep what the caller heard, in the engine and the item."""
@@ -648,9 +496,3 @@ class RealtimeSession:
                     "audio_end_ms": audio_end_ms,
                 }
             )
-
-    def _call(self, call: Callable[[], Awaitable[None]]) -> None:
-        self._engine.call(call, self._event_id)
-
-    def _add_input(self, piece: TurnInput) -> None:
-        self._engine.add(piece, self._event_id)

@@ -1,0 +1,179 @@
+"""The input audio buffer: user audio on its way into the engine, and server VAD over it.
+
+Audio arrives as wire bytes (WebSocket appends, decoded here) or as 16 kHz float32 (a WebRTC
+track). Without turn detection every sample is uncommitted input and streams straight into
+the engine. With server_vad, audio before speech waits in a short ring (for
+`prefix_padding_ms`); from the detected start the ring's tail and all further speech stream
+into the engine as they arrive (incremental prefill, not a prefill after the turn), and the
+VAD's stop is reported so the session can commit and answer at once.
+
+All positions are 16 kHz samples since the session began, so `audio_start_ms`/`audio_end_ms`
+count from the first audio the client sent, as OpenAI's do. Audio is processed strictly in
+arrival order even when two tasks push (a WebRTC track and data-channel events), since the
+VAD's state and the sample clock depend on it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Protocol
+
+import numpy as np
+
+from omni.engine.api import INPUT_SAMPLE_RATE
+from omni.session.audio_input import AudioDecoder, AudioFormat
+from omni.session.config import TurnDetection
+from omni.session.engine_queue import EngineQueue, TurnInput
+from omni.session.errors import RealtimeError, new_id
+from omni.session.vad import WINDOW, SpeechDetector, VadEvent
+
+
+def ms(samples: int) -> int:
+    return samples * 1000 // INPUT_SAMPLE_RATE
+
+
+def samples(ms: int) -> int:
+    return ms * INPUT_SAMPLE_RATE // 1000
+
+
+class SpeechListener(Protocol):
+    async def speech_started(self, item_id: str, audio_start_ms: int) -> None: ...
+
+    async def speech_stopped(self, item_id: str, audio_end_ms: int) -> None: ...
+
+
+class InputAudio:
+    def __init__(
+        self,
+        engine: EngineQueue,
+        fmt: AudioFormat,
+        max_seconds: float,
+        listener: SpeechListener,
+        on_error: Callable[[RealtimeError], Awaitable[None]],
+    ) -> None:
+        self.engine = engine
+        self.listener = listener
+        self.on_error = on_error
+        self.max_seconds = max_seconds
+        self.decoder = AudioDecoder(fmt)
+        self.detection: TurnDetection | None = None
+        self.speaking = False
+        self.speech_item: str | None = None
+        self.received = 0  # samples so far: the clock of every position
+        self._vad: SpeechDetector | None = None
+        self._ring = np.zeros(0, np.float32)  # latest audio before speech (prefix padding)
+        self._uncommitted = 0  # samples of audio in the buffer
+        self._full_reported = False
+        self._lock = asyncio.Lock()  # one push at a time: the VAD runs in a thread
+
+    async def configure(self, detection: TurnDetection | None) -> None:
+        """Turn detection changed: a new detector when its own parameters did."""
+        async with self._lock:
+            old, self.detection = self.detection, detection
+            if detection is None:
+                self._vad, self.speaking = None, False
+                return
+            same = old is not None and (old.threshold, old.silence_duration_ms) == (
+                detection.threshold,
+                detection.silence_duration_ms,
+            )
+            if self._vad is None or not same:
+                self._vad = await SpeechDetector.create(
+                    detection.threshold, detection.silence_duration_ms, self.received
+                )
+                self.speaking = False
+
+    async def set_format(self, fmt: AudioFormat) -> None:
+        if fmt != self.decoder.format:
+            await self.push(self.decoder.flush())
+            self.decoder = AudioDecoder(fmt)
+
+    async def append(self, data: bytes) -> None:
+        """Wire bytes in the session's input format."""
+        await self.push(self.decoder.decode(data, "audio"))
+
+    async def push(self, pcm: np.ndarray) -> None:
+        """float32 16 kHz audio."""
+        if len(pcm):
+            async with self._lock:
+                await self._push(pcm)
+
+    async def _push(self, pcm: np.ndarray) -> None:
+        base = self.received
+        self.received += len(pcm)
+        if self._vad is None:
+            await self._buffer(pcm)
+            return
+        done = 0
+        for event in await self._vad.feed(pcm):
+            cut = min(max(event.at - base, done), len(pcm))
+            await self._route(pcm[done:cut])
+            done = cut
+            await (self._started if event.kind == "start" else self._stopped)(event)
+        await self._route(pcm[done:])
+
+    async def end_of_input(self) -> None:
+        """Before a manual commit: the resampler's last samples belong to this turn."""
+        if self._vad is None:
+            await self._buffer(self.decoder.flush())
+
+    def stop_speech(self) -> str | None:
+        """The client commits or clears mid-speech: forget it; returns its item id if any."""
+        if not self.speaking:
+            return None
+        assert self._vad is not None
+        self._vad.reset()
+        self.speaking = False
+        return self.speech_item
+
+    def committed(self) -> None:
+        self._uncommitted = 0
+        self._full_reported = False
+
+    def clear(self) -> None:
+        """Drop what is not in the engine yet (the engine's side is the session's to undo)."""
+        self.decoder.flush()
+        self.stop_speech()
+        self._ring = self._ring[:0]
+        self.committed()
+
+    async def _route(self, pcm: np.ndarray) -> None:
+        if self.speaking:
+            await self._buffer(pcm)
+        elif len(pcm) and self.detection is not None:
+            keep = samples(self.detection.prefix_padding_ms) + 2 * WINDOW
+            self._ring = np.concatenate([self._ring, pcm])[-keep:]
+
+    async def _started(self, event: VadEvent) -> None:
+        assert self.detection is not None
+        self.speaking = True
+        self.speech_item = new_id("item")
+        start = max(event.sample - samples(self.detection.prefix_padding_ms), 0)
+        await self.listener.speech_started(self.speech_item, ms(start))
+        ring_start = event.at - len(self._ring)  # the ring ends where the VAD decided
+        head, self._ring = self._ring[max(start - ring_start, 0) :], self._ring[:0]
+        await self._buffer(head)
+
+    async def _stopped(self, event: VadEvent) -> None:
+        self.speaking = False
+        assert self.speech_item is not None
+        await self.listener.speech_stopped(self.speech_item, ms(event.sample))
+
+    async def _buffer(self, pcm: np.ndarray) -> None:
+        """Uncommitted audio into the engine now, within the cap (beyond it, dropped)."""
+        if not len(pcm):
+            return
+        if self._uncommitted + len(pcm) > self.max_seconds * INPUT_SAMPLE_RATE:
+            if not self._full_reported:
+                self._full_reported = True
+                await self.on_error(
+                    RealtimeError(
+                        "input_audio_buffer_full",
+                        f"over {self.max_seconds:g} s of uncommitted audio; commit or clear "
+                        "the buffer (audio beyond the limit is dropped)",
+                    )
+                )
+            return
+        self._uncommitted += len(pcm)
+        self.engine.add(TurnInput("audio", pcm))
