@@ -150,9 +150,9 @@ class OmniEngine:
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(self._ready[name].wait(), 0.2)
             self._last_beat[name] = time.monotonic()
+        self.ready = True
         for session_id, session in self._sessions.items():
             self._send("thinker", p.OpenSession(session_id, session.options.instructions))
-        self.ready = True
 
     def _kill_workers(self) -> None:
         for proc in self._procs.values():
@@ -166,16 +166,24 @@ class OmniEngine:
             await asyncio.sleep(0.25)
             if not self.ready:
                 continue
-            now = time.monotonic()
-            for name, proc in self._procs.items():
-                if not proc.is_alive():
-                    await self._restart(f"the {name} worker died (exit code {proc.exitcode})")
-                    break
-                if now - self._last_beat.get(name, now) > self.config.heartbeat_timeout_s:
-                    await self._restart(
-                        f"the {name} worker stopped responding for {self.config.heartbeat_timeout_s:.0f} s"
-                    )
-                    break
+            reason = self._failure()
+            while reason is not None:
+                try:
+                    await self._restart(reason)
+                    reason = None
+                except Exception as exc:  # keep trying: a restart can fail (e.g. GPU busy)
+                    log.exception("restarting the workers failed")
+                    reason = f"restarting the workers failed: {exc}"
+                    await asyncio.sleep(5)
+
+    def _failure(self) -> str | None:
+        now = time.monotonic()
+        for name, proc in self._procs.items():
+            if not proc.is_alive():
+                return f"the {name} worker died (exit code {proc.exitcode})"
+            if now - self._last_beat.get(name, now) > self.config.heartbeat_timeout_s:
+                return f"the {name} worker stopped responding for {self.config.heartbeat_timeout_s:.0f} s"
+        return None
 
     async def _restart(self, reason: str) -> None:
         async with self._restart_lock:
@@ -189,7 +197,8 @@ class OmniEngine:
                 if not future.done():
                     future.set_exception(EngineError(lost))
             for session in self._sessions.values():
-                session.errors.append(lost)
+                if session.reply is None:  # a reply in flight reports it itself
+                    session.errors.append(lost)
             self._kill_workers()
             await self._start_workers()
 
@@ -254,8 +263,6 @@ class OmniEngine:
         session = self._session(session_id)
         if session.reply is not None:
             raise EngineError("a reply is already in progress in this session")
-        if session.errors:
-            raise EngineError(session.errors.pop(0))
         reply_id = uuid.uuid4().hex
         state = self._replies[reply_id] = _Reply(session_id)
         session.reply = reply_id
@@ -343,6 +350,21 @@ class OmniEngine:
         yield ReplyDone(
             status, text, text_tokens, audio_samples, timings, input_tokens, error, token_ids, codes
         )
+
+    def pop_errors(self, session_id: str) -> list[str]:
+        """Problems found after a call returned (input the thinker could not use, a worker
+        restart that lost the conversation), oldest first."""
+        session = self._sessions.get(session_id)
+        if session is None:
+            return []
+        errors, session.errors = session.errors, []
+        return errors
+
+    def inject_fault(self, worker: str, kind: str, after_steps: int = 0) -> None:
+        """Tests only (EngineConfig.allow_faults): make a worker crash or hang mid-work."""
+        if not self.config.allow_faults:
+            raise EngineError("fault injection is disabled")
+        self._send(worker, p.InjectFault(kind, after_steps))
 
     # -- plumbing -------------------------------------------------------------------------
 
