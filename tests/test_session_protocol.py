@@ -126,6 +126,10 @@ def test_beta_flat_fields_and_qwen_dialect() -> None:
     new = config().updated(openai_beta)
     assert new.input_format.rate == 24000 and new.audio_out
     assert new.to_wire("beta", "s", 0)["input_audio_format"] == "pcm16"
+    newer = config().updated(
+        SessionIn.model_validate({"input_audio_format": "pcm", "output_audio_format": "pcm"})
+    )
+    assert newer.qwen and newer.input_format.rate == 16000 and newer.output_format.rate == 24000
     qwen = SessionIn.model_validate({"input_audio_format": "pcm16", "output_audio_format": "pcm24"})
     new = config().updated(qwen)
     assert new.qwen and new.input_format.rate == 16000  # Qwen's "pcm16" means 16 kHz

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 
 from fastapi import WebSocket
 from starlette.websockets import WebSocketDisconnect, WebSocketState
@@ -24,8 +23,6 @@ from omni.gateway.state import Gateway, openai_error
 from omni.session.errors import RealtimeError
 from omni.session.outputs import AudioOut, Closed
 from omni.session.session import RealtimeSession
-
-log = logging.getLogger(__name__)
 
 TRY_AGAIN_LATER = 1013
 INTERNAL_ERROR = 1011
@@ -86,12 +83,12 @@ async def realtime_endpoint(websocket: WebSocket) -> None:
             await _pump(websocket, session)
         finally:
             gateway.sessions.discard(session)
-            await session.close("client_closed")
     finally:
         gateway.release_slot()
 
 
 async def _pump(websocket: WebSocket, session: RealtimeSession) -> None:
+    """Read client messages into the session until either side ends it."""
     writer = asyncio.create_task(_write(websocket, session))
     try:
         while not writer.done():

@@ -68,12 +68,11 @@ def parse_ga_format(spec: dict[str, Any], param: str) -> AudioFormat:
     )
 
 
-def parse_beta_format(name: str, param: str, *, qwen: bool) -> AudioFormat:
-    """Beta names. "pcm16" is 24 kHz for OpenAI but 16 kHz in Qwen-Omni-Realtime's dialect."""
-    if name == "pcm16":
-        return AudioFormat("pcm16", INPUT_SAMPLE_RATE if qwen else OUTPUT_SAMPLE_RATE, name)
-    if name == "pcm":  # Qwen's newer spelling: 16 kHz in
-        return AudioFormat("pcm16", INPUT_SAMPLE_RATE, name)
+def parse_beta_format(name: str, param: str, *, qwen_input: bool = False) -> AudioFormat:
+    """Beta names. "pcm16" is 24 kHz for OpenAI; Qwen-Omni-Realtime takes 16 kHz in (its old
+    name "pcm16", its new "pcm") and gives 24 kHz out ("pcm24", or "pcm" again)."""
+    if name in ("pcm16", "pcm"):
+        return AudioFormat("pcm16", INPUT_SAMPLE_RATE if qwen_input else OUTPUT_SAMPLE_RATE, name)
     if name == "pcm24":
         return AudioFormat("pcm16", OUTPUT_SAMPLE_RATE, name)
     if name in ("g711_ulaw", "g711_alaw"):

@@ -152,12 +152,10 @@ class SessionConfig:
         new["qwen"] = qwen
         if s.input_audio_format:
             new["input_format"] = parse_beta_format(
-                s.input_audio_format, f"{param}.input_audio_format", qwen=qwen
+                s.input_audio_format, f"{param}.input_audio_format", qwen_input=qwen
             )
         if s.output_audio_format:
-            fmt = parse_beta_format(
-                s.output_audio_format, f"{param}.output_audio_format", qwen=False
-            )
+            fmt = parse_beta_format(s.output_audio_format, f"{param}.output_audio_format")
             check_output_format(fmt, f"{param}.output_audio_format")
             new["output_format"] = fmt
         if "turn_detection" in sent:

@@ -7,8 +7,8 @@
 
 Once cancelled, nothing more reaches the client (not even deltas the engine still yields
 before it stops), so a client that stopped playback on `speech_started` hears no stray audio.
-The item's transcript is exactly the text that was sent, and `text_for_tokens` maps the
-engine's kept-token count after a truncation back to that text.
+The item's transcript is the text that was sent; after a cancel or a truncation it is cut to
+what the engine kept (`text_for_tokens` maps the engine's kept-token count back to text).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from omni.engine.api import (
@@ -29,7 +29,7 @@ from omni.engine.api import (
     ReplyOptions,
     TextDelta,
 )
-from omni.session.audio_input import parse_ga_format
+from omni.session.audio_input import parse_beta_format, parse_ga_format
 from omni.session.client_events import ResponseIn
 from omni.session.config import (
     Modality,
@@ -46,8 +46,6 @@ from omni.session.outputs import AudioOut
 log = logging.getLogger(__name__)
 
 Emit = Callable[[dict[str, Any]], Awaitable[None]]
-
-
 EmitAudio = Callable[[AudioOut], Awaitable[None]]
 
 
@@ -104,6 +102,9 @@ class ReplyPlan:
                 )
             if r.audio.output.voice:
                 voice, param = r.audio.output.voice, "response.audio.output.voice"
+        if r.output_audio_format:
+            fmt_param = "response.output_audio_format"
+            check_output_format(parse_beta_format(r.output_audio_format, fmt_param), fmt_param)
         if voice:
             new["voice"] = normalize_voice(voice, param)
         for field in ("max_output_tokens", "max_response_output_tokens"):
@@ -111,7 +112,7 @@ class ReplyPlan:
                 new["max_output_tokens"] = max_tokens(getattr(r, field))
         if r.metadata:
             new["metadata"] = dict(r.metadata)
-        return cls(**{**plan.__dict__, **new})
+        return replace(plan, **new)
 
     @property
     def audio_out(self) -> bool:
@@ -165,11 +166,14 @@ class Response:
 
     # -- the event sequence
 
-    def _ref(self, content: bool = True) -> dict[str, Any]:
-        ref: dict[str, Any] = {"response_id": self.id, "item_id": self.item.id, "output_index": 0}
-        if content:
-            ref["content_index"] = 0
-        return ref
+    def _ref(self) -> dict[str, Any]:
+        """Where a content event points: this response's only item and content part."""
+        return {
+            "response_id": self.id,
+            "item_id": self.item.id,
+            "output_index": 0,
+            "content_index": 0,
+        }
 
     def _part(self) -> dict[str, Any]:
         return (
@@ -192,7 +196,10 @@ class Response:
             "output": [self.item.to_wire()] if self.done else [],
             "output_modalities": list(self.plan.modalities),
             "audio": {
-                "output": {"format": {"type": "audio/pcm", "rate": 24000}, "voice": self.plan.voice}
+                "output": {
+                    "format": {"type": "audio/pcm", "rate": OUTPUT_SAMPLE_RATE},
+                    "voice": self.plan.voice,
+                }
             },
             "max_output_tokens": self.plan.max_output_tokens or "inf",
             "metadata": self.plan.metadata or None,
@@ -263,10 +270,11 @@ class Response:
 
         done = await self._stream(engine, session_id, emit, emit_audio)
         self.result = done
-        self.status = done.status
-        self.item.status = "completed" if done.status == "completed" else "incomplete"
+        # a reply that ended before the cancel landed still had its tail withheld: cancelled
+        self.status = "cancelled" if self.cancel_reason and done.status != "failed" else done.status
+        self.item.status = "completed" if self.status == "completed" else "incomplete"
         self.item.content = [self._content()]
-        if done.status == "cancelled" and self.plan.audio_out and self._engine_asked:
+        if self.status == "cancelled" and self.plan.audio_out and self._engine_asked:
             # the thinker runs ahead of the voice: keep in the model's memory (and in the
             # item) only the words whose audio was sent; a client truncate can cut further
             audio_ms = self.item.audio_samples * 1000 // OUTPUT_SAMPLE_RATE

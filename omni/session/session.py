@@ -440,10 +440,10 @@ class RealtimeSession:
 
     async def _run_response(self, response: Response, previous: str | None) -> None:
         try:
-            done = await response.run(self.engine, self.id, previous, self.emit, self._emit_audio)
+            await response.run(self.engine, self.id, previous, self.emit, self._emit_audio)
         finally:
             self._responses.remove(response)
-        self.metrics.responses.labels(done.status).inc()
+        self.metrics.responses.labels(response.status).inc()
         for stage, ms in response.timings_ms().items():
             self.metrics.observe_stage_ms(stage.removesuffix("_ms"), ms)
 
