@@ -1,5 +1,6 @@
-"""Clients in other shapes: the OpenAI beta protocol, and Qwen-Omni-Realtime's dialect
-(beta names, 16 kHz "pcm16" in, "pcm24" out, camera frames by input_image_buffer.append)."""
+"""Clients in other shapes: the OpenAI beta protocol, Qwen-Omni-Realtime's dialect (beta
+names, 16 kHz "pcm16" in, "pcm24" out, camera frames by input_image_buffer.append), and
+G.711 telephony audio."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import base64
 from typing import Any
 
 import numpy as np
+import pytest
 import websockets
 from fake_engine import FakeEngine
 from realtime_helpers import (
@@ -21,7 +23,10 @@ from realtime_helpers import (
     speech,
 )
 
+from omni.engine.resample import alaw_encode, ulaw_encode
+
 pytest_plugins = ["gateway_fixtures"]  # server, start_server, engine_factory
+QUESTION = "What is the capital of France?"
 
 
 async def test_openai_beta_header_gets_beta_events(server: Any) -> None:
@@ -109,3 +114,37 @@ async def test_qwen_omni_realtime_client(server: Any) -> None:
         options = conversation.replies[0]
         assert (options.voice, options.seed, options.max_text_tokens) == ("Ethan", 1314, 512)
         assert np.isclose(turn.audio_samples, len(audio) / 2, atol=16000)
+
+
+@pytest.mark.parametrize("law", ["pcmu", "pcma"])
+async def test_g711_telephony_audio(server: Any, law: str) -> None:
+    encode = ulaw_encode if law == "pcmu" else alaw_encode
+    async with server.ws() as ws:
+        await recv_until(ws, "session.created")
+        await send_event(
+            ws,
+            {
+                "type": "session.update",
+                "session": {
+                    "type": "realtime",
+                    "audio": {"input": {"format": {"type": f"audio/{law}"}}},
+                },
+            },
+        )
+        session = (await recv_until(ws, "session.updated"))[-1]["session"]
+        assert session["audio"]["input"]["format"] == {"type": f"audio/{law}"}
+        pcm = np.frombuffer(
+            silence(300, 8000) + speech(QUESTION, 8000) + silence(1200, 8000), "<i2"
+        )
+        for start in range(0, len(pcm), 800):  # 100 ms of 8 kHz G.711: 800 bytes
+            await send_event(
+                ws,
+                {
+                    "type": "input_audio_buffer.append",
+                    "audio": b64(encode(pcm[start : start + 800])),
+                },
+            )
+        events = await recv_until(ws, "response.done")
+    kinds = [e["type"] for e in events]
+    assert "error" not in kinds and kinds.count("input_audio_buffer.speech_started") == 1
+    assert events[-1]["response"]["status"] == "completed"

@@ -118,23 +118,23 @@ class InputAudio:
         if self._vad is None:
             await self._buffer(self.decoder.flush())
 
-    def stop_speech(self) -> str | None:
+    async def stop_speech(self) -> str | None:
         """The client commits or clears mid-speech: forget it; returns its item id if any."""
-        if not self.speaking:
-            return None
-        assert self._vad is not None
-        self._vad.reset()
-        self.speaking = False
-        return self.speech_item
+        async with self._lock:
+            if not self.speaking or self._vad is None:
+                return None
+            self._vad.reset()
+            self.speaking = False
+            return self.speech_item
 
     def committed(self) -> None:
         self._uncommitted = 0
         self._full_reported = False
 
-    def clear(self) -> None:
+    async def clear(self) -> None:
         """Drop what is not in the engine yet (the engine's side is the session's to undo)."""
+        await self.stop_speech()
         self.decoder.flush()
-        self.stop_speech()
         self._ring = self._ring[:0]
         self.committed()
 

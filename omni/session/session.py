@@ -237,10 +237,10 @@ class RealtimeSession:
         await self._input.append(b64decode(event.audio, "audio"))
 
     async def _commit_buffer(self, event: ce.InputAudioBufferCommit) -> None:
-        await self._commit(self._input.stop_speech())
+        await self._commit(await self._input.stop_speech())
 
     async def _clear_buffer(self, event: ce.InputAudioBufferClear) -> None:
-        self._input.clear()
+        await self._input.clear()
         if self._engine.uncommitted():
             self._engine.rebuild([i for i in self._engine.turn if i.item_id is not None])
         await self.emit({"type": "input_audio_buffer.cleared"})
