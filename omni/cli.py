@@ -72,7 +72,49 @@ def add_models_commands(commands: Subparsers) -> None:
     fetch.set_defaults(run=_models_fetch)
 
 
-COMMAND_GROUPS: tuple[Callable[[Subparsers], None], ...] = (add_models_commands,)
+def _serve(args: argparse.Namespace) -> int:
+    from omni.engine.engine import EngineConfig, default_devices, running_engine
+    from omni.gateway.serve import run_server
+    from omni.settings import Settings
+
+    overrides = {k: v for k, v in (("host", args.host), ("port", args.port), ("model", args.model)) if v is not None}
+    settings = Settings(**overrides)
+    resolved = resolve_model(settings.model)
+    thinker_device, talker_device = default_devices()
+    if args.device != "auto":
+        thinker_device = talker_device = args.device
+    if args.talker_device:
+        talker_device = args.talker_device
+    config = EngineConfig(
+        model_path=str(resolved.path),
+        thinker_device=thinker_device,
+        talker_device=talker_device,
+        dtype=args.dtype,
+        max_codec_tokens=resolved.max_codec_tokens,
+    )
+    logging.getLogger("omni").info(
+        "model %s (%s); thinker on %s, talker on %s", resolved.name, resolved.path, thinker_device, talker_device
+    )
+    run_server(settings, lambda: running_engine(config))
+    return 0
+
+
+def add_serve_commands(commands: Subparsers) -> None:
+    serve = commands.add_parser("serve", help="run the service (HTTP, WebSocket and WebRTC)")
+    serve.add_argument("--model", help="preset, checkpoint directory, hub id or 'auto' (default)")
+    serve.add_argument("--host", help="address to bind (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port (default 8000)")
+    serve.add_argument(
+        "--device", default="auto", help="torch device for both workers: auto, cpu, cuda, cuda:N"
+    )
+    serve.add_argument("--talker-device", help="a separate device for the talker (e.g. cuda:1)")
+    serve.add_argument(
+        "--dtype", default="auto", help="auto (bfloat16 on GPU, float32 on CPU), bfloat16, float16, float32"
+    )
+    serve.set_defaults(run=_serve)
+
+
+COMMAND_GROUPS: tuple[Callable[[Subparsers], None], ...] = (add_models_commands, add_serve_commands)
 
 
 def build_parser() -> argparse.ArgumentParser:

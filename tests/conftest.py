@@ -2,9 +2,21 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+
+# The tests run the model in this process (the reference) beside the engine's two worker
+# processes on a 2-core machine: one torch thread each keeps OpenMP threads from spinning
+# against each other (which made small ops 100x slower).
+os.environ.setdefault("OMNI_CPU_THREADS", "1")
+try:
+    import torch
+
+    torch.set_num_threads(1)
+except ImportError:  # pragma: no cover - torch is a dependency
+    pass
 
 
 @pytest.fixture(scope="session")

@@ -115,6 +115,8 @@ class OmniEngine:
 
     async def stop(self) -> None:
         self.ready = False
+        if not self._tasks:
+            return
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -410,6 +412,26 @@ class OmniEngine:
                         session = self._sessions.get(msg.session or "")
                         if session is not None:
                             session.errors.append(msg.message)
+
+
+@contextlib.asynccontextmanager
+async def running_engine(config: EngineConfig) -> AsyncIterator[OmniEngine]:
+    """Start the workers (loading the model), yield the engine, stop them on exit."""
+    engine = OmniEngine(config)
+    try:
+        await engine.start()
+        yield engine
+    finally:
+        await engine.stop()
+
+
+def default_devices() -> tuple[str, str]:
+    """(thinker, talker) devices: the first two GPUs when there are two, else one, else CPU."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return "cpu", "cpu"
+    return "cuda:0", "cuda:1" if torch.cuda.device_count() > 1 else "cuda:0"
 
 
 def _rgb(rgb: np.ndarray) -> np.ndarray:
