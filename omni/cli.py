@@ -114,7 +114,19 @@ def add_serve_commands(commands: Subparsers) -> None:
     serve.set_defaults(run=_serve)
 
 
-COMMAND_GROUPS: tuple[Callable[[Subparsers], None], ...] = (add_models_commands, add_serve_commands)
+def add_bench_commands(commands: Subparsers) -> None:
+    from omni.bench.engine import add_engine_command
+
+    bench = commands.add_parser("bench", help="benchmarks (print a table, optionally write JSON)")
+    actions = bench.add_subparsers(dest="action", required=True, metavar="BENCHMARK")
+    add_engine_command(actions)
+
+
+COMMAND_GROUPS: tuple[Callable[[Subparsers], None], ...] = (
+    add_models_commands,
+    add_serve_commands,
+    add_bench_commands,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,173 @@
+"""`omni bench engine`: the streaming engine against transformers' generate(), in one run.
+
+The same turn (a text question) goes through the streaming engine (both worker processes)
+and through `Qwen2_5OmniForConditionalGeneration.generate()`, greedy, with the reply held to
+the same length on both paths (the end tokens are suppressed until N tokens, and N is also
+the cap). For each path: time to the first text token, to the first audio sample, in total,
+and the real-time factor (compute time / speech duration); and whether the streamed tokens
+equal the reference's. The engine runs first and is stopped before the reference loads, so
+the two never compete for the CPU or GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from omni.bench.reference import ReferenceConversation
+from omni.checkpoints.loader import resolve_model
+from omni.engine.api import SAMPLES_PER_CODE, ReplyDone, ReplyOptions, SessionOptions
+from omni.engine.engine import EngineConfig, default_devices, running_engine
+
+log = logging.getLogger(__name__)
+
+PROMPT = "Please tell me, in a few sentences, what a good morning routine looks like."
+WARMUP = dict(max_text_tokens=4, max_codec_tokens=24)
+
+
+@dataclass
+class PathResult:
+    first_text_ms: float
+    first_audio_ms: float
+    total_ms: float
+    rtf: float
+
+
+@dataclass
+class EngineBench:
+    model: str
+    text_tokens: int
+    codec_tokens: int
+    speech_seconds: float
+    streaming: PathResult
+    reference: PathResult
+    matches_reference: bool
+
+    def as_json(self) -> dict:
+        return asdict(self)
+
+
+async def _streaming(config: EngineConfig, text_tokens: int, codec_tokens: int) -> tuple[PathResult, ReplyDone]:
+    async with running_engine(config) as engine:
+        await engine.open_session("bench", SessionOptions())
+        for options in (
+            ReplyOptions(greedy=True, **WARMUP),
+            ReplyOptions(
+                greedy=True,
+                max_text_tokens=text_tokens,
+                min_text_tokens=text_tokens,
+                max_codec_tokens=codec_tokens,
+                min_codec_tokens=codec_tokens,
+            ),
+        ):
+            # a fresh conversation for the measured turn, like the reference's
+            await engine.close_session("bench")
+            await engine.open_session("bench", SessionOptions())
+            await engine.add_text("bench", PROMPT)
+            done = None
+            async for event in engine.respond("bench", options):
+                if isinstance(event, ReplyDone):
+                    done = event
+        assert done is not None
+    if done.status != "completed":
+        raise RuntimeError(f"the streaming reply {done.status}: {done.error}")
+    t = done.timings
+    speech_ms = done.audio_samples / 24
+    result = PathResult(t.first_text_ms or 0.0, t.first_audio_ms or 0.0, t.total_ms or 0.0, (t.total_ms or 0.0) / speech_ms)
+    return result, done
+
+
+def _reference(path: Path, device: str, text_tokens: int, codec_tokens: int):
+    from transformers import Qwen2_5OmniForConditionalGeneration
+
+    from omni.checkpoints.processor import load_processor
+
+    model = Qwen2_5OmniForConditionalGeneration.from_pretrained(
+        path, dtype=torch.bfloat16 if device.startswith("cuda") else torch.float32, device_map=device
+    ).eval()
+    processor = load_processor(path)
+    for warm, lengths in ((True, WARMUP), (False, None)):
+        conv = ReferenceConversation(model, processor)
+        conv.user_turn(text=PROMPT)
+        if warm:
+            conv.generate(**lengths)
+            continue
+        reply = conv.generate(
+            max_text_tokens=text_tokens,
+            min_text_tokens=text_tokens,
+            max_codec_tokens=codec_tokens,
+            min_codec_tokens=codec_tokens,
+        )
+    speech_ms = len(reply.codes) * SAMPLES_PER_CODE / 24
+    # generate() returns audio only when everything is done: first audio = total
+    result = PathResult(reply.first_text_ms, reply.total_ms, reply.total_ms, reply.total_ms / speech_ms)
+    return result, reply
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.threads:
+        os.environ["OMNI_CPU_THREADS"] = str(args.threads)
+    torch.set_num_threads(int(os.environ.get("OMNI_CPU_THREADS", "1")))
+    torch.set_grad_enabled(False)
+    resolved = resolve_model(args.model)
+    thinker_device, talker_device = default_devices()
+    if args.device != "auto":
+        thinker_device = talker_device = args.device
+    config = EngineConfig(
+        model_path=str(resolved.path),
+        thinker_device=thinker_device,
+        talker_device=talker_device,
+        max_codec_tokens=args.codec_tokens,
+        start_timeout_s=1800,
+        heartbeat_timeout_s=600,  # real-size shapes on a CPU take long steps
+    )
+    text_tokens = args.text_tokens or max(1, args.codec_tokens // 5)
+    print(f"model {resolved.name}: {text_tokens} text tokens, {args.codec_tokens} codec tokens "
+          f"({args.codec_tokens * SAMPLES_PER_CODE / 24000:.2f} s of speech), greedy")
+    streaming, done = asyncio.run(_streaming(config, text_tokens, args.codec_tokens))
+    reference, reply = _reference(resolved.path, thinker_device, text_tokens, args.codec_tokens)
+    matches = done.text_token_ids == reply.text_ids and done.codec_tokens == reply.codes
+    bench = EngineBench(
+        model=resolved.name,
+        text_tokens=text_tokens,
+        codec_tokens=args.codec_tokens,
+        speech_seconds=args.codec_tokens * SAMPLES_PER_CODE / 24000,
+        streaming=streaming,
+        reference=reference,
+        matches_reference=matches,
+    )
+    print(table(bench))
+    if args.json:
+        Path(args.json).write_text(json.dumps(bench.as_json(), indent=2))
+        print(f"wrote {args.json}")
+    return 0 if matches else 1
+
+
+def table(bench: EngineBench) -> str:
+    rows = [("path", "first text ms", "first audio ms", "total ms", "RTF")]
+    for name in ("streaming", "reference"):
+        r: PathResult = getattr(bench, name)
+        rows.append((name, f"{r.first_text_ms:.0f}", f"{r.first_audio_ms:.0f}", f"{r.total_ms:.0f}", f"{r.rtf:.2f}"))
+    widths = [max(len(row[i]) for row in rows) for i in range(5)]
+    lines = ["  ".join(cell.rjust(w) if i else cell.ljust(w) for i, (cell, w) in enumerate(zip(row, widths))) for row in rows]
+    speedup = bench.reference.first_audio_ms / max(bench.streaming.first_audio_ms, 1e-9)
+    lines.append(f"first audio {speedup:.1f}x sooner; matches_reference: {bench.matches_reference}")
+    return "\n".join(lines)
+
+
+def add_engine_command(actions: argparse._SubParsersAction) -> None:
+    bench = actions.add_parser("engine", help="streaming engine vs transformers generate(), same turn")
+    bench.add_argument("--model", default="tiny", help="preset, checkpoint directory or hub id (default: tiny)")
+    bench.add_argument("--codec-tokens", type=int, default=500, help="reply length in codec tokens (500 = 10 s)")
+    bench.add_argument("--text-tokens", type=int, help="reply length in text tokens (default: codec tokens / 5)")
+    bench.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    bench.add_argument("--threads", type=int, help="torch threads per process on CPU (default 1)")
+    bench.add_argument("--json", help="also write the results to this JSON file")
+    bench.set_defaults(run=run)
