@@ -290,3 +290,19 @@ async def test_hanging_up_mid_reply_releases_everything(server: Any) -> None:
         (session_id,) = server.engine.sessions
         assert session_id in server.engine.closed and ("cancel", session_id) in server.engine.calls
         assert server.engine.violations == []
+
+
+async def test_client_secrets_refuse_bad_bodies(server: Any) -> None:
+    url = f"http://127.0.0.1:{server.port}/v1/realtime/client_secrets"
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    async with httpx.AsyncClient() as http:
+        for body, param in [
+            (b"{not json", None),
+            (b'{"expires_after": {"anchor": "created_at", "seconds": 5}}', "expires_after.seconds"),
+            (b'{"expires_after": 3}', "expires_after"),
+        ]:
+            reply = await http.post(url, content=body, headers=headers)
+            assert reply.status_code == 400 and reply.json()["error"]["param"] == param, reply.text
+        default = await http.post(url, headers=headers)
+    assert default.status_code == 200
+    assert default.json()["session"]["type"] == "realtime"

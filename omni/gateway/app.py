@@ -1,9 +1,10 @@
 """The HTTP/WebSocket app: /healthz, /metrics, /v1/realtime, /v1/realtime/client_secrets.
 
-FastAPI on Starlette, served by uvicorn with the `websockets` protocol implementation: the
-most used and best kept ASGI stack, with first-class WebSockets (including the denial-response
-extension, so a bad key gets a plain HTTP 401 before any upgrade), request-body validation
-for the small HTTP API, and no framework code in the session logic, which stays transport-free.
+FastAPI on Starlette, served by uvicorn (its websockets-sansio protocol): the most used and
+best kept ASGI stack, with first-class WebSockets, including the denial-response extension so
+a bad key gets a plain HTTP 401 before any upgrade. Request bodies are checked with the same
+pydantic models the WebSocket events use, and errors come back in OpenAI's `{"error": ...}`
+shape. No framework code reaches the session logic, which stays transport-free.
 
 The engine is either given ready-made (`create_app(settings, engine)`) or built by an
 `engine_factory` (an async context manager) that the app enters at startup in the
@@ -15,19 +16,32 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Literal
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, Field, ValidationError
 
 from omni.engine.api import Engine
 from omni.gateway import realtime_ws
 from omni.gateway.auth import bearer_token
 from omni.gateway.state import EngineFactory, Gateway, openai_error
-from omni.session.client_events import SessionIn
+from omni.session.client_events import SessionIn, validation_error
 from omni.session.config import SessionConfig
 from omni.session.errors import RealtimeError, new_id
 from omni.settings import Settings
+
+
+class ExpiresAfter(BaseModel):
+    anchor: Literal["created_at"] = "created_at"
+    seconds: int = Field(ge=10, le=7200)
+
+
+class ClientSecretRequest(BaseModel):
+    """POST /v1/realtime/client_secrets, as OpenAI takes it."""
+
+    expires_after: ExpiresAfter | None = None
+    session: SessionIn | None = None
 
 
 def create_app(
@@ -76,27 +90,18 @@ def create_app(
                 401, "invalid_api_key", "a valid API key is required (client secrets cannot mint)"
             )
         try:
-            body: dict[str, Any] = await request.json() if await request.body() else {}
-        except ValueError:
-            return openai_error(400, "invalid_json", "the body is not valid JSON")
-        if not isinstance(body, dict):
-            return openai_error(400, "invalid_value", "the body must be a JSON object")
-        ttl = (body.get("expires_after") or {}).get("seconds", settings.client_secret_ttl_seconds)
-        if not isinstance(ttl, int) or not 10 <= ttl <= 7200:
-            return openai_error(
-                400,
-                "invalid_value",
-                "expires_after.seconds must be 10..7200",
-                "expires_after.seconds",
-            )
-        try:
-            session = SessionIn.model_validate(body.get("session") or {})
-            # a session.update's checks: a secret never carries a config that fails later
+            body = ClientSecretRequest.model_validate_json(await request.body() or b"{}")
+            session = body.session or SessionIn.model_validate({})
+            # a session.update's checks, so a secret never carries a config that fails later
             config = SessionConfig.from_settings(settings).updated(session)
+        except ValidationError as exc:
+            error = validation_error(exc, "client_secrets")
+            return openai_error(400, error.code, error.message, error.param)
         except RealtimeError as exc:
             return openai_error(400, exc.code, exc.message, exc.param)
-        except ValueError as exc:
-            return openai_error(400, "invalid_value", f"session: {exc}", "session")
+        ttl = (
+            body.expires_after.seconds if body.expires_after else settings.client_secret_ttl_seconds
+        )
         secret = gateway.keys.mint(ttl, session)
         return JSONResponse(
             {

@@ -239,16 +239,18 @@ def parse_client_event(raw: object) -> ClientEvent:
     try:
         return _adapter.validate_python(raw)
     except ValidationError as exc:
-        first = exc.errors()[0]
         # the first loc element is the union tag; the rest is the field path
-        param = ".".join(str(part) for part in first["loc"][1:]) or None
-        if first["type"] == "missing":
-            raise RealtimeError(
-                "missing_field",
-                f"{kind}: missing required field {param!r}",
-                param=param,
-                event_id=event_id,
-            ) from None
-        raise RealtimeError(
-            "invalid_value", f"{kind}: {param}: {first['msg']}", param=param, event_id=event_id
-        ) from None
+        raise validation_error(exc, kind, skip=1, event_id=event_id) from None
+
+
+def validation_error(
+    exc: ValidationError, what: str, skip: int = 0, event_id: str | None = None
+) -> RealtimeError:
+    """pydantic's first complaint as a RealtimeError naming the field (`param`)."""
+    first = exc.errors()[0]
+    param = ".".join(str(part) for part in first["loc"][skip:]) or None
+    if first["type"] == "missing":
+        message = f"{what}: missing required field {param!r}"
+        return RealtimeError("missing_field", message, param=param, event_id=event_id)
+    message = f"{what}: {param}: {first['msg']}" if param else f"{what}: {first['msg']}"
+    return RealtimeError("invalid_value", message, param=param, event_id=event_id)
