@@ -72,6 +72,22 @@ class Settings(BaseSettings):
         500, ge=0, description="Silence that ends the user's turn."
     )
 
+    # -- WebRTC calls
+    ice_servers: list[dict[str, str | list[str]]] = Field(
+        default_factory=list,
+        description="STUN/TURN servers for calls, as RTCIceServer objects (env: a JSON list); "
+        "none by default: calls on one host or LAN need none, and no public server is contacted.",
+    )
+    video_max_fps: float = Field(
+        2.0, gt=0, le=2, description="Camera/screen frames per second given to the model."
+    )
+    video_max_side: int = Field(
+        448, ge=28, description="Longest side, in pixels, a camera/screen frame is scaled to."
+    )
+    call_idle_timeout_seconds: float = Field(
+        20.0, gt=0, description="A call whose caller sent no media for this long is hung up."
+    )
+
     @field_validator("api_keys", mode="before")
     @classmethod
     def _split_keys(cls, value: object) -> object:
