@@ -1,17 +1,15 @@
 """Images from the wire (data URLs, base64 JPEG camera frames) to RGB arrays for the engine.
 
-Pillow decodes JPEG/PNG/WebP; its decompression-bomb check is made an error so a tiny file
-that claims gigapixels is refused instead of eating the server's memory.
+Decoding is the engine's own (`omni.engine.vision.decode_image`: the pixel count checked from
+the header before decoding, EXIF orientation applied, transparency on white), so the session
+and the engine agree on what an image is; this module only names the field at fault.
 """
 
 from __future__ import annotations
 
-import io
-import warnings
-
 import numpy as np
-from PIL import Image
 
+from omni.engine import vision
 from omni.session.audio_input import b64decode
 from omni.session.errors import RealtimeError
 
@@ -21,20 +19,9 @@ _DATA_URL_PREFIX = "data:"
 def decode_image(data: bytes, param: str) -> np.ndarray:
     """Encoded image bytes to uint8 HxWx3."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as image:
-                return np.asarray(image.convert("RGB"))
-    except (
-        OSError,
-        ValueError,
-        SyntaxError,
-        Image.DecompressionBombError,
-        Image.DecompressionBombWarning,
-    ) as exc:
-        raise RealtimeError(
-            "invalid_image", f"{param} could not be decoded as an image: {exc}", param=param
-        ) from None
+        return vision.decode_image(data)
+    except ValueError as exc:
+        raise RealtimeError("invalid_image", f"{param}: {exc}", param=param) from None
 
 
 def decode_image_url(url: object, param: str) -> np.ndarray:
