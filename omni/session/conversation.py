@@ -64,9 +64,3 @@ class Conversation:
 
     def remove(self, item_id: str) -> None:
         self._items.pop(item_id, None)
-
-    def last_assistant(self) -> Item | None:
-        for item in reversed(self._items.values()):
-            if item.role == "assistant":
-                return item
-        return None
