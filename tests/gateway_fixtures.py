@@ -19,12 +19,25 @@ import pytest
 from fake_engine import fake_engine
 from realtime_helpers import EngineFactory, RunningServer, running_server
 
-ENGINE_FACTORIES: dict[str, EngineFactory] = {"fake": fake_engine}
+from omni.engine.api import Engine
+
+def tiny_engine() -> AbstractAsyncContextManager[Engine]:
+    """The real engine: both worker processes on the tiny checkpoint."""
+    from omni.checkpoints.tiny import ensure_tiny_checkpoint
+    from omni.engine.engine import EngineConfig, running_engine
+
+    return running_engine(EngineConfig(model_path=str(ensure_tiny_checkpoint()), max_codec_tokens=250))
 
 
-@pytest.fixture(params=sorted(ENGINE_FACTORIES))
-def engine_factory(request: pytest.FixtureRequest) -> EngineFactory:
-    return ENGINE_FACTORIES[request.param]
+ENGINE_FACTORIES: dict[str, EngineFactory] = {"fake": fake_engine, "tiny": tiny_engine}
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Run each test module against the engines it lists in `ENGINES` (default: the fake one;
+    a real engine takes seconds to start, so the modules that matter end to end opt in)."""
+    if "engine_factory" in metafunc.fixturenames:
+        names = getattr(metafunc.module, "ENGINES", ("fake",))
+        metafunc.parametrize("engine_factory", [ENGINE_FACTORIES[n] for n in names], ids=names)
 
 
 @pytest.fixture

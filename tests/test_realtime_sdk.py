@@ -22,6 +22,7 @@ from realtime_helpers import (
 QUESTION = "What is the capital of France?"
 
 pytest_plugins = ["gateway_fixtures"]  # server, start_server, engine_factory
+ENGINES = ("fake", "tiny")  # the scripted fake, and the real worker processes on the tiny checkpoint
 
 
 async def collect(conn: Any, until: str) -> list[Any]:

@@ -87,6 +87,7 @@ class OmniEngine:
             talker=f"ipc://{self._dir}/talker",
             frontend=f"ipc://{self._dir}/frontend",
         )
+        self._ctx: zmq.asyncio.Context | None = None
         self._procs: dict[str, multiprocessing.process.BaseProcess] = {}
         self._ready: dict[str, asyncio.Event] = {}
         self._last_beat: dict[str, float] = {}
@@ -103,6 +104,7 @@ class OmniEngine:
     async def start(self) -> None:
         self._ctx = zmq.asyncio.Context()
         self._inbox = self._ctx.socket(zmq.PULL)
+        self._inbox.setsockopt(zmq.LINGER, 0)
         self._inbox.bind(self.addresses.frontend)
         self._out = {}
         for name in WORKERS:
@@ -115,15 +117,16 @@ class OmniEngine:
 
     async def stop(self) -> None:
         self.ready = False
-        if not self._tasks:
-            return
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        self._tasks = []
         self._kill_workers()
-        self._ctx.destroy(linger=0)
+        if self._ctx is not None:
+            self._ctx.destroy(linger=0)  # never wait on messages for workers that are gone
+            self._ctx = None
 
     async def _start_workers(self) -> None:
         spawn = multiprocessing.get_context("spawn")
@@ -219,8 +222,7 @@ class OmniEngine:
             return
         if session.reply is not None:
             await self.cancel(session_id)
-        for name in WORKERS:
-            self._send(name, p.CloseSession(session_id))
+        self._send("thinker", p.CloseSession(session_id))  # the thinker relays it to the talker
 
     async def append_audio(self, session_id: str, pcm: np.ndarray) -> None:
         self._session(session_id)

@@ -83,6 +83,8 @@ class ThinkerWorker:
             case p.CloseSession():
                 self.sessions.pop(msg.session, None)
                 self.active.pop(msg.session, None)
+                # relayed, so the talker drops the session before any rows of a reopened one
+                self.io.send("talker", msg)
             case p.AppendAudio():
                 self.conv(msg.session).append_audio(msg.pcm.numpy())
                 self.io.count_step()
