@@ -23,7 +23,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field, ValidationError
 
 from omni.engine.api import Engine
-from omni.gateway import realtime_ws
+from omni.gateway import realtime_ws, webrtc
 from omni.gateway.auth import bearer_token
 from omni.gateway.state import EngineFactory, Gateway, openai_error
 from omni.session.client_events import SessionIn, validation_error
@@ -112,4 +112,5 @@ def create_app(
         )
 
     app.add_api_websocket_route("/v1/realtime", realtime_ws.realtime_endpoint)
+    webrtc.add_webrtc_routes(app)
     return app
