@@ -28,7 +28,7 @@ def _models_list(args: argparse.Namespace) -> int:
         if preset.hub_id:
             local = "yes" if cached_snapshot(preset.hub_id) else "no"
         else:
-            local = "yes" if is_tiny_checkpoint(default_tiny_dir()) else "no (made on first use)"
+            local = "yes" if is_tiny_checkpoint(default_tiny_dir(preset.make)) else "no (made on first use)"
         rows.append((preset.name, preset.source, local, preset.description))
     widths = [max(len(row[i]) for row in rows) for i in range(3)]
     for row in rows:

@@ -60,11 +60,11 @@ def _resolved(spec: str, path: Path, name: str, preset: Preset | None) -> Resolv
 
 
 def _resolve_preset(spec: str, preset: Preset) -> ResolvedModel:
-    if preset.make == "tiny":
+    if preset.make:
         # imported here: making it needs torch and transformers, resolving others doesn't
         from omni.checkpoints.tiny import ensure_tiny_checkpoint
 
-        return _resolved(spec, ensure_tiny_checkpoint(), preset.name, preset)
+        return _resolved(spec, ensure_tiny_checkpoint(variant=preset.make), preset.name, preset)
     return _resolved(spec, fetch_snapshot(preset.hub_id), preset.name, preset)
 
 

@@ -20,7 +20,7 @@ class Preset:
     description: str
     max_codec_tokens: int
     hub_id: str | None = None  # None: made locally (see `make`)
-    make: str | None = None  # "tiny": built by `omni models make-tiny`
+    make: str | None = None  # "tiny" / "tiny-7b-speech": built locally, random weights
 
     @property
     def source(self) -> str:
@@ -43,8 +43,8 @@ def load_presets(path: Path | None = None) -> dict[str, Preset]:
     for name, entry in table.items():
         if ("hub_id" in entry) == ("make" in entry):
             raise ValueError(f"preset {name!r} needs exactly one of hub_id or make")
-        if entry.get("make", "tiny") != "tiny":
-            raise ValueError(f"preset {name!r}: only make = \"tiny\" is known")
+        if entry.get("make", "tiny") not in ("tiny", "tiny-7b-speech"):
+            raise ValueError(f"preset {name!r}: make is \"tiny\" or \"tiny-7b-speech\"")
         presets[name] = Preset(name=name, **entry)
     return presets
 

@@ -34,19 +34,27 @@ SEED = 20250326
 SHARD_SIZE = "20MB"
 
 
-def _write_checkpoint(out_dir: Path) -> None:
+VARIANTS = {"tiny": "tiny", "tiny-7b-speech": "7b"}  # variant -> speech size
+
+
+def _write_checkpoint(out_dir: Path, variant: str) -> None:
     with torch.random.fork_rng():
         torch.manual_seed(SEED)
-        model = Qwen2_5OmniForConditionalGeneration(tiny_config()).eval()
+        model = Qwen2_5OmniForConditionalGeneration(tiny_config(VARIANTS[variant])).eval()
     speakers = shape_weights(model, SEED + 1)
     model.save_pretrained(out_dir, max_shard_size=SHARD_SIZE)
     torch.save(speakers, out_dir / "spk_dict.pt")
     write_processor_files(out_dir)
-    marker = {"format_version": FORMAT_VERSION, "seed": SEED, "weights": "random, not a real model"}
+    marker = {
+        "format_version": FORMAT_VERSION,
+        "variant": variant,
+        "seed": SEED,
+        "weights": "random, not a real model",
+    }
     (out_dir / MARKER_FILE).write_text(json.dumps(marker, indent=2))
 
 
-def make_tiny_checkpoint(out_dir: Path, overwrite: bool = False) -> Path:
+def make_tiny_checkpoint(out_dir: Path, overwrite: bool = False, variant: str = "tiny") -> Path:
     """Write the tiny checkpoint to `out_dir` (built aside, then moved in whole).
 
     `overwrite` replaces an existing tiny checkpoint; other non-empty directories are refused.
@@ -61,7 +69,7 @@ def make_tiny_checkpoint(out_dir: Path, overwrite: bool = False) -> Path:
     work = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
         log.info("making the tiny random-weight checkpoint in %s", out_dir)
-        _write_checkpoint(work)
+        _write_checkpoint(work, variant)
         if overwrite and is_tiny_checkpoint(out_dir):
             shutil.rmtree(out_dir)
         try:
@@ -75,13 +83,13 @@ def make_tiny_checkpoint(out_dir: Path, overwrite: bool = False) -> Path:
     return out_dir
 
 
-def ensure_tiny_checkpoint(path: Path | None = None) -> Path:
+def ensure_tiny_checkpoint(path: Path | None = None, variant: str = "tiny") -> Path:
     """The tiny checkpoint at `path` (default: the cache), made first if it isn't there."""
-    path = Path(path or default_tiny_dir()).expanduser()
+    path = Path(path or default_tiny_dir(variant)).expanduser()
     if is_tiny_checkpoint(path):
         return path
     try:
-        return make_tiny_checkpoint(path)
+        return make_tiny_checkpoint(path, variant=variant)
     except FileExistsError:
         if is_tiny_checkpoint(path):  # made meanwhile by another process
             return path

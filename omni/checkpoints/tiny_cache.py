@@ -15,8 +15,9 @@ def cache_dir() -> Path:
     return Path(os.environ.get("OMNI_CACHE") or Path.home() / ".cache" / "omni").expanduser()
 
 
-def default_tiny_dir() -> Path:
-    return cache_dir() / f"tiny-v{FORMAT_VERSION}"
+def default_tiny_dir(variant: str = "tiny") -> Path:
+    """variant: "tiny", or "tiny-7b-speech" (tiny thinker, the 7B's talker and Token2Wav sizes)."""
+    return cache_dir() / f"{variant}-v{FORMAT_VERSION}"
 
 
 def is_tiny_checkpoint(path: Path) -> bool:

@@ -24,7 +24,26 @@ MROPE_SECTION = [2, 3, 3]
 ROPE = {"rope_type": "default", "rope_theta": 1_000_000.0, "mrope_section": MROPE_SECTION}
 
 
-def tiny_config() -> Qwen2_5OmniConfig:
+# Qwen2.5-Omni-7B's talker (per the notes: rtp-llm's test config of the real checkpoint), for
+# timing real-size speech generation with random weights; the thinker stays tiny.
+TALKER_7B = {
+    "embedding_size": THINKER_HIDDEN,  # the thinker's hidden size (3584 in the real model)
+    "hidden_size": 896,
+    "intermediate_size": 18944,
+    "num_hidden_layers": 24,
+    "num_attention_heads": 12,
+    "num_key_value_heads": 4,
+    "head_dim": 128,
+    "rope_parameters": {"rope_type": "default", "rope_theta": 1_000_000.0, "mrope_section": [16, 24, 24]},
+}
+SPEECH_VARIANTS = ("tiny", "7b")
+
+
+def tiny_config(speech: str = "tiny") -> Qwen2_5OmniConfig:
+    """The tiny config; speech="7b" swaps in the 7B's talker and Token2Wav sizes
+    (transformers' DiT and BigVGAN defaults are the real ones)."""
+    if speech not in SPEECH_VARIANTS:
+        raise ValueError(f"unknown speech size {speech!r}; one of {SPEECH_VARIANTS}")
     text = {
         "vocab_size": 152064,
         "hidden_size": THINKER_HIDDEN,
@@ -111,8 +130,8 @@ def tiny_config() -> Qwen2_5OmniConfig:
             "eos_token_id": 151645,
             "pad_token_id": 151643,
         },
-        talker_config=talker,
-        token2wav_config={"dit_config": dit, "bigvgan_config": bigvgan},
+        talker_config=talker if speech == "tiny" else TALKER_7B,
+        token2wav_config={"dit_config": dit, "bigvgan_config": bigvgan} if speech == "tiny" else {},
     )
     config.architectures = ["Qwen2_5OmniForConditionalGeneration"]
     return config
