@@ -78,3 +78,10 @@ def choose(
         return int(scores.argmax(-1))
     probs = torch.softmax(scores, dim=-1)
     return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def sampling_generator(device: torch.device, seed: int | None) -> torch.Generator:
+    """A per-reply generator, so concurrent sessions don't share (and perturb) one stream."""
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed if seed is not None else int(torch.seed() % 2**31))
+    return generator

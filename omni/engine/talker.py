@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache, LogitsProcessorList
 
-from omni.engine.sampling import build_processors, choose
+from omni.engine.sampling import build_processors, choose, sampling_generator
 from omni.engine.thinker import ContextRows
 
 MAX_VALID_CODE = 8192  # the DiT embeds codes 0..8192
@@ -36,6 +36,7 @@ class SpecialEmbeds:
 @dataclass
 class TalkerReply:
     first_row: int  # P: the reply's first token's row; rows before it are context
+    voice: str
     processors: LogitsProcessorList
     greedy: bool
     generator: torch.Generator | None
@@ -43,6 +44,7 @@ class TalkerReply:
     eos: list[int]
     codes: list[int] = field(default_factory=list)
     text_rows: int | None = None  # reply rows the thinker produced, once its text ended
+    start_pos: int = 0  # TMRoPE position of the speaker bos that opens the reply
     logits: torch.Tensor | None = None
     done: bool = False
 
@@ -111,12 +113,10 @@ class TalkerConversation:
         seed: int | None = None,
     ) -> None:
         self.prefill_context(first_row)
-        generator = None
-        if not greedy:
-            generator = torch.Generator(device=self.device)
-            generator.manual_seed(seed if seed is not None else int(torch.seed() % 2**31))
+        generator = None if greedy else sampling_generator(self.device, seed)
         self.reply = TalkerReply(
             first_row=first_row,
+            voice=voice,
             # generate()'s talker prompt ids are [mask]*P + [pad, bos]; only the set matters
             processors=build_processors(
                 prompt_length=3,
@@ -134,7 +134,6 @@ class TalkerConversation:
             max_codes=max_codes,
             eos=list(eos),
         )
-        self._voice = voice
 
     def text_ended(self, text_rows: int) -> None:
         """The thinker's reply is complete: it produced `text_rows` reply parts."""
@@ -165,7 +164,7 @@ class TalkerConversation:
             k = len(reply.codes)
             part = self._reply_part(k)
             codec = self.model.get_input_embeddings()(torch.tensor([reply.codes[-1]], device=self.device))
-            pos = self._reply_start_pos + 2 + k
+            pos = reply.start_pos + 2 + k
             logits = self._forward((codec[0] + part)[None], torch.full((3, 1), pos))
             reply.logits = logits
         seen = torch.tensor([[self.mask, self.pad, self.bos, *reply.codes]], device=self.device)
@@ -192,11 +191,11 @@ class TalkerConversation:
         assert reply is not None
         p = reply.first_row
         # as get_rope_index: text after the context continues from its last position
-        self._reply_start_pos = int(self.row_pos[:, p - 1].max()) + 1 if p else 0
+        reply.start_pos = int(self.row_pos[:, p - 1].max()) + 1 if p else 0
         embed = self.model.get_input_embeddings()
         codec = embed(torch.tensor([self.pad, self.bos], device=self.device))
-        opening = torch.stack([self.special.speaker_bos[self._voice], self.rows[p]]) + codec
-        positions = torch.arange(self._reply_start_pos, self._reply_start_pos + 2).view(1, -1).expand(3, -1)
+        opening = torch.stack([self.special.speaker_bos[reply.voice], self.rows[p]]) + codec
+        positions = torch.arange(reply.start_pos, reply.start_pos + 2).view(1, -1).expand(3, -1)
         reply.logits = self._forward(opening, positions)
 
     def _reply_part(self, k: int) -> torch.Tensor:

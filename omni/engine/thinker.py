@@ -26,7 +26,7 @@ from transformers.models.qwen2_5_omni.processing_qwen2_5_omni import _get_feat_e
 
 from omni.engine.audio_features import StreamingLogMel
 from omni.engine.positions import AudioVideoChunker, PositionTracker
-from omni.engine.sampling import choose, thinker_processors
+from omni.engine.sampling import choose, sampling_generator, thinker_processors
 from omni.engine.vision import VideoPatcher, image_to_patches
 
 # the system prompt Qwen2.5-Omni needs to produce speech (from Qwen's model card)
@@ -207,10 +207,7 @@ class ThinkerConversation:
         gen_cfg = self.model.generation_config
         greedy = greedy or not gen_cfg.do_sample
         start = len(self.token_ids)
-        generator = None
-        if not greedy:
-            generator = torch.Generator(device=self.device)
-            generator.manual_seed(seed if seed is not None else int(torch.seed() % 2**31))
+        generator = None if greedy else sampling_generator(self.device, seed)
         self.reply = Reply(
             start_len=start,
             processors=thinker_processors(gen_cfg, greedy, min_tokens, self.ids.eos, start),
