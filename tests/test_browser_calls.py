@@ -109,7 +109,7 @@ async def hang_up(page: Page, server: RunningServer) -> None:
 async def test_voice_and_video_calls_from_the_page(speech_wav: Path) -> None:
     ARTIFACTS.mkdir(exist_ok=True)
     # a reply of about 5 s, so the caller's next sentence comes while it plays
-    factory = lambda: fake_engine(filler_tokens=220)  # noqa: E731
+    factory = lambda: fake_engine(filler_tokens=220)
     async with running_server(factory) as server, chromium(speech_wav) as browser:
         page = await open_page(browser, server)
         await enter_key(page)
