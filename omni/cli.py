@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -73,24 +74,42 @@ def add_models_commands(commands: Subparsers) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+    from pydantic_settings import SettingsError
+
     from omni.engine.engine import EngineConfig, default_devices, running_engine
     from omni.gateway.serve import run_server
+    from omni.logs import configure_logging
     from omni.settings import Settings
 
-    overrides = {k: v for k, v in (("host", args.host), ("port", args.port), ("model", args.model)) if v is not None}
-    settings = Settings(**overrides)
+    try:
+        source = args.settings_source(parsed_args=args)
+        settings = Settings(_cli_settings_source=source)  # type: ignore[call-arg]
+    except (ValidationError, SettingsError) as error:
+        print(f"omni serve: invalid settings: {error}", file=sys.stderr)
+        return 2
+    configure_logging(settings.log_level, settings.log_format)
+    # the workers are processes of their own that read these from the environment
+    os.environ.update(
+        OMNI_LOG_LEVEL=settings.log_level.upper(),
+        OMNI_LOG_FORMAT=settings.log_format,
+        OMNI_CPU_THREADS=str(settings.cpu_threads),
+    )
     resolved = resolve_model(settings.model)
-    thinker_device, talker_device = default_devices()
-    if args.device != "auto":
-        thinker_device = talker_device = args.device
-    if args.talker_device:
-        talker_device = args.talker_device
+    if settings.device == "auto":
+        thinker_device, talker_device = default_devices()
+    else:
+        thinker_device = talker_device = settings.device
+    talker_device = settings.talker_device or talker_device
     config = EngineConfig(
         model_path=str(resolved.path),
         thinker_device=thinker_device,
         talker_device=talker_device,
-        dtype=args.dtype,
+        dtype=settings.dtype,
         max_codec_tokens=resolved.max_codec_tokens,
+        max_frame_side=settings.engine_max_frame_side,
+        start_timeout_s=settings.engine_start_timeout_seconds,
+        heartbeat_timeout_s=settings.engine_heartbeat_timeout_seconds,
     )
     logging.getLogger("omni").info(
         "model %s (%s); thinker on %s, talker on %s", resolved.name, resolved.path, thinker_device, talker_device
@@ -100,18 +119,26 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def add_serve_commands(commands: Subparsers) -> None:
-    serve = commands.add_parser("serve", help="run the service (HTTP, WebSocket and WebRTC)")
-    serve.add_argument("--model", help="preset, checkpoint directory, hub id or 'auto' (default)")
-    serve.add_argument("--host", help="address to bind (default 127.0.0.1)")
-    serve.add_argument("--port", type=int, help="port (default 8000)")
-    serve.add_argument(
-        "--device", default="auto", help="torch device for both workers: auto, cpu, cuda, cuda:N"
+    from pydantic_settings import CliSettingsSource
+
+    from omni.settings import Settings
+
+    serve = commands.add_parser(
+        "serve",
+        help="run the service (HTTP, WebSocket and WebRTC)",
+        description="Run the service. Every setting can also come from an OMNI_* environment "
+        "variable or a TOML file (--config); flags win over the environment, which wins over "
+        "the file.",
     )
-    serve.add_argument("--talker-device", help="a separate device for the talker (e.g. cuda:1)")
-    serve.add_argument(
-        "--dtype", default="auto", help="auto (bfloat16 on GPU, float32 on CPU), bfloat16, float16, float32"
+    # one flag per Settings field, derived from it (name, type, description, default)
+    source: CliSettingsSource[Settings] = CliSettingsSource(
+        Settings,
+        root_parser=serve,
+        cli_kebab_case=True,
+        cli_show_env_vars=True,
+        cli_hide_none_type=True,
     )
-    serve.set_defaults(run=_serve)
+    serve.set_defaults(run=_serve, settings_source=source)
 
 
 def add_bench_commands(commands: Subparsers) -> None:
@@ -133,7 +160,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="omni", description="Real-time voice and video calls with Qwen2.5-Omni."
     )
-    parser.add_argument("--log-level", default="INFO", help="logging level (default: INFO)")
+    # SUPPRESS: absent unless given, so `omni serve` can tell it from OMNI_LOG_LEVEL or its file
+    parser.add_argument(
+        "--log-level", default=argparse.SUPPRESS, help="logging level (default: INFO)"
+    )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add_commands in COMMAND_GROUPS:
         add_commands(commands)
@@ -142,7 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    level = getattr(args, "log_level", "INFO")
+    logging.basicConfig(level=level.upper(), format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.run(args)
     except (CheckpointError, FileExistsError) as error:

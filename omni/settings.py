@@ -1,23 +1,46 @@
-"""Service settings: one flat, typed, documented list, read from `OMNI_*` environment variables.
+"""Service settings: one flat, typed, documented list, read from flags, `OMNI_*` environment
+variables and a TOML config file.
 
-pydantic-settings gives validation, env parsing and (later) CLI flags and config files from
-the same field list, so each setting is declared once. Fields stay flat with a description
-each, so a flag (`--max-sessions`), an env var (`OMNI_MAX_SESSIONS`) and a config-file key
-(`max_sessions`) can all be derived from the field name.
+pydantic-settings gives validation, env parsing, CLI flags and file sources from the same
+field list, so each setting is declared once: a flag (`--max-sessions`), an env var
+(`OMNI_MAX_SESSIONS`) and a config-file key (`max_sessions`) are all derived from the field
+name, and the README's table is generated from the descriptions (`settings_table`).
+
+Precedence, highest first: flags, environment, config file, defaults. The file is TOML:
+Python reads it with the stdlib (no dependency), the project already keeps its presets and
+packaging in TOML, and TOML has no implicit typing (YAML reads `no` as false and `1e3` as a
+string or a float depending on the parser). Unknown keys in the file are errors, not silently
+ignored, so a typo cannot leave a production setting at its default.
 """
 
 from __future__ import annotations
 
-from typing import Annotated
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic.fields import FieldInfo
+from pydantic_settings import (
+    BaseSettings,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    SettingsError,
+)
 
 LOOPBACK_HOST = "127.0.0.1"
+ENV_PREFIX = "OMNI_"
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="OMNI_", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore")
+
+    config: Path | None = Field(
+        None,
+        description="TOML file of settings (keys are the names below, e.g. `max_sessions = 8`); "
+        "environment variables and flags override it.",
+    )
 
     # -- serving
     host: str = Field(
@@ -31,6 +54,36 @@ class Settings(BaseSettings):
     served_model_name: str = Field(
         "qwen2.5-omni",
         description="Model name reported in session objects when the client names none.",
+    )
+
+    # -- engine
+    device: str = Field(
+        "auto",
+        description="Torch device for both workers: auto (first GPU(s), else CPU), cpu, cuda, "
+        "cuda:N.",
+    )
+    talker_device: str | None = Field(
+        None,
+        description="A separate device for the talker (e.g. cuda:1); default: as chosen by "
+        "`device`.",
+    )
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto", description="Weights dtype: auto is bfloat16 on GPU, float32 on CPU."
+    )
+    cpu_threads: int = Field(
+        1,
+        ge=1,
+        description="Torch threads per worker process on CPU (the thinker and the "
+        "talker run side by side: keep their sum at or below the cores).",
+    )
+    engine_start_timeout_seconds: float = Field(
+        900.0, gt=0, description="Longest wait for the workers to load the model at start."
+    )
+    engine_heartbeat_timeout_seconds: float = Field(
+        30.0, gt=0, description="A worker silent this long is taken as hung and restarted."
+    )
+    engine_max_frame_side: int = Field(
+        448, ge=28, description="Longest side, in pixels, of video frames the thinker patches."
     )
 
     # -- auth
@@ -78,6 +131,22 @@ class Settings(BaseSettings):
         description="STUN/TURN servers for calls, as RTCIceServer objects (env: a JSON list); "
         "none by default: calls on one host or LAN need none, and no public server is contacted.",
     )
+    turn_urls: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="TURN server URLs (env: comma-separated) that get fresh time-limited "
+        "credentials minted from `turn_secret`, e.g. turn:turn.example.com:3478?transport=udp.",
+    )
+    turn_secret: SecretStr | None = Field(
+        None,
+        description="Shared secret of the TURN server (coturn's static-auth-secret); give it by "
+        "env or file, not by flag, so it stays out of the process list.",
+    )
+    turn_credential_ttl_seconds: int = Field(
+        3600,
+        ge=60,
+        description="Lifetime of minted TURN credentials; at least "
+        "max_session_seconds, since a call's relay is refreshed with the same credential.",
+    )
     video_max_fps: float = Field(
         2.0, gt=0, le=2, description="Camera/screen frames per second given to the model."
     )
@@ -88,14 +157,94 @@ class Settings(BaseSettings):
         20.0, gt=0, description="A call whose caller sent no media for this long is hung up."
     )
 
-    @field_validator("api_keys", mode="before")
+    # -- operations
+    log_level: str = Field("INFO", description="Logging level: DEBUG, INFO, WARNING, ERROR.")
+    log_format: Literal["text", "json"] = Field(
+        "text",
+        description="text for people, json for log pipelines (one object per line, "
+        "with session_id and response_id).",
+    )
+    drain_grace_seconds: float = Field(
+        30.0,
+        ge=0,
+        description="On SIGTERM: how long open calls may go on (no new ones are "
+        "taken) before they are ended with a server_shutting_down error.",
+    )
+
+    @field_validator("api_keys", "turn_urls", mode="before")
     @classmethod
-    def _split_keys(cls, value: object) -> object:
+    def _split_list(cls, value: object) -> object:
         # env vars carry one string; a comma list is easier to write than JSON
         if isinstance(value, str):
-            return [key.strip() for key in value.split(",") if key.strip()]
+            return [item.strip() for item in value.split(",") if item.strip()]
         return value
+
+    @field_validator("talker_device", mode="before")
+    @classmethod
+    def _empty_is_none(cls, value: object) -> object:
+        return value or None
+
+    @model_validator(mode="after")
+    def _check_turn(self) -> Settings:
+        if bool(self.turn_urls) != (self.turn_secret is not None):
+            raise ValueError("turn_urls and turn_secret go together: set both or neither")
+        if self.turn_urls and self.turn_credential_ttl_seconds < self.max_session_seconds:
+            raise ValueError(
+                f"turn_credential_ttl_seconds ({self.turn_credential_ttl_seconds}) must be at "
+                f"least max_session_seconds ({self.max_session_seconds:g}): a call's TURN relay "
+                "is refreshed with the credential it started with"
+            )
+        return self
 
     @property
     def auth_enabled(self) -> bool:
         return bool(self.api_keys)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # flags come first on their own (pydantic-settings puts the CLI source on top)
+        return init_settings, env_settings, ConfigFileSource(settings_cls)
+
+
+class ConfigFileSource(PydanticBaseSettingsSource):
+    """The TOML file named by `config` in a source above it (a flag or OMNI_CONFIG)."""
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False  # unused: __call__ reads the whole file at once
+
+    def __call__(self) -> dict[str, Any]:
+        path = self.current_state.get("config")
+        if not path:
+            return {}
+        try:
+            values = tomllib.loads(Path(path).read_text())
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise SettingsError(f"config file {path}: {exc}") from exc
+        # `config` itself has no meaning inside the file
+        unknown = [k for k in values if k not in self.settings_cls.model_fields or k == "config"]
+        if unknown:
+            raise SettingsError(f"config file {path}: unknown settings {', '.join(unknown)}")
+        return values
+
+
+def settings_table() -> str:
+    """The README's configuration table (a test keeps the README equal to this)."""
+    rows = [
+        "| setting (file key) | flag | environment | default | what it does |",
+        "|---|---|---|---|---|",
+    ]
+    for name, field in Settings.model_fields.items():
+        default = field.default_factory() if field.default_factory else field.default  # type: ignore[call-arg]
+        shown = "" if default is None or default == [] else f"`{default}`"
+        flag = "--" + name.replace("_", "-")
+        env = ENV_PREFIX + name.upper()
+        description = (field.description or "").replace("|", "\\|")
+        rows.append(f"| `{name}` | `{flag}` | `{env}` | {shown} | {description} |")
+    return "\n".join(rows)
