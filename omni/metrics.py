@@ -7,8 +7,12 @@ tests) keep separate numbers and never collide on registration.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.registry import Collector
 
 # seconds; dense around the 0.2-1 s that separates a natural reply from an awkward one
 _LATENCY_BUCKETS = (0.025, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0)
@@ -53,9 +57,36 @@ class Metrics:
             registry=self.registry,
         )
 
+        self.draining = Gauge(
+            "omni_draining",
+            "1 while the server is shutting down: no new calls, open ones finishing.",
+            registry=self.registry,
+        )
+
+    def watch_engine(self, engine: Callable[[], object | None]) -> None:
+        """Export the engine's own counters, read at scrape time from `engine()`."""
+        self.registry.register(_EngineCollector(engine))
+
     def observe_stage_ms(self, stage: str, ms: float | None) -> None:
         if ms is not None:
             self.stage_seconds.labels(stage).observe(ms / 1000.0)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _EngineCollector(Collector):
+    """The engine counts its worker restarts itself (OmniEngine.restarts); a collector reads
+    the number when scraped, so the engine needs no metrics code."""
+
+    def __init__(self, engine: Callable[[], object | None]) -> None:
+        self._engine = engine
+
+    def collect(self) -> Iterator[Metric]:
+        # engines without a supervisor (the tests' fake one) have no `restarts`: 0
+        restarts = getattr(self._engine(), "restarts", 0)
+        yield CounterMetricFamily(
+            "omni_engine_worker_restarts",
+            "Times the model workers were restarted after one died or hung.",
+            value=restarts,
+        )

@@ -8,7 +8,11 @@ shape. No framework code reaches the session logic, which stays transport-free.
 
 The engine is either given ready-made (`create_app(settings, engine)`) or built by an
 `engine_factory` (an async context manager) that the app enters at startup in the
-background; /healthz answers 503 until it has yielded the engine, 200 after.
+background; /healthz answers 503 until it has yielded the engine, 200 after, and 503
+"draining" again once a shutdown began (`Gateway.drain`), when new sessions and client
+secrets are refused. /livez is 200 while the process can serve at all (503 only if the
+engine failed to start), for a liveness probe that must not kill a pod that is loading or
+draining.
 """
 
 from __future__ import annotations
@@ -21,11 +25,12 @@ from typing import Literal
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field, ValidationError
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from omni.engine.api import Engine
 from omni.gateway import realtime_ws, webrtc
 from omni.gateway.auth import bearer_token
-from omni.gateway.state import EngineFactory, Gateway, openai_error
+from omni.gateway.state import SHUTTING_DOWN, EngineFactory, Gateway, openai_error
 from omni.session.client_events import SessionIn, validation_error
 from omni.session.config import SessionConfig
 from omni.session.errors import RealtimeError, new_id
@@ -42,6 +47,32 @@ class ClientSecretRequest(BaseModel):
 
     expires_after: ExpiresAfter | None = None
     session: SessionIn | None = None
+
+
+class RefuseWhenDraining:
+    """While draining, POSTs under /v1/realtime (WebRTC offers, client secrets for new calls)
+    get a 503; hanging up and everything else still work while the open calls finish. Plain
+    ASGI rather than BaseHTTPMiddleware: it never wraps the WebRTC offer handler in a task."""
+
+    def __init__(self, app: ASGIApp, gateway: Gateway) -> None:
+        self.app = app
+        self.gateway = gateway
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if (
+            self.gateway.draining
+            and scope["type"] == "http"
+            and scope["method"] == "POST"
+            and scope["path"].startswith("/v1/realtime")
+        ):
+            self.gateway.metrics.connections_refused.labels("draining").inc()
+            response = openai_error(
+                503, SHUTTING_DOWN, "the server is shutting down; try again to reach another one"
+            )
+            response.headers["Retry-After"] = "1"
+            await response(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
 
 
 def create_app(
@@ -64,19 +95,32 @@ def create_app(
         finally:
             stop.set()
             if task is not None:
-                await task
+                if not gateway.ready.is_set():
+                    task.cancel()  # still loading the model: stop the workers now, not after
+                await asyncio.gather(task, return_exceptions=True)
             else:
                 await gateway.close_sessions()
 
     app = FastAPI(title="omni realtime", lifespan=lifespan)
     app.state.gateway = gateway
+    app.add_middleware(RefuseWhenDraining, gateway=gateway)
 
     @app.get("/healthz")
     async def healthz() -> JSONResponse:
+        if gateway.draining:
+            return JSONResponse(
+                {"status": "draining", "sessions": len(gateway.sessions)}, status_code=503
+            )
         if gateway.engine is not None:
             return JSONResponse({"status": "ok", "sessions": len(gateway.sessions)})
         status = "failed" if gateway.engine_error else "loading"
         return JSONResponse({"status": status, "error": gateway.engine_error}, status_code=503)
+
+    @app.get("/livez")
+    async def livez() -> JSONResponse:
+        if gateway.engine_error:
+            return JSONResponse({"status": "failed", "error": gateway.engine_error}, 503)
+        return JSONResponse({"status": "alive"})
 
     @app.get("/metrics")
     async def metrics() -> Response:

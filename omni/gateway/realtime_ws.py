@@ -4,9 +4,11 @@ All call logic lives in `RealtimeSession`; this module only moves JSON text betw
 socket and the session, encodes reply audio as delta events, and turns refusals into
 errors a client can read:
 - a missing or wrong key: HTTP 401 before the upgrade (nothing is accepted, no model work);
-- no engine yet, or the session cap reached: the socket is accepted just long enough to send
-  an `error` event (browsers cannot read a refused handshake), then closed with 1013
-  ("try again later").
+- no engine yet, the session cap reached, or the server draining for a shutdown: the socket
+  is accepted just long enough to send an `error` event (browsers cannot read a refused
+  handshake), then closed with 1013 ("try again later").
+A call ended by a shutdown gets a `server_shutting_down` error, then a 1001 ("going away")
+close. Log lines from the session's tasks carry its id (`omni.logs.bind_session`).
 """
 
 from __future__ import annotations
@@ -19,11 +21,13 @@ from starlette.websockets import WebSocketDisconnect, WebSocketState
 
 from omni.engine.api import EngineError
 from omni.gateway.auth import BETA_SUBPROTOCOL, bearer_token, subprotocol_key
-from omni.gateway.state import Gateway, openai_error
+from omni.gateway.state import SHUTTING_DOWN, Gateway, openai_error
+from omni.logs import bind_session
 from omni.session.errors import RealtimeError
 from omni.session.outputs import AudioOut, Closed
 from omni.session.session import RealtimeSession
 
+GOING_AWAY = 1001
 TRY_AGAIN_LATER = 1013
 INTERNAL_ERROR = 1011
 
@@ -38,6 +42,15 @@ async def realtime_endpoint(websocket: WebSocket) -> None:
             openai_error(
                 401, "invalid_api_key", "missing or invalid API key (Authorization: Bearer <key>)"
             )
+        )
+        return
+    if gateway.draining:
+        gateway.metrics.connections_refused.labels("draining").inc()
+        await _refuse(
+            websocket,
+            offered,
+            SHUTTING_DOWN,
+            "the server is shutting down; reconnect to reach another one",
         )
         return
     engine = gateway.engine
@@ -69,6 +82,7 @@ async def realtime_endpoint(websocket: WebSocket) -> None:
             shape="beta" if beta else "ga",
             initial=grant.session,
         )
+        bind_session(session.id)  # this connection's task, and the session's tasks started below
         await websocket.accept(_subprotocol(offered))
         try:
             await session.start()
@@ -110,7 +124,8 @@ async def _write(websocket: WebSocket, session: RealtimeSession) -> None:
         try:
             if isinstance(out, Closed):
                 if websocket.application_state == WebSocketState.CONNECTED:
-                    await websocket.close(1000, out.reason)
+                    code = GOING_AWAY if out.reason == SHUTTING_DOWN else 1000
+                    await websocket.close(code, out.reason)
                 return
             await _send(websocket, session.render_audio(out) if isinstance(out, AudioOut) else out)
         except (WebSocketDisconnect, RuntimeError):  # closed under us: the reader will notice

@@ -1,4 +1,5 @@
-"""What every connection shares: settings, keys, metrics, the engine and the open sessions."""
+"""What every connection shares: settings, keys, metrics, the engine and the open sessions;
+and the drain that ends them on shutdown."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from fastapi.responses import JSONResponse
 from omni.engine.api import Engine
 from omni.gateway.auth import KeyStore
 from omni.metrics import Metrics
+from omni.session.errors import RealtimeError
 from omni.session.session import RealtimeSession
 from omni.settings import Settings
 
@@ -19,6 +21,9 @@ log = logging.getLogger(__name__)
 
 # builds and loads the engine on enter, shuts it down on exit
 EngineFactory = Callable[[], AbstractAsyncContextManager[Engine]]
+
+# the error code (and close reason) of calls ended by a shutdown, and of calls refused during one
+SHUTTING_DOWN = "server_shutting_down"
 
 
 class Gateway:
@@ -33,6 +38,9 @@ class Gateway:
         self.ready = asyncio.Event()
         if engine is not None:
             self.ready.set()
+        self.draining = False
+        self._hurry = asyncio.Event()  # a second signal: stop waiting for calls to finish
+        self.metrics.watch_engine(lambda: self.engine)
 
     def take_slot(self) -> bool:
         """Reserve room for one more session (no await between check and take)."""
@@ -57,8 +65,46 @@ class Gateway:
             log.exception("the engine failed to start")
             self.engine_error = f"{type(exc).__name__}: {exc}"
 
+    async def drain(self, grace_seconds: float) -> None:
+        """Take no new calls (/healthz says "draining", so load balancers stop routing here),
+        let the open ones go on for up to `grace_seconds`, then end the rest."""
+        self.draining = True
+        self.metrics.draining.set(1)
+        log.info(
+            "draining: refusing new calls; %d open, up to %g s to finish",
+            len(self.sessions),
+            grace_seconds,
+        )
+        waits = [asyncio.create_task(self._calls_ended()), asyncio.create_task(self._hurry.wait())]
+        await asyncio.wait(waits, timeout=grace_seconds, return_when=asyncio.FIRST_COMPLETED)
+        for task in waits:
+            task.cancel()
+        if self.sessions:
+            log.warning("drain: ending %d calls still open", len(self.sessions))
+        await self.close_sessions()
+
+    def hurry(self) -> None:
+        """End the drain's wait now (the open calls are ended right away)."""
+        self._hurry.set()
+
+    async def _calls_ended(self) -> None:
+        # the sessions set is kept by the WebSocket and WebRTC endpoints; a shutdown can poll it
+        while self.sessions:
+            await asyncio.sleep(0.2)
+
     async def close_sessions(self) -> None:
-        await asyncio.gather(*(session.close("server_shutdown") for session in list(self.sessions)))
+        """End every open call with an error event saying why, so clients know to reconnect."""
+
+        async def end(session: RealtimeSession) -> None:
+            error = RealtimeError(
+                SHUTTING_DOWN,
+                "the server is shutting down; reconnect to continue on another one",
+                type="server_error",
+            )
+            await session.emit_error(error)
+            await session.close(SHUTTING_DOWN)
+
+        await asyncio.gather(*(end(session) for session in list(self.sessions)))
 
 
 def openai_error(status: int, code: str, message: str, param: str | None = None) -> JSONResponse:

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from omni.engine.api import OUTPUT_SAMPLE_RATE, Engine, EngineError, SessionOptions
+from omni.logs import bind_response
 from omni.metrics import Metrics
 from omni.session import client_events as ce
 from omni.session.audio_input import b64decode, b64encode_pcm16
@@ -440,7 +441,8 @@ class RealtimeSession:
 
     async def _run_response(self, response: Response, previous: str | None) -> None:
         try:
-            await response.run(self.engine, self.id, previous, self.emit, self._emit_audio)
+            with bind_response(response.id):  # log lines of this reply carry its id
+                await response.run(self.engine, self.id, previous, self.emit, self._emit_audio)
         finally:
             self._responses.remove(response)
         self.metrics.responses.labels(response.status).inc()
