@@ -34,7 +34,8 @@ from omni.settings import Settings
 
 EngineFactory = Callable[[], AbstractAsyncContextManager[Engine]]
 API_KEY = "test-key"
-TIMEOUT = 20.0
+TIMEOUT = 60.0  # per event; the real engine on a busy 2-core machine is slow
+ENGINE_START_TIMEOUT = 300.0  # the real engine loads the model in two processes
 
 
 @dataclass
@@ -76,7 +77,7 @@ async def running_server(factory: EngineFactory, **settings: Any) -> AsyncIterat
             task.result()
         await asyncio.sleep(0.01)
     gateway: Gateway = app.state.gateway
-    await asyncio.wait_for(gateway.ready.wait(), TIMEOUT)
+    await asyncio.wait_for(gateway.ready.wait(), ENGINE_START_TIMEOUT)
     try:
         yield RunningServer(gateway, server.servers[0].sockets[0].getsockname()[1])
     finally:

@@ -27,12 +27,14 @@ async def collect(engine: OmniEngine, session: str, options: ReplyOptions, on_ev
 
 @pytest.fixture
 def run(tiny_checkpoint):
-    """Run a coroutine against a fresh engine (fault injection on, short hang timeout)."""
+    """Run a coroutine against a fresh engine with fault injection on."""
 
-    def runner(body):
+    def runner(body, heartbeat_timeout_s: float = 30.0):
         async def main():
             engine = OmniEngine(
-                EngineConfig(str(tiny_checkpoint), allow_faults=True, heartbeat_timeout_s=4.0)
+                EngineConfig(
+                    str(tiny_checkpoint), allow_faults=True, heartbeat_timeout_s=heartbeat_timeout_s
+                )
             )
             await engine.start()
             try:
@@ -102,4 +104,5 @@ def test_hung_worker_is_noticed(run):
         after = await collect(engine, "s", SHORT)
         assert after.status == "completed"
 
-    run(body)
+    # short enough for a test, long enough that a slow vocoder chunk on a busy CPU isn't a hang
+    run(body, heartbeat_timeout_s=10.0)
