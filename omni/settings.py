@@ -15,6 +15,7 @@ ignored, so a typo cannot leave a production setting at its default.
 
 from __future__ import annotations
 
+import logging
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -178,6 +179,13 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return [item.strip() for item in value.split(",") if item.strip()]
         return value
+
+    @field_validator("log_level")
+    @classmethod
+    def _known_level(cls, value: str) -> str:
+        if value.upper() not in logging.getLevelNamesMapping():
+            raise ValueError(f"unknown logging level {value!r}")
+        return value.upper()
 
     @field_validator("talker_device", mode="before")
     @classmethod

@@ -83,7 +83,7 @@ def test_config_file_by_flag_and_list_settings_every_way(
 def test_root_log_level_flag_and_engine_settings() -> None:
     args = build_parser().parse_args(["--log-level", "debug", "serve", "--device", "cuda:1"])
     settings = Settings(_cli_settings_source=args.settings_source(parsed_args=args))  # type: ignore[call-arg]
-    assert settings.log_level == "debug"
+    assert settings.log_level == "DEBUG"
     assert settings.device == "cuda:1"
     assert settings.talker_device is None  # "as device"
     assert serve_settings("--talker-device", "cuda:2").talker_device == "cuda:2"
@@ -106,6 +106,8 @@ def test_serve_with_invalid_settings_says_so_in_one_line(
     assert main(["serve", "--dtype", "int3"]) == 2
     error = capsys.readouterr().err
     assert error.startswith("omni serve: invalid settings") and "dtype" in error
+    assert main(["serve", "--log-level", "loud"]) == 2
+    assert "unknown logging level 'loud'" in capsys.readouterr().err
 
 
 def test_every_setting_has_a_documented_flag_and_the_readme_table() -> None:
