@@ -191,17 +191,22 @@ async def test_session_ending_hangs_up_the_call() -> None:
 
 
 async def test_ice_servers_from_settings_reach_pages_and_the_server() -> None:
-    ice: list[dict[str, str | list[str]]] = [
-        {"urls": "turn:127.0.0.1:3478", "username": "u", "credential": "p"}
-    ]
-    async with running_server(fake_engine, ice_servers=ice) as server:
+    ice: list[dict[str, str | list[str]]] = [{"urls": "stun:127.0.0.1:3478"}]
+    rest = {"turn_urls": ["turn:127.0.0.1:3478"], "turn_secret": "s3cret"}
+    async with running_server(fake_engine, ice_servers=ice, **rest) as server:
         async with http(server) as client:
             config = await client.get(f"{CALLS}/config", headers=SDP)
             assert (await client.get(f"{CALLS}/config")).status_code == 401
-        assert config.json()["ice_servers"] == ice
+        stun, turn = config.json()["ice_servers"]
+        assert stun == ice[0]
+        # TURN REST: a fresh time-limited credential, not the secret
+        assert turn["urls"] == ["turn:127.0.0.1:3478"] and turn["username"].endswith(":omni")
+        assert turn["credential"] and "s3cret" not in turn["credential"]
         assert config.json()["voices"] == ["Chelsie", "Ethan"]
-    (turn,) = ice_servers(Settings(ice_servers=ice))
-    assert (turn.urls, turn.username, turn.credential) == ("turn:127.0.0.1:3478", "u", "p")
+    # the server's own ICE agent gets the same list
+    servers = ice_servers(Settings(ice_servers=ice, **rest))
+    assert [s.urls for s in servers] == ["stun:127.0.0.1:3478", ["turn:127.0.0.1:3478"]]
+    assert servers[1].username and servers[1].credential
     with pytest.raises(ValueError, match="urls"):
         ice_servers(Settings(ice_servers=[{"username": "u"}]))
 

@@ -217,26 +217,31 @@ async def _drain(track: MediaStreamTrack) -> None:
 class CallResult:
     latencies_ms: list[float] = field(default_factory=list)
     arrivals: list[float] = field(default_factory=list)
-    error: str | None = None
+    reply_frames: int = 0  # frames of the replies with sound in them
+    failed_turns: list[str] = field(default_factory=list)
+    error: str | None = None  # the call itself failed
 
 
 @dataclass
 class LevelResult:
     calls: int
-    turns: int
+    turns: int  # answered with audio
+    failed_turns: int
     failed_calls: int
     p50_ms: float | None
     p95_ms: float | None
     jitter_p95_ms: float | None  # |frame inter-arrival - 20 ms|, 95th percentile
     jitter_max_ms: float | None
+    reply_audio_s: float  # reply audio heard, over all calls
     gap_frames: int | None  # server: silent frames sent mid-reply
     cpu_per_call_pct: float | None  # server process tree, % of one core
     gateway_cpu_per_call_pct: float | None  # the server process alone (gateway + sessions)
+    load_average: float  # this machine's 1-minute load when the run started
     errors: list[str] = field(default_factory=list)
 
 
 async def _one_call(
-    url: str, key: str | None, utterance: np.ndarray, turns: int, max_tokens: int
+    url: str, key: str | None, utterance: np.ndarray, turns: int, max_tokens: int, wait: float
 ) -> CallResult:
     result = CallResult()
     client = CallClient(url, key)
@@ -255,14 +260,17 @@ async def _one_call(
         await client.expect("session.updated")
         for _ in range(turns):
             ended = await client.say(utterance)
+            done = (await client.expect("response.done", wait))["response"]
+            if done["status"] != "completed":
+                details = done.get("status_details") or {}
+                reason = (details.get("error") or {}).get("message") or details.get("reason")
+                result.failed_turns.append(f"reply {done['status']}: {reason}")
+                continue
+            await client.seen("output_audio_buffer.stopped", wait, response_id=done["id"])
             heard = await client.first_sound_after(ended)
             result.latencies_ms.append((heard - ended) * 1000)
-            done = (await client.expect("response.done"))["response"]
-            if done["status"] != "completed":
-                result.error = f"a reply ended {done['status']}"
-                break
-            await client.seen("output_audio_buffer.stopped", response_id=done["id"])
         result.arrivals = client.arrivals
+        result.reply_frames = len(client.loud)
     except Exception as exc:  # noqa: BLE001 - one call failing is a result, not the end of the run
         result.error = f"{type(exc).__name__}: {exc}"
     finally:
@@ -286,13 +294,20 @@ async def _gap_frames(url: str) -> int | None:
 
 
 async def run_level(
-    url: str, key: str | None, calls: int, turns: int, max_tokens: int, pid: int | None
+    url: str,
+    key: str | None,
+    calls: int,
+    turns: int,
+    max_tokens: int,
+    wait: float,
+    pid: int | None,
 ) -> LevelResult:
     utterance = speech()
+    load = os.getloadavg()[0]
     gaps_before = await _gap_frames(url)
     cpu_before, wall_before = _cpu_seconds(pid), time.monotonic()
     results = await asyncio.gather(
-        *(_one_call(url, key, utterance, turns, max_tokens) for _ in range(calls))
+        *(_one_call(url, key, utterance, turns, max_tokens, wait) for _ in range(calls))
     )
     cpu_after, wall = _cpu_seconds(pid), time.monotonic() - wall_before
     gaps_after = await _gap_frames(url)
@@ -310,15 +325,18 @@ async def run_level(
     return LevelResult(
         calls=calls,
         turns=len(latencies),
+        failed_turns=sum(len(r.failed_turns) for r in results),
         failed_calls=sum(r.error is not None for r in results),
         p50_ms=statistics.median(latencies) if latencies else None,
         p95_ms=pct(latencies, 95),
         jitter_p95_ms=pct(jitter, 95),
         jitter_max_ms=max(jitter) if jitter else None,
+        reply_audio_s=sum(r.reply_frames for r in results) * FRAME / 48_000,
         gap_frames=None if gaps_before is None or gaps_after is None else gaps_after - gaps_before,
         cpu_per_call_pct=per_call(0),
         gateway_cpu_per_call_pct=per_call(1),
-        errors=sorted({r.error for r in results if r.error}),
+        load_average=load,
+        errors=sorted({e for r in results for e in [r.error, *r.failed_turns] if e}),
     )
 
 
@@ -392,14 +410,17 @@ def table(levels: list[LevelResult]) -> str:
         (
             "calls",
             "turns",
-            "failed",
+            "failed turns",
+            "failed calls",
             "p50 ms",
             "p95 ms",
             "jitter p95 ms",
             "jitter max ms",
+            "reply s",
             "gap frames",
             "CPU/call %",
             "gateway CPU/call %",
+            "load",
         )
     ]
     for r in levels:
@@ -407,14 +428,17 @@ def table(levels: list[LevelResult]) -> str:
             (
                 str(r.calls),
                 str(r.turns),
+                str(r.failed_turns),
                 str(r.failed_calls),
                 f(r.p50_ms),
                 f(r.p95_ms),
                 f1(r.jitter_p95_ms),
                 f1(r.jitter_max_ms),
+                f1(r.reply_audio_s),
                 "-" if r.gap_frames is None else str(r.gap_frames),
                 f1(r.cpu_per_call_pct),
                 f1(r.gateway_cpu_per_call_pct),
+                f1(r.load_average),
             )
         )
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
@@ -432,14 +456,15 @@ def run(args: argparse.Namespace) -> int:
     key = args.api_key or os.environ.get("OMNI_API_KEY")
     levels = []
     for calls in args.calls:
-        levels.append(asyncio.run(run_level(url, key, calls, args.turns, args.max_tokens, pid)))
+        level = run_level(url, key, calls, args.turns, args.max_tokens, args.reply_timeout, pid)
+        levels.append(asyncio.run(level))
         print(table(levels[-1:]), flush=True)
     print()
     print(table(levels))
     if args.json:
         Path(args.json).write_text(json.dumps([asdict(level) for level in levels], indent=2))
         print(f"wrote {args.json}")
-    return 0 if all(level.failed_calls == 0 for level in levels) else 1
+    return 0 if all(level.failed_calls + level.failed_turns == 0 for level in levels) else 1
 
 
 def add_calls_command(actions: argparse._SubParsersAction) -> None:
@@ -457,6 +482,12 @@ def add_calls_command(actions: argparse._SubParsersAction) -> None:
     bench.add_argument("--turns", type=int, default=3, help="spoken turns per call (default 3)")
     bench.add_argument(
         "--max-tokens", type=int, default=16, help="cap on each reply's text tokens (default 16)"
+    )
+    bench.add_argument(
+        "--reply-timeout",
+        type=float,
+        default=120.0,
+        help="seconds a turn may wait for its reply (a loaded CPU server is slow; default 120)",
     )
     bench.add_argument("--api-key", help="API key (default: $OMNI_API_KEY; none if auth is off)")
     bench.add_argument(

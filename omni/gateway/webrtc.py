@@ -12,9 +12,12 @@ config the call starts with). Each call is one aiortc peer connection and one
 reply is played on a paced track (playout.py) that the session clears on barge-in.
 
 A call ends on DELETE, when the caller closes the connection, when ICE fails, when the
-session ends (its time cap), or when the caller has sent no media for
-`call_idle_timeout_seconds` (a peer that vanished without a word). No public STUN server is
+session ends (its time cap), when it is not connected within 30 s, or when the connected
+caller has sent no media for `call_idle_timeout_seconds` (a peer that vanished without a
+word). No public STUN server is
 contacted unless configured: aiortc adds Google's when given no list, so it always gets one.
+Configured STUN/TURN servers (with fresh TURN REST credentials, turn.py) go both to pages and
+to the server's own ICE agent, minted per page load and per call since they expire.
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ from omni.gateway.auth import Grant, bearer_token
 from omni.gateway.inbound import MicReader, read_video
 from omni.gateway.playout import ReplyAudioTrack
 from omni.gateway.state import Gateway, openai_error
+from omni.gateway.turn import ice_servers_for_client
 from omni.session.errors import new_id
 from omni.session.outputs import AudioOut, Closed
 from omni.session.session import RealtimeSession
@@ -59,6 +63,7 @@ MAX_OFFER_BYTES = 64 * 1024
 MAX_INBOX = 256  # client events waiting for the session; more means the caller floods
 MAX_EARLY_EVENTS = 256  # server events held until the caller's data channel opens
 MAX_CHANNEL_BUFFER = 4 * 1024 * 1024  # unsent event bytes: past this the caller isn't reading
+CONNECT_TIMEOUT_S = 30.0  # from the answer to a connected call (ICE + DTLS)
 AUDIO_DONE = {"response.output_audio.done", "response.audio.done"}  # GA and beta names
 _SOURCE_WEB = Path(__file__).resolve().parents[2] / "web"
 
@@ -68,15 +73,16 @@ class OfferError(ValueError):
 
 
 def ice_servers(settings: Settings) -> list[RTCIceServer]:
+    """The configured STUN/TURN servers (TURN REST credentials minted now) for aiortc."""
     servers = []
-    for entry in settings.ice_servers:
+    for entry in ice_servers_for_client(settings):
         urls = entry.get("urls")
         if not urls:
             raise ValueError(f"ice_servers: {entry!r} has no 'urls'")
         username, credential = entry.get("username"), entry.get("credential")
         servers.append(
             RTCIceServer(
-                urls=urls,
+                urls=urls,  # type: ignore[arg-type]
                 username=username if isinstance(username, str) else None,
                 credential=credential if isinstance(credential, str) else None,
             )
@@ -108,7 +114,8 @@ class Call:
         self._early: list[str] = []
         self._inbox: asyncio.Queue[str | bytes] = asyncio.Queue()
         self._tasks: list[asyncio.Task[None]] = []
-        self._heard_at = time.monotonic()
+        self._heard_at = 0.0
+        self._connected = asyncio.Event()
         self._closing = False
         self._gaps = gaps
 
@@ -266,6 +273,13 @@ class Call:
         self._heard_at = time.monotonic()
 
     async def _watch_idle(self, timeout: float) -> None:
+        # silence counts once media can flow: setting up may take longer than the timeout
+        try:
+            await asyncio.wait_for(self._connected.wait(), CONNECT_TIMEOUT_S)
+        except TimeoutError:
+            await self.close("connect_timeout")
+            return
+        self._heard()
         while True:
             silent_for = time.monotonic() - self._heard_at
             if silent_for >= timeout:
@@ -274,6 +288,8 @@ class Call:
             await asyncio.sleep(timeout - silent_for)
 
     def _on_connection_state(self) -> None:
+        if self.pc.connectionState == "connected":
+            self._connected.set()
         if self.pc.connectionState in ("failed", "closed"):
             self._spawn_close(
                 "client_gone" if self.pc.connectionState == "closed" else "ice_failed"
@@ -298,7 +314,7 @@ class Calls:
 
     def __init__(self, gateway: Gateway) -> None:
         self.gateway = gateway
-        self.ice = ice_servers(gateway.settings)
+        ice_servers(gateway.settings)  # a bad list fails at startup, not on the first call
         self.calls: dict[str, Call] = {}
         self.gaps = Counter(
             "omni_webrtc_playout_gap_frames",
@@ -322,7 +338,7 @@ class Calls:
         settings = self.gateway.settings
         return JSONResponse(
             {
-                "ice_servers": settings.ice_servers,
+                "ice_servers": ice_servers_for_client(settings),
                 "voices": list(VOICES),
                 "video": {"max_fps": settings.video_max_fps, "max_side": settings.video_max_side},
             }
@@ -358,7 +374,7 @@ class Calls:
             return _unavailable(
                 "session_limit_reached", f"the server is at its limit of {limit} sessions"
             )
-        pc = RTCPeerConnection(RTCConfiguration(iceServers=self.ice))
+        pc = RTCPeerConnection(RTCConfiguration(iceServers=ice_servers(gateway.settings)))
         call = Call(gateway, pc, grant, request.query_params.get("model"), self.gaps)
         try:
             answer = await call.negotiate(offer)
