@@ -14,9 +14,8 @@ reply is played on a paced track (playout.py) that the session clears on barge-i
 A call ends on DELETE, when the caller closes the connection, when ICE fails, when the
 session ends (its time cap), when it is not connected within 30 s, or when the connected
 caller has sent no media for `call_idle_timeout_seconds` (a peer that vanished without a
-word). No public STUN server is
-contacted unless configured: aiortc adds Google's when given no list, so it always gets one.
-Configured STUN/TURN servers (with fresh TURN REST credentials, turn.py) go both to pages and
+word). No public STUN server is contacted unless configured: aiortc adds Google's when
+given no list, so it always gets one. Configured STUN/TURN servers (with fresh TURN REST credentials, turn.py) go both to pages and
 to the server's own ICE agent, minted per page load and per call since they expire.
 """
 
