@@ -61,6 +61,7 @@ async def chromium(wav: Path) -> AsyncIterator[Browser]:
                 f"--use-file-for-fake-audio-capture={wav}",
                 "--disable-background-networking",
                 "--autoplay-policy=no-user-gesture-required",
+                "--auto-select-desktop-capture-source=Entire screen",
             ],
         )
         try:
@@ -139,6 +140,17 @@ async def test_voice_and_video_calls_from_the_page(speech_wav: Path) -> None:
         assert heard.startswith("Reply 1.") and heard.count("so on") < 200
         latencies = await page.locator("#latencies li").all_inner_texts()
         assert latencies and latencies[0].startswith("Turn 1: ")
+        # share the screen mid-call: the model sees it on the next turn
+        await page.click("#share-screen")
+        await page.wait_for_selector("#share-screen[aria-pressed=true]")
+        await page.wait_for_function(
+            "document.querySelector('#preview').videoWidth > 0", timeout=WAIT_MS
+        )
+        await page.wait_for_selector(
+            "#transcript li.assistant >> text=camera frames", timeout=WAIT_MS
+        )
+        await page.click("#share-screen")
+        await page.wait_for_selector("#share-screen[aria-pressed=false]")
         await hang_up(page, server)
         assert await page.locator("#alert").is_hidden()
 
