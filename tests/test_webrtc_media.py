@@ -72,7 +72,7 @@ async def test_idle_track_sends_paced_silence() -> None:
         assert not frame.to_ndarray().any()
     elapsed = time.monotonic() - start
     assert pts == [i * FRAME for i in range(11)]
-    assert 0.19 <= elapsed < 0.3  # 10 ticks of 20 ms after the first frame
+    assert 0.19 <= elapsed < 0.4  # 10 ticks of 20 ms after the first frame (a busy CI: slack)
     assert recorder.events == [] and recorder.gaps == 0
 
 
@@ -237,9 +237,11 @@ async def test_video_sampled_scaled_and_drained() -> None:
         pushed.append((time.monotonic(), rgb.shape))
 
     track = FakeTrack("video", [video_frame(1280, 720) for _ in range(45)], interval=1 / 30)
+    start = time.monotonic()
     await read_video(track, push, lambda: None, max_fps=2.0, max_side=448)
+    seconds = time.monotonic() - start  # 1.5 s, more on a busy machine
     assert track.read == 45  # all read: nothing waits in aiortc's queue
-    assert 2 <= len(pushed) <= 3  # 1.5 s at 2 per second
+    assert 2 <= len(pushed) <= 2 * seconds + 1
     assert all(shape == (252, 448, 3) for _, shape in pushed)
     times = [t for t, _ in pushed]
     assert all(b - a >= 0.5 for a, b in itertools.pairwise(times))

@@ -2,8 +2,8 @@
 screen as a few scaled RGB frames per second.
 
 aiortc puts every decoded frame of an accepted track in an unbounded queue (aiortc#554), so
-each track here is read to its end, and what is not wanted (video between samples) is read
-and dropped. The microphone is read by one loop and handed to the session by another, so a
+each track here is read to its end, whatever happens to a frame, and what is not wanted
+(video between samples) is read and dropped. The microphone is read by one loop and handed to the session by another, so a
 slow moment in the session (its VAD runs in threads) never leaves frames piling up inside
 aiortc; the backlog between the two is capped instead, in one visible place.
 """
@@ -54,7 +54,10 @@ class MicReader:
                 except MediaStreamError:
                     return
                 self.heard()
-                self._add(self._to_16k(frame))  # type: ignore[arg-type]
+                try:
+                    self._add(self._to_16k(frame))  # type: ignore[arg-type]
+                except Exception:  # one odd frame must not stop the reading
+                    log.exception("caller audio %s: dropped a frame", self.track.id)
         finally:
             pusher.cancel()
             await asyncio.gather(pusher, return_exceptions=True)
@@ -115,7 +118,11 @@ async def read_video(
         heard()
         if time.monotonic() < next_at:
             continue
-        rgb = await asyncio.to_thread(to_rgb, frame, max_side)  # type: ignore[arg-type]
+        try:
+            rgb = await asyncio.to_thread(to_rgb, frame, max_side)  # type: ignore[arg-type]
+        except Exception:  # one odd frame must not stop the reading
+            log.exception("caller video %s: dropped a frame", track.id)
+            continue
         # spaced from the push, not the arrival: the session checks the rate at the push
         next_at = time.monotonic() + interval
         await push(rgb)

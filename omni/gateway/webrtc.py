@@ -25,6 +25,7 @@ import asyncio
 import json
 import logging
 import time
+from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -107,7 +108,7 @@ class Call:
         self.track: ReplyAudioTrack | None = None
         self._grant = grant
         self._model = model
-        self.closed = asyncio.Event()
+        self.on_closed: Callable[[Call], None] | None = None
         self._remote: list[MediaStreamTrack] = []
         self._channel: RTCDataChannel | None = None
         self._early: list[str] = []
@@ -190,7 +191,8 @@ class Call:
         if self.track is not None:
             self.track.stop()
         await self.pc.close()
-        self.closed.set()
+        if self.on_closed is not None:
+            self.on_closed(self)
 
     # -- events
 
@@ -377,16 +379,18 @@ class Calls:
         call = Call(gateway, pc, grant, request.query_params.get("model"), self.gaps)
         try:
             answer = await call.negotiate(offer)
-        except (OfferError, EngineError) as exc:
-            await call.close("refused")
+        except BaseException as exc:  # whatever went wrong, nothing of the call is left
             gateway.release_slot()
+            await call.close("refused")
             if isinstance(exc, OfferError):
                 return openai_error(400, "invalid_sdp", str(exc))
-            return openai_error(500, "engine_error", str(exc))
+            if isinstance(exc, EngineError):
+                return openai_error(500, "engine_error", str(exc))
+            raise
         assert call.session is not None
         self.calls[call.id] = call
         gateway.sessions.add(call.session)
-        asyncio.create_task(self._forget(call))
+        call.on_closed = self._forget
         return Response(
             answer,
             status_code=201,
@@ -405,8 +409,7 @@ class Calls:
         await call.close("client_hung_up")
         return Response(status_code=204)
 
-    async def _forget(self, call: Call) -> None:
-        await call.closed.wait()
+    def _forget(self, call: Call) -> None:
         self.calls.pop(call.id, None)
         if call.session is not None:
             self.gateway.sessions.discard(call.session)
