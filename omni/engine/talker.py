@@ -164,7 +164,7 @@ class TalkerConversation:
             k = len(reply.codes)
             part = self._reply_part(k)
             codec = self.model.get_input_embeddings()(torch.tensor([reply.codes[-1]], device=self.device))
-            pos = reply.start_pos + 2 + k
+            pos = reply.start_pos + 1 + k  # the opening took start_pos and start_pos + 1
             logits = self._forward((codec[0] + part)[None], torch.full((3, 1), pos))
             reply.logits = logits
         seen = torch.tensor([[self.mask, self.pad, self.bos, *reply.codes]], device=self.device)
