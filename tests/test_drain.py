@@ -50,6 +50,7 @@ class Server:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             text=True,
+            start_new_session=True,  # its own process group: a failed test kills the workers too
         )
         self.lines: list[str] = []
         self.port: int | None = None
@@ -97,7 +98,7 @@ def server(tiny_checkpoint: Path) -> Iterator[Server]:
         yield running
     finally:
         if running.proc.poll() is None:
-            running.proc.kill()
+            os.killpg(running.proc.pid, signal.SIGKILL)
             running.proc.wait()
 
 
