@@ -24,6 +24,7 @@ async def test_one_level_measures_latency_jitter_gaps_and_cpu() -> None:
     assert level.p50_ms is not None and 0 < level.p50_ms < 5000
     assert level.jitter_p95_ms is not None and level.jitter_p95_ms < 100
     assert level.reply_audio_s > 0.2
+    assert level.server_first_audio_ms is not None and level.server_first_audio_ms < level.p50_ms
     # the scripted engine runs faster than real time: few if any (a busy machine adds some)
     assert level.gap_frames is not None and level.gap_frames * 0.02 < level.reply_audio_s
     assert level.cpu_per_call_pct is not None and level.cpu_per_call_pct > 0
@@ -35,7 +36,22 @@ def test_command_line_writes_json(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
 
     async def fake_level(*args: object) -> bench.LevelResult:
         seen["args"] = args
-        return bench.LevelResult(2, 4, 0, 0, 900.0, 1200.0, 3.0, 9.0, 8.0, 0, 12.0, 4.0, 0.5)
+        return bench.LevelResult(
+            calls=2,
+            turns=4,
+            failed_turns=0,
+            failed_calls=0,
+            p50_ms=900.0,
+            p95_ms=1200.0,
+            jitter_p95_ms=3.0,
+            jitter_max_ms=9.0,
+            server_first_audio_ms=400.0,
+            reply_audio_s=8.0,
+            gap_frames=0,
+            cpu_per_call_pct=12.0,
+            gateway_cpu_per_call_pct=4.0,
+            load_average=0.5,
+        )
 
     monkeypatch.setattr(bench, "run_level", fake_level)
     out = tmp_path / "calls.json"

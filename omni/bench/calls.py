@@ -6,9 +6,10 @@ into its microphone in real time, then listens, and records the time from the en
 speech to the first sound of the reply arriving: voice to voice as the caller's network
 stack sees it (the server's VAD silence, the model, both directions of the network; not the
 caller's playout buffer). Over the run it also records the arrival jitter of reply audio
-frames, the gaps the server reports (silence sent mid-reply because the model fell behind;
-from /metrics), and the server's CPU time (its process and the engine's worker processes,
-read from /proc) per call.
+frames, what the server itself reports (/metrics: the silence it sent mid-reply because the
+model fell behind, and its own time from the VAD's end of turn to the first audio sent, so
+the client's latency can be taken apart), and the server's CPU time (its process and the
+engine's worker processes, read from /proc) per call.
 
 `CallClient` is also the tests' client for /v1/realtime/calls.
 """
@@ -20,7 +21,6 @@ import asyncio
 import io
 import json
 import os
-import re
 import shutil
 import statistics
 import subprocess
@@ -232,6 +232,7 @@ class LevelResult:
     p95_ms: float | None
     jitter_p95_ms: float | None  # |frame inter-arrival - 20 ms|, 95th percentile
     jitter_max_ms: float | None
+    server_first_audio_ms: float | None  # server: mean VAD end of turn to first audio sent
     reply_audio_s: float  # reply audio heard, over all calls
     gap_frames: int | None  # server: silent frames sent mid-reply
     cpu_per_call_pct: float | None  # server process tree, % of one core
@@ -283,14 +284,25 @@ def _jitter_ms(arrivals: list[float]) -> list[float]:
     return list(np.abs(gaps - FRAME * 1000.0 / 48_000))
 
 
-async def _gap_frames(url: str) -> int | None:
+# the server's own counters, from /metrics: gap frames, and its VAD-end-to-first-audio stage
+_COUNTERS = {
+    "gaps": "omni_webrtc_playout_gap_frames_total",
+    "first_audio_s": 'omni_turn_stage_seconds_sum{stage="vad_end_to_first_audio"}',
+    "first_audio_n": 'omni_turn_stage_seconds_count{stage="vad_end_to_first_audio"}',
+}
+
+
+async def _server_counters(url: str) -> dict[str, float] | None:
     try:
         async with httpx.AsyncClient(base_url=url, timeout=10) as http:
             text = (await http.get("/metrics")).text
     except httpx.HTTPError:
         return None
-    found = re.search(r"^omni_webrtc_playout_gap_frames_total (\S+)$", text, re.MULTILINE)
-    return int(float(found.group(1))) if found else None
+    values = dict(line.rsplit(" ", 1) for line in text.splitlines() if line[:1] not in "#")
+    if _COUNTERS["gaps"] not in values:
+        return None  # not a server with WebRTC calls
+    # a labelled series appears with its first observation
+    return {key: float(values.get(name, 0)) for key, name in _COUNTERS.items()}
 
 
 async def run_level(
@@ -304,14 +316,15 @@ async def run_level(
 ) -> LevelResult:
     utterance = speech()
     load = os.getloadavg()[0]
-    gaps_before = await _gap_frames(url)
+    before = await _server_counters(url)
     cpu_before, wall_before = _cpu_seconds(pid), time.monotonic()
     results = await asyncio.gather(
         *(_one_call(url, key, utterance, turns, max_tokens, wait) for _ in range(calls))
     )
     cpu_after, wall = _cpu_seconds(pid), time.monotonic() - wall_before
-    gaps_after = await _gap_frames(url)
+    after = await _server_counters(url)
     latencies = sorted(ms for r in results for ms in r.latencies_ms)
+    delta = {k: after[k] - before[k] for k in after} if before and after else None
     jitter = [j for r in results for j in _jitter_ms(r.arrivals)]
 
     def pct(values: list[float], q: float) -> float | None:
@@ -332,7 +345,12 @@ async def run_level(
         jitter_p95_ms=pct(jitter, 95),
         jitter_max_ms=max(jitter) if jitter else None,
         reply_audio_s=sum(r.reply_frames for r in results) * FRAME / 48_000,
-        gap_frames=None if gaps_before is None or gaps_after is None else gaps_after - gaps_before,
+        gap_frames=int(delta["gaps"]) if delta else None,
+        server_first_audio_ms=(
+            1000 * delta["first_audio_s"] / delta["first_audio_n"]
+            if delta and delta["first_audio_n"]
+            else None
+        ),
         cpu_per_call_pct=per_call(0),
         gateway_cpu_per_call_pct=per_call(1),
         load_average=load,
@@ -416,6 +434,7 @@ def table(levels: list[LevelResult]) -> str:
             "p95 ms",
             "jitter p95 ms",
             "jitter max ms",
+            "server first audio ms",
             "reply s",
             "gap frames",
             "CPU/call %",
@@ -434,6 +453,7 @@ def table(levels: list[LevelResult]) -> str:
                 f(r.p95_ms),
                 f1(r.jitter_p95_ms),
                 f1(r.jitter_max_ms),
+                f(r.server_first_audio_ms),
                 f1(r.reply_audio_s),
                 "-" if r.gap_frames is None else str(r.gap_frames),
                 f1(r.cpu_per_call_pct),
