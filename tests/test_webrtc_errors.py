@@ -241,3 +241,15 @@ async def test_server_shutdown_ends_calls() -> None:
     # the server stopped with the call up: the caller is told, nothing hangs
     await until(lambda: client.pc.connectionState in ("closed", "failed"), timeout=10)
     await client.close()
+
+
+async def test_the_call_page_is_served(server: RunningServer) -> None:
+    async with http(server) as client:
+        page = await client.get("/")
+        script = await client.get("/web/app.js")
+        style = await client.get("/web/style.css")
+        missing = await client.get("/web/nope.js")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert "Video call" in page.text and "web/app.js" in page.text
+    assert script.status_code == 200 and "oai-events" in script.text
+    assert style.status_code == 200 and missing.status_code == 404

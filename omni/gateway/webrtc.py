@@ -50,7 +50,7 @@ from omni.gateway.inbound import MicReader, read_video
 from omni.gateway.playout import ReplyAudioTrack
 from omni.gateway.state import Gateway, openai_error
 from omni.gateway.turn import ice_servers_for_client
-from omni.session.errors import new_id
+from omni.session.errors import RealtimeError, new_id
 from omni.session.outputs import AudioOut, Closed
 from omni.session.session import RealtimeSession
 from omni.settings import Settings
@@ -222,19 +222,8 @@ class Call:
     def _on_message(self, message: str | bytes) -> None:
         self._heard()
         if self._inbox.qsize() >= MAX_INBOX:
-            self.send(
-                {
-                    "type": "error",
-                    "event_id": new_id("event"),
-                    "error": {
-                        "type": "invalid_request_error",
-                        "code": "too_many_events",
-                        "message": f"over {MAX_INBOX} events are waiting; this one was dropped",
-                        "param": None,
-                        "event_id": None,
-                    },
-                }
-            )
+            message = f"over {MAX_INBOX} events are waiting; this one was dropped"
+            self.send(RealtimeError("too_many_events", message).to_event())
             return
         self._inbox.put_nowait(message)
 
