@@ -38,7 +38,8 @@ def conversation(parts, rows: list) -> ThinkerConversation:
     )
 
 
-@pytest.mark.parametrize("seconds", [5.37, 4.0, 1.3])
+# 4.0113 s ends on a 1-frame tail (no audio token); 1.3 s is a single partial chunk
+@pytest.mark.parametrize("seconds", [5.37, 4.0, 4.0113, 1.3])
 def test_chunked_prefill_equals_whole_turn(thinker, seconds):
     rng = np.random.default_rng(7)
     audio = (rng.standard_normal(int(seconds * 16000)) * 0.1).astype(np.float32)

@@ -321,13 +321,16 @@ class ThinkerConversation:
 
     def _prefill_audio_chunk(self, turn: _Turn, frames: np.ndarray) -> None:
         n_frames = frames.shape[1]
+        if turn.chunker is not None:
+            self._prefill_video_for_chunk(turn, n_frames)
+        n_tokens = int(_get_feat_extract_output_lengths(torch.tensor(n_frames)))
+        if n_tokens == 0:  # a 1-2 frame tail makes no audio token (offline too)
+            return
         feats = torch.from_numpy(frames).to(self.device, self.dtype)[None]
         mask = torch.ones(1, n_frames, dtype=torch.long, device=self.device)
         embeds = self.model.model.get_audio_features(feats, feature_attention_mask=mask).last_hidden_state
-        n_tokens = int(_get_feat_extract_output_lengths(torch.tensor(n_frames)))
         assert embeds.shape[0] == n_tokens
         if turn.chunker is not None:
-            self._prefill_video_for_chunk(turn, n_frames)
             positions = turn.chunker.audio(n_tokens)
         else:
             positions = self.positions.sequential(n_tokens)
