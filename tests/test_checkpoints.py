@@ -36,7 +36,7 @@ from omni.checkpoints.loader import resolve_model
 from omni.checkpoints.parts import load_speakers, load_talker, load_thinker
 from omni.checkpoints.presets import find_preset, load_presets, presets_file
 from omni.checkpoints.processor import has_video_processor, load_processor
-from omni.checkpoints.tiny_cache import MARKER_FILE
+from omni.checkpoints.tiny_cache import MARKER_FILE, default_tiny_dir, is_tiny_checkpoint
 from omni.checkpoints.tokenizer import ADDED_TOKEN_IDS, qwen_bpe_ranks
 from omni.checkpoints.weights import read_part
 from omni.cli import main
@@ -495,10 +495,12 @@ def test_cli_models_list(
     rows = {
         line.split()[0]: (line[source:local].strip(), line[local:].split()[0]) for line in lines
     }
+    big_speech = "yes" if is_tiny_checkpoint(default_tiny_dir("tiny-7b-speech")) else "no"
     assert rows == {
         "qwen2.5-omni-7b": ("Qwen/Qwen2.5-Omni-7B", "yes"),
         "qwen2.5-omni-3b": ("Qwen/Qwen2.5-Omni-3B", "no"),
         "tiny": ("made locally (tiny)", "yes"),
+        "tiny-7b-speech": ("made locally (tiny-7b-speech)", big_speech),
     }
 
 
