@@ -29,6 +29,7 @@ draws of a multiple of 16 values concatenate on the CPU generator, so this equal
 
 from __future__ import annotations
 
+import itertools
 import math
 import threading
 from collections.abc import Sequence
@@ -42,8 +43,8 @@ from transformers.models.qwen2_5_omni.modeling_qwen2_5_omni import (
     RungeKutta4ODESolver,
 )
 
-# Mel frames of context on each side of a vocoded chunk. The measured receptive field is about
-# 20 frames; one whole block keeps the join error at float noise.
+# Mel frames of final mel before a vocoded chunk (after it comes the one-block tail). The
+# measured receptive field is about 20 frames; a whole block keeps the join error at float noise.
 VOCODER_CONTEXT = 24
 
 
@@ -151,7 +152,9 @@ class StreamingToken2Wav:
                 raise RuntimeError("finish() was called; reset() before the next utterance")
             bad = [c for c in codes if not 0 <= c < self._num_codes]
             if bad:
-                raise ValueError(f"codes out of the DiT's range 0..{self._num_codes - 1}: {bad[:5]}")
+                raise ValueError(
+                    f"codes out of the DiT's range 0..{self._num_codes - 1}: {bad[:5]}"
+                )
             self._codes.extend(int(c) for c in codes)
             epoch = self._epoch
         chunks = []
@@ -231,20 +234,30 @@ class StreamingToken2Wav:
         return self._noise
 
     def _solve(
-        self, noise: torch.Tensor, codes: torch.Tensor, voice: tuple[torch.Tensor, torch.Tensor], epoch: int
+        self,
+        noise: torch.Tensor,
+        codes: torch.Tensor,
+        voice: tuple[torch.Tensor, torch.Tensor],
+        epoch: int,
     ) -> torch.Tensor:
         """Flow-matching ODE from `noise` (1, T, mel_dim) to mel (1, mel_dim, T), as `sample()`."""
         options = self.options
         conditioning, reference_mel = voice
         conditioning = conditioning.unsqueeze(1).repeat(1, noise.shape[1], 1)
-        inputs = dict(condition_vector=reference_mel, speaker_embedding=conditioning, quantized_code=codes)
+        inputs = {
+            "condition_vector": reference_mel,
+            "speaker_embedding": conditioning,
+            "quantized_code": codes,
+        }
 
         def velocity(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
             if self._epoch != epoch:  # reset() from another thread: stop within one DiT call
                 raise _Cancelled
             if options.guidance_scale < 1e-5:
                 return self._dit(hidden_states=x, time_step=t, apply_cfg=False, **inputs)
-            guided, unconditioned = self._dit(hidden_states=x, time_step=t, apply_cfg=True, **inputs).chunk(2)
+            guided, unconditioned = self._dit(
+                hidden_states=x, time_step=t, apply_cfg=True, **inputs
+            ).chunk(2)
             return guided + (guided - unconditioned) * options.guidance_scale
 
         t = torch.linspace(0, 1, options.num_steps, device=noise.device, dtype=conditioning.dtype)
@@ -254,7 +267,7 @@ class StreamingToken2Wav:
             x = RungeKutta4ODESolver(function=velocity, initial_value=noise).integrate(t)[-1]
         else:
             x = noise
-            for t0, t1 in zip(t[:-1], t[1:]):
+            for t0, t1 in itertools.pairwise(t):
                 x = x + (t1 - t0) * velocity(t0, x)
         return x.transpose(1, 2)
 
