@@ -1,4 +1,4 @@
-"""Streaming Token2Wav against transformers' whole-utterance Token2Wav, on a tiny random model."""
+"""Streaming Token2Wav against transformers' whole-utterance Token2Wav, on the tiny checkpoint."""
 
 from __future__ import annotations
 
@@ -7,8 +7,9 @@ import copy
 import numpy as np
 import pytest
 import torch
-from transformers import Qwen2_5OmniToken2WavConfig, Qwen2_5OmniToken2WavModel
+from transformers import Qwen2_5OmniToken2WavModel
 
+from omni.checkpoints.parts import load_speakers, load_talker
 from omni.engine.token2wav import StreamingToken2Wav, Token2WavOptions
 
 SAMPLES_PER_CODE = 480
@@ -16,43 +17,15 @@ JOIN_WINDOW = 240  # samples each side of a join: the surrounding 20 ms at 24 kH
 
 
 @pytest.fixture(scope="module")
-def model() -> Qwen2_5OmniToken2WavModel:
-    """Real transformers classes with tiny dims; block size, repeats and hop are the real ones."""
-    config = Qwen2_5OmniToken2WavConfig(
-        dit_config={
-            "hidden_size": 64,
-            "num_hidden_layers": 4,
-            "num_attention_heads": 4,
-            "head_dim": 16,
-            "ff_mult": 2,
-            "emb_dim": 32,
-            "look_ahead_layers": [2],
-            "look_backward_layers": [0, 3],
-            "block_size": 24,
-            "repeats": 2,
-            "num_embeds": 8193,
-            "mel_dim": 80,
-            "enc_emb_dim": 192,
-            "enc_dim": 16,
-            # ECAPA concatenates the middle layers' outputs into the last one
-            "enc_channels": [32, 32, 32, 32, 96],
-            "enc_attention_channels": 16,
-            "enc_se_channels": 16,
-        },
-        bigvgan_config={
-            "mel_dim": 80,
-            "upsample_initial_channel": 64,
-            "upsample_rates": [5, 3, 2, 2, 2, 2],
-        },
-    )
-    torch.manual_seed(0)
-    return Qwen2_5OmniToken2WavModel(config).eval()
+def model(tiny_checkpoint) -> Qwen2_5OmniToken2WavModel:
+    """The tiny checkpoint's Token2Wav (real classes; block size, repeats and hop are the real ones)."""
+    return load_talker(tiny_checkpoint).token2wav.eval()
 
 
 @pytest.fixture(scope="module")
-def voice() -> tuple[torch.Tensor, torch.Tensor]:
-    generator = torch.Generator().manual_seed(1)
-    return torch.randn(1, 192, generator=generator), torch.randn(1, 60, 80, generator=generator)
+def voice(tiny_checkpoint) -> tuple[torch.Tensor, torch.Tensor]:
+    speaker = load_speakers(tiny_checkpoint)["Chelsie"]
+    return speaker["cond"].float(), speaker["ref_mel"].float()
 
 
 def random_codes(n: int, seed: int = 2) -> list[int]:
