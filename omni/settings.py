@@ -86,6 +86,11 @@ class Settings(BaseSettings):
     engine_max_frame_side: int = Field(
         448, ge=28, description="Longest side, in pixels, of video frames the thinker patches."
     )
+    vocoder_solver: Literal["auto", "rk4", "euler"] = Field(
+        "auto",
+        description="Token2Wav ODE solver: rk4 as transformers (36 DiT passes per chunk), "
+        "euler as Qwen's streaming code (9); auto is rk4 on GPU, euler on CPU.",
+    )
 
     # -- auth
     api_keys: Annotated[list[str], NoDecode] = Field(

@@ -54,6 +54,9 @@ class EngineConfig:
     dtype: str = "auto"  # bfloat16 on CUDA, float32 on CPU
     max_codec_tokens: int = 4096  # per reply, unless ReplyOptions says otherwise
     max_frame_side: int = 448
+    # Token2Wav's ODE solver: rk4 (transformers) or euler (4x fewer DiT passes, Qwen's own
+    # streaming choice); auto: rk4 on GPU, euler on CPU, where rk4 can't keep up in real time
+    vocoder_solver: str = "auto"
     start_timeout_s: float = 900.0  # loading a 7B checkpoint can take minutes
     heartbeat_timeout_s: float = 30.0  # no beat for this long while alive: the worker hangs
     allow_faults: bool = False  # tests: accept InjectFault messages
@@ -140,6 +143,7 @@ class OmniEngine:
                 addresses=self.addresses,
                 allow_faults=self.config.allow_faults,
                 max_frame_side=self.config.max_frame_side,
+                vocoder_solver=_solver_for(self.config.vocoder_solver, self.config.talker_device),
             )
             proc = spawn.Process(target=target, args=(cfg,), name=f"omni-{name}", daemon=True)
             proc.start()
@@ -441,6 +445,12 @@ def _rgb(rgb: np.ndarray) -> np.ndarray:
     if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
         raise EngineError(f"expected a uint8 HxWx3 RGB image, got {rgb.dtype} {rgb.shape}")
     return rgb
+
+
+def _solver_for(solver: str, device: str) -> str:
+    if solver != "auto":
+        return solver
+    return "rk4" if device.startswith("cuda") else "euler"
 
 
 def _dtype_for(dtype: str, device: str) -> str:

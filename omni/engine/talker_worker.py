@@ -48,7 +48,7 @@ class TalkerWorker:
         self.token2wav = parts.token2wav.eval()
         self.speakers = parts.speakers
         self.special = special_embeds(cfg.model_path, self.model, self.speakers)
-        self.vocoder_options = Token2WavOptions()
+        self.vocoder_options = Token2WavOptions(solver=cfg.vocoder_solver)  # type: ignore[arg-type]
         a = cfg.addresses
         self.io = WorkerIO("talker", a.talker, {"frontend": a.frontend}, cfg.allow_faults)
         self.sessions: dict[str, TalkerConversation] = {}

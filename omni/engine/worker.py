@@ -38,7 +38,7 @@ class WorkerConfig:
     addresses: Addresses
     allow_faults: bool = False
     max_frame_side: int = 448
-    heartbeat_s: float = 1.0
+    vocoder_solver: str = "rk4"
 
 
 class WorkerIO:
