@@ -67,3 +67,18 @@ def test_chunked_prefill_equals_whole_turn(thinker, seconds):
     assert torch.allclose(logits, whole, atol=1e-4, rtol=1e-4), (logits - whole).abs().max()
     # the context rows cover every cache position exactly once
     assert sum(r.rows.shape[0] for r in rows) == len(conv.token_ids)
+
+
+def test_new_instructions_become_a_system_turn_before_the_reply(thinker):
+    """Changing instructions mid-call adds a system turn; the cache keeps what came before."""
+    conv = conversation(thinker, [])
+    conv.add_text("Hi")
+    conv.end_turn()
+    before = list(conv.token_ids)
+    conv.add_text("Again")
+    conv.end_turn(system_prompt=SPEECH_SYSTEM_PROMPT + "\nAnswer in French.")
+    conv.end_turn(system_prompt=SPEECH_SYSTEM_PROMPT + "\nAnswer in French.")  # unchanged: no turn
+    text = thinker.tokenizer.decode(conv.token_ids[len(before) :])
+    assert conv.token_ids[: len(before)] == before
+    assert text.count("<|im_start|>system\n") == 1
+    assert text.index("Again") < text.index("Answer in French.<|im_end|>\n<|im_start|>assistant\n")

@@ -33,7 +33,8 @@ class SessionOptions:
 class ReplyOptions:
     output_audio: bool = True
     voice: str | None = None  # None: the session's voice
-    instructions: str | None = None  # per-reply override of SessionOptions.instructions
+    # new instructions from this reply on (a system turn before it); None keeps the current ones
+    instructions: str | None = None
     greedy: bool = False  # greedy thinker and talker (tests, benchmarks)
     max_text_tokens: int = 1024
     max_codec_tokens: int | None = None  # None: the checkpoint preset's default

@@ -129,9 +129,8 @@ class ThinkerConversation:
         self.reply: Reply | None = None
         self.last_reply_start: int | None = None
         self.last_reply_tokens: list[int] = []
-        self._prefill_text(
-            [ids.im_start, *ids.system, ids.newline, *encode_text(system_prompt), ids.im_end, ids.newline]
-        )
+        self.system_prompt = system_prompt
+        self._prefill_text(self._system_turn(system_prompt))
 
     # -- user input ---------------------------------------------------------------------
 
@@ -172,8 +171,12 @@ class ThinkerConversation:
         while turn.mel_buffered >= FRAMES_PER_CHUNK:
             self._prefill_audio_chunk(turn, self._take_frames(turn, FRAMES_PER_CHUNK))
 
-    def end_turn(self) -> torch.Tensor:
-        """Close the user turn (prefilling what is left) and open the assistant's; returns logits."""
+    def end_turn(self, system_prompt: str | None = None) -> torch.Tensor:
+        """Close the user turn (prefilling what is left) and open the assistant's; returns logits.
+
+        A changed `system_prompt` (new instructions mid-call) goes in as a system turn right
+        before the reply: the cache keeps everything said so far, nothing is recomputed.
+        """
         closing: list[int] = []
         turn = self.turn
         if turn is not None:
@@ -182,7 +185,11 @@ class ThinkerConversation:
                 if turn.chunker is None:
                     closing.append(self.ids.audio_eos)
             closing += [self.ids.im_end, self.ids.newline]
-        closing += [*self.tail, self.ids.im_start, *self.ids.assistant, self.ids.newline]
+        closing += self.tail
+        if system_prompt is not None and system_prompt != self.system_prompt:
+            closing += self._system_turn(system_prompt)
+            self.system_prompt = system_prompt
+        closing += [self.ids.im_start, *self.ids.assistant, self.ids.newline]
         self.tail = []
         self.turn = None
         hidden = self._prefill_text(closing)
@@ -281,6 +288,10 @@ class ThinkerConversation:
         self.tail = [*unfed, self.ids.im_end, self.ids.newline]
 
     # -- internals ------------------------------------------------------------------------
+
+    def _system_turn(self, text: str) -> list[int]:
+        ids = self.ids
+        return [ids.im_start, *ids.system, ids.newline, *self.encode_text(text), ids.im_end, ids.newline]
 
     def _open_turn(self) -> _Turn:
         if self.turn is None:

@@ -113,9 +113,7 @@ class ThinkerWorker:
         return conv
 
     def open(self, msg: p.OpenSession) -> None:
-        system = SPEECH_SYSTEM_PROMPT
-        if msg.instructions:
-            system = f"{system}\n{msg.instructions}"
+        system = system_prompt(msg.instructions)
 
         def send_rows(piece: ContextRows, session: str = msg.session) -> None:
             self.io.send(
@@ -140,7 +138,9 @@ class ThinkerWorker:
             raise RuntimeError("a reply is already in progress")
         started = time.perf_counter()
         input_before = conv.turn.start_len if conv.turn is not None else len(conv.token_ids)
-        logits = conv.end_turn()
+        # instructions=None keeps the session's; anything else (even "") sets them from here on
+        system = None if msg.instructions is None else system_prompt(msg.instructions)
+        logits = conv.end_turn(system)
         prefill_ms = (time.perf_counter() - started) * 1000
         conv.start_reply(
             logits, msg.max_text_tokens, msg.greedy, msg.min_text_tokens, msg.seed
@@ -224,6 +224,11 @@ class ThinkerWorker:
                 list(reply.tokens),
             ),
         )
+
+
+def system_prompt(instructions: str | None) -> str:
+    """The model's speech prompt always comes first (without it Qwen2.5-Omni can't speak)."""
+    return f"{SPEECH_SYSTEM_PROMPT}\n{instructions}" if instructions else SPEECH_SYSTEM_PROMPT
 
 
 def token_ids(tokenizer, eos: int | list[int] | None) -> TokenIds:
