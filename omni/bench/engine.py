@@ -125,6 +125,7 @@ def run(args: argparse.Namespace) -> int:
         thinker_device=thinker_device,
         talker_device=talker_device,
         max_codec_tokens=args.codec_tokens,
+        vocoder_solver=args.vocoder_solver,
         start_timeout_s=1800,
         heartbeat_timeout_s=600,  # real-size shapes on a CPU take long steps
     )
@@ -168,6 +169,12 @@ def add_engine_command(actions: argparse._SubParsersAction) -> None:
     bench.add_argument("--codec-tokens", type=int, default=500, help="reply length in codec tokens (500 = 10 s)")
     bench.add_argument("--text-tokens", type=int, help="reply length in text tokens (default: codec tokens / 5)")
     bench.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    bench.add_argument(
+        "--vocoder-solver",
+        default="rk4",
+        choices=("rk4", "euler"),
+        help="Token2Wav ODE solver for the streaming path (default rk4, the reference's own)",
+    )
     bench.add_argument("--threads", type=int, help="torch threads per process on CPU (default 1)")
     bench.add_argument("--json", help="also write the results to this JSON file")
     bench.set_defaults(run=run)
