@@ -77,7 +77,7 @@ def _serve(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
     from pydantic_settings import SettingsError
 
-    from omni.engine.engine import EngineConfig, default_devices, running_engine
+    from omni.engine.engine import EngineConfig, resolve_devices, running_engine
     from omni.gateway.serve import run_server
     from omni.logs import configure_logging
     from omni.settings import Settings
@@ -96,11 +96,7 @@ def _serve(args: argparse.Namespace) -> int:
         OMNI_CPU_THREADS=str(settings.cpu_threads),
     )
     resolved = resolve_model(settings.model)
-    if settings.device == "auto":
-        thinker_device, talker_device = default_devices()
-    else:
-        thinker_device = talker_device = settings.device
-    talker_device = settings.talker_device or talker_device
+    thinker_device, talker_device = resolve_devices(settings.device, settings.talker_device)
     config = EngineConfig(
         model_path=str(resolved.path),
         thinker_device=thinker_device,

@@ -24,7 +24,7 @@ import torch
 from omni.bench.reference import ReferenceConversation
 from omni.checkpoints.loader import resolve_model
 from omni.engine.api import SAMPLES_PER_CODE, ReplyDone, ReplyOptions, SessionOptions
-from omni.engine.engine import EngineConfig, default_devices, running_engine
+from omni.engine.engine import EngineConfig, resolve_devices, running_engine
 
 log = logging.getLogger(__name__)
 
@@ -117,9 +117,7 @@ def run(args: argparse.Namespace) -> int:
     torch.set_num_threads(int(os.environ.get("OMNI_CPU_THREADS", "1")))
     torch.set_grad_enabled(False)
     resolved = resolve_model(args.model)
-    thinker_device, talker_device = default_devices()
-    if args.device != "auto":
-        thinker_device = talker_device = args.device
+    thinker_device, talker_device = resolve_devices(args.device)
     config = EngineConfig(
         model_path=str(resolved.path),
         thinker_device=thinker_device,

@@ -431,13 +431,18 @@ async def running_engine(config: EngineConfig) -> AsyncIterator[OmniEngine]:
         await engine.stop()
 
 
-def default_devices() -> tuple[str, str]:
-    """(thinker, talker) devices: the first two GPUs when there are two, else one, else CPU."""
+def resolve_devices(device: str = "auto", talker_device: str | None = None) -> tuple[str, str]:
+    """(thinker, talker) devices. auto: the first two GPUs when there are two, else one, else
+    CPU; another device: both workers on it; `talker_device` puts the talker elsewhere."""
     import torch
 
-    if not torch.cuda.is_available():
-        return "cpu", "cpu"
-    return "cuda:0", "cuda:1" if torch.cuda.device_count() > 1 else "cuda:0"
+    if device != "auto":
+        thinker = talker = device
+    elif not torch.cuda.is_available():
+        thinker = talker = "cpu"
+    else:
+        thinker, talker = "cuda:0", "cuda:1" if torch.cuda.device_count() > 1 else "cuda:0"
+    return thinker, talker_device or talker
 
 
 def _rgb(rgb: np.ndarray) -> np.ndarray:
