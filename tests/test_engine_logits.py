@@ -17,9 +17,11 @@ from transformers import Qwen2_5OmniForConditionalGeneration
 from omni.bench.reference import ReferenceConversation
 from omni.checkpoints.parts import load_speakers
 from omni.checkpoints.processor import load_processor
-from omni.engine.talker import TalkerConversation
+from omni.engine.kv_memory import KVSlots
+from omni.engine.scheduler import StepScheduler
+from omni.engine.talker import TalkerConversation, TalkerStage
 from omni.engine.talker_worker import special_embeds
-from omni.engine.thinker import SPEECH_SYSTEM_PROMPT, ThinkerConversation
+from omni.engine.thinker import SPEECH_SYSTEM_PROMPT, ThinkerConversation, ThinkerStage
 from omni.engine.thinker_worker import token_ids
 
 TEXT, CODES = 8, 24
@@ -45,8 +47,15 @@ def test_every_step_matches_generate(tiny_checkpoint):
     processor = load_processor(tiny_checkpoint)
     tok = processor.tokenizer
     thinker_logits, talker_logits = Recorder(model.thinker.lm_head), Recorder(model.talker.codec_head)
+    scheduler = StepScheduler(token_budget=512, max_rows=4)
+    kv = KVSlots.for_model(model.thinker.config.text_config, 1, 4096, "cpu", torch.float32)
+    thinker_stage = ThinkerStage(model.thinker, kv, scheduler)
+    talker_kv = KVSlots.for_model(model.talker.config, 1, 4096, "cpu", torch.float32)
+    talker_stage = TalkerStage(model.talker, talker_kv, scheduler)
     talker = TalkerConversation(
-        model.talker, special_embeds(str(tiny_checkpoint), model.talker, load_speakers(tiny_checkpoint))
+        model.talker,
+        special_embeds(str(tiny_checkpoint), model.talker, load_speakers(tiny_checkpoint)),
+        talker_kv,
     )
     conv = ThinkerConversation(
         model.thinker,
@@ -56,7 +65,9 @@ def test_every_step_matches_generate(tiny_checkpoint):
         SPEECH_SYSTEM_PROMPT,
         lambda text: tok.encode(text, add_special_tokens=False),
         talker.add_rows,
+        kv,
     )
+    thinkers, talkers = {"s": conv}, {"s": talker}
     reference = ReferenceConversation(model, processor)
     rng = np.random.default_rng(0)
     image = rng.integers(0, 255, (84, 140, 3), dtype=np.uint8)
@@ -66,22 +77,23 @@ def test_every_step_matches_generate(tiny_checkpoint):
             conv.add_image(turn["image"])
         conv.add_text(turn["text"])
         thinker_logits.take()
-        conv.start_reply(conv.end_turn(), TEXT, greedy=True, min_tokens=TEXT)
-        streamed_thinker = thinker_logits.take()
-        first_row = len(conv.token_ids)
-        talker.prefill_context()
-        talker_logits.take()  # context prefill: not a codec step
+        conv.end_turn()
+        conv.start_reply(TEXT, greedy=True, min_tokens=TEXT)
+        first_row = len(conv.tokens)
         talker.start_reply(first_row, "Chelsie", greedy=True, max_codes=CODES, min_codes=CODES)
+        thinker_stage.drain(thinkers)
+        streamed_thinker = thinker_logits.take()
         while True:
-            token, last = conv.step()
+            token, last = conv.choose()
+            thinker_stage.drain(thinkers)
             streamed_thinker += thinker_logits.take()
-            while talker.can_step():
-                talker.step()
+            while talker.can_step() or talker.context_waiting():
+                talker_stage.step(talkers)
             if last:
-                talker.text_ended(len(conv.token_ids) - first_row)
+                talker.text_ended(len(conv.tokens) - first_row)
                 break
         while not talker.reply.done:
-            talker.step()
+            talker_stage.step(talkers)
         streamed_talker = talker_logits.take()
         codes = list(talker.reply.codes)
         talker.end_reply()

@@ -14,7 +14,9 @@ import torch
 
 from omni.checkpoints.parts import load_thinker
 from omni.engine.audio_features import StreamingLogMel
-from omni.engine.thinker import FRAMES_PER_CHUNK, SPEECH_SYSTEM_PROMPT, ThinkerConversation
+from omni.engine.kv_memory import KVSlots
+from omni.engine.scheduler import StepScheduler
+from omni.engine.thinker import FRAMES_PER_CHUNK, SPEECH_SYSTEM_PROMPT, ThinkerConversation, ThinkerStage
 from omni.engine.thinker_worker import token_ids
 
 
@@ -25,7 +27,14 @@ def thinker(tiny_checkpoint):
     torch.set_grad_enabled(True)
 
 
-def conversation(parts, rows: list) -> ThinkerConversation:
+@pytest.fixture(scope="module")
+def stage(thinker):
+    kv = KVSlots.for_model(thinker.model.config.text_config, 8, 4096, "cpu", torch.float32)
+    # a small budget, so the turn's audio runs in several chunks of a step each
+    return ThinkerStage(thinker.model.eval(), kv, StepScheduler(token_budget=32, max_rows=4))
+
+
+def conversation(parts, stage: ThinkerStage, rows: list) -> ThinkerConversation:
     tok = parts.tokenizer
     return ThinkerConversation(
         parts.model.eval(),
@@ -35,24 +44,32 @@ def conversation(parts, rows: list) -> ThinkerConversation:
         SPEECH_SYSTEM_PROMPT,
         lambda text: tok.encode(text, add_special_tokens=False),
         rows.append,
+        stage.kv,
     )
 
 
 # 4.0113 s ends on a 1-frame tail (no audio token); 1.3 s is a single partial chunk
 @pytest.mark.parametrize("seconds", [5.37, 4.0, 4.0113, 1.3])
-def test_chunked_prefill_equals_whole_turn(thinker, seconds):
+def test_chunked_prefill_equals_whole_turn(thinker, stage, seconds):
     rng = np.random.default_rng(7)
     audio = (rng.standard_normal(int(seconds * 16000)) * 0.1).astype(np.float32)
     rows: list = []
-    conv = conversation(thinker, rows)
+    conv = conversation(thinker, stage, rows)
     for piece in np.array_split(audio, 29):
         conv.append_audio(piece)
+        stage.step({"s": conv})
+    stage.drain({"s": conv})
     # everything but the last partial chunk is already in the cache before the turn ends
     streamed_audio_tokens = conv.turn.audio_tokens
+    assert conv.cached == len(conv.tokens)
     # a log-mel frame is complete once the 200 samples after its centre have arrived
     complete_frames = (audio.size - 200) // 160 + 1
     assert streamed_audio_tokens == complete_frames // FRAMES_PER_CHUNK * 50
-    logits = conv.end_turn()
+    conv.end_turn()
+    reply = conv.start_reply(max_tokens=1, greedy=True)
+    stage.drain({"s": conv})
+    logits = reply.logits
+    conv.close()
 
     mel = StreamingLogMel(thinker.processor.feature_extractor)
     frames = np.concatenate([mel.push(audio), mel.finish()], axis=1)
@@ -69,9 +86,9 @@ def test_chunked_prefill_equals_whole_turn(thinker, seconds):
     assert sum(r.rows.shape[0] for r in rows) == len(conv.token_ids)
 
 
-def test_new_instructions_become_a_system_turn_before_the_reply(thinker):
+def test_new_instructions_become_a_system_turn_before_the_reply(thinker, stage):
     """Changing instructions mid-call adds a system turn; the cache keeps what came before."""
-    conv = conversation(thinker, [])
+    conv = conversation(thinker, stage, [])
     conv.add_text("Hi")
     conv.end_turn()
     before = list(conv.token_ids)
@@ -82,3 +99,4 @@ def test_new_instructions_become_a_system_turn_before_the_reply(thinker):
     assert conv.token_ids[: len(before)] == before
     assert text.count("<|im_start|>system\n") == 1
     assert text.index("Again") < text.index("Answer in French.<|im_end|>\n<|im_start|>assistant\n")
+    conv.close()

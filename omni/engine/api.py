@@ -94,6 +94,10 @@ class EngineError(RuntimeError):
     """A request the engine refused or could not finish (the message says why)."""
 
 
+class EngineCapacityError(EngineError):
+    """A new session refused because the model's KV memory is fully reserved (try later)."""
+
+
 class Engine(Protocol):
     """One conversation per session id; a session's calls are made one at a time."""
 

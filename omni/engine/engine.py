@@ -31,6 +31,7 @@ from omni.engine import talker_worker, thinker_worker
 from omni.engine.api import (
     SAMPLES_PER_CODE,
     AudioChunk,
+    EngineCapacityError,
     EngineError,
     EngineEvent,
     ReplyDone,
@@ -60,6 +61,11 @@ class EngineConfig:
     start_timeout_s: float = 900.0  # loading a 7B checkpoint can take minutes
     heartbeat_timeout_s: float = 30.0  # no beat for this long while alive: the worker hangs
     allow_faults: bool = False  # tests: accept InjectFault messages
+    # batching: every model step runs all sessions with work in one forward
+    kv_slots: int = 16  # sessions admitted (each worker reserves KV memory for this many)
+    max_context_tokens: int = 32768  # KV memory per session and stage
+    step_token_budget: int = 512  # rows per batched forward: decode rows first, then prefill
+    max_batch: int = 16  # sessions per forward; 1 turns batching off (one session per forward)
     # ZeroMQ endpoints; None: ipc:// sockets in a private temp dir
     addresses: Addresses | None = None
 
@@ -94,6 +100,7 @@ class OmniEngine:
         self._procs: dict[str, multiprocessing.process.BaseProcess] = {}
         self._ready: dict[str, asyncio.Event] = {}
         self._last_beat: dict[str, float] = {}
+        self.kv_stats: dict[str, dict[str, int]] = {}  # per worker, from its heartbeats
         self._sessions: dict[str, _Session] = {}
         self._replies: dict[str, _Reply] = {}
         self._results: dict[str, asyncio.Future[int]] = {}
@@ -144,6 +151,10 @@ class OmniEngine:
                 allow_faults=self.config.allow_faults,
                 max_frame_side=self.config.max_frame_side,
                 vocoder_solver=_solver_for(self.config.vocoder_solver, self.config.talker_device),
+                kv_slots=self.config.kv_slots,
+                max_context_tokens=self.config.max_context_tokens,
+                step_token_budget=self.config.step_token_budget,
+                max_batch=self.config.max_batch,
             )
             proc = spawn.Process(target=target, args=(cfg,), name=f"omni-{name}", daemon=True)
             proc.start()
@@ -217,6 +228,10 @@ class OmniEngine:
         self._check_ready()
         if session_id in self._sessions:
             raise EngineError(f"session {session_id} is already open")
+        if len(self._sessions) >= self.config.kv_slots:  # each worker holds one KV slot per session
+            raise EngineCapacityError(
+                f"the model is at capacity: all {self.config.kv_slots} KV memory slots are in use"
+            )
         self._sessions[session_id] = _Session(options)
         self._send("thinker", p.OpenSession(session_id, options.instructions))
 
@@ -405,6 +420,8 @@ class OmniEngine:
                     self._ready[msg.worker].set()
                 case p.Heartbeat():
                     self._last_beat[msg.worker] = time.monotonic()
+                    if msg.kv:
+                        self.kv_stats[msg.worker] = msg.kv
                 case p.Result():
                     future = self._results.get(msg.request)
                     if future is not None and not future.done():

@@ -7,6 +7,7 @@ ZeroMQ tcp:// between hosts. This module imports nothing above it.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Union
 
 import msgspec
@@ -115,13 +116,30 @@ class InjectFault(Msg):  # tests only; ignored unless the worker was started wit
 # -- thinker -> talker ----------------------------------------------------------------------
 
 
+@dataclass
+class ContextRows:
+    """Talker inputs for conversation positions [start, start + n): (n, E) rows (the token's
+    input embedding, zeroed for multimodal placeholders, plus its last hidden state) and their
+    (3, n) TMRoPE positions. Empty rows roll the context back to `start`. In-process form of `Rows`."""
+
+    start: int
+    rows: torch.Tensor
+    positions: torch.Tensor
+
+    def message(self, session: str) -> Rows:
+        return Rows(session, self.start, Array.of(self.rows), Array.of(self.positions))
+
+
 class Rows(Msg):
-    """Context rows for cache positions [start, start+n); an empty `rows` rolls back to start."""
+    """ContextRows on the wire."""
 
     session: str
     start: int
     rows: Array
     positions: Array
+
+    def context_rows(self) -> ContextRows:
+        return ContextRows(self.start, self.rows.tensor(), self.positions.tensor())
 
 
 class TalkerStart(Msg):
@@ -155,6 +173,7 @@ class Ready(Msg):
 
 class Heartbeat(Msg):
     worker: str
+    kv: dict[str, int] = {}  # the worker's KV memory (KVSlots.stats()), for /metrics
 
 
 class TextOut(Msg):

@@ -9,6 +9,10 @@ its two opening positions, and each codec step waits only for the reply part it 
 
 After a reply the cache is cut back to the context: in the next turn's prefill the reply's
 positions hold thinker rows, not the codes spoken over them (as generate() does).
+
+Like the thinker, a conversation only says what it has ready; `TalkerStage.step()` runs the
+codec steps of every speaking session and chunks of waiting context rows in one batched
+forward over the sessions' KV slots (context that a reply waits for goes first).
 """
 
 from __future__ import annotations
@@ -16,10 +20,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-from transformers import DynamicCache, LogitsProcessorList
+from transformers import LogitsProcessorList
 
+from omni.engine.batched_forward import BatchedForward, Row
+from omni.engine.buffers import GrowingTensor
+from omni.engine.kv_memory import KVSlots
+from omni.engine.protocol import ContextRows
 from omni.engine.sampling import build_processors, choose, sampling_generator
-from omni.engine.thinker import ContextRows
+from omni.engine.scheduler import Demand, StepScheduler
 
 MAX_VALID_CODE = 8192  # the DiT embeds codes 0..8192
 
@@ -42,23 +50,24 @@ class TalkerReply:
     generator: torch.Generator | None
     max_codes: int
     eos: list[int]
+    seen: GrowingTensor  # generate()'s talker ids: [mask, pad, bos] + the codes so far
     codes: list[int] = field(default_factory=list)
     text_rows: int | None = None  # reply rows the thinker produced, once its text ended
     start_pos: int = 0  # TMRoPE position of the speaker bos that opens the reply
-    logits: torch.Tensor | None = None
+    opened: bool = False  # the opening (speaker bos + first reply part) has run
     done: bool = False
 
 
 class TalkerConversation:
-    def __init__(self, talker: torch.nn.Module, special: SpecialEmbeds) -> None:
+    def __init__(self, talker: torch.nn.Module, special: SpecialEmbeds, kv: KVSlots) -> None:
         self.model = talker
         self.special = special
         self.device = next(talker.parameters()).device
         self.dtype = next(talker.parameters()).dtype
-        dim = talker.config.embedding_size
-        self.rows = torch.empty(0, dim, device=self.device, dtype=self.dtype)
-        self.row_pos = torch.empty(3, 0, dtype=torch.long)
-        self.cache = DynamicCache(config=talker.config)
+        self.kv = kv
+        self.slot = kv.allocate()
+        self.rows = GrowingTensor((talker.config.embedding_size,), self.dtype, self.device)
+        self.row_pos = GrowingTensor((3,), torch.long)  # (n, 3): rows' TMRoPE positions
         self.prefilled = 0  # rows in the cache as context
         self.reply: TalkerReply | None = None
         codec = talker.config
@@ -70,30 +79,24 @@ class TalkerConversation:
 
     @property
     def n_rows(self) -> int:
-        return self.rows.shape[0]
+        return len(self.rows)
+
+    def close(self) -> None:
+        self.kv.release(self.slot)
 
     def add_rows(self, piece: ContextRows) -> None:
         """Append rows; an empty piece rolls the context back to `piece.start` rows."""
         if piece.rows.numel() == 0:
-            self.rows = self.rows[: piece.start]
-            self.row_pos = self.row_pos[:, : piece.start]
+            self.rows.truncate(piece.start)
+            self.row_pos.truncate(piece.start)
             if self.prefilled > piece.start:
-                self._crop(piece.start)
+                self.kv.crop(self.slot, piece.start)
                 self.prefilled = piece.start
             return
         if piece.start != self.n_rows:
             raise ValueError(f"context rows out of order: got {piece.start}, have {self.n_rows}")
-        self.rows = torch.cat([self.rows, piece.rows.to(self.device, self.dtype)])
-        self.row_pos = torch.cat([self.row_pos, piece.positions.long()], dim=1)
-
-    def prefill_context(self, upto: int | None = None) -> None:
-        """Run context rows [prefilled, upto) into the cache (done ahead, while the user talks)."""
-        upto = self.n_rows if upto is None else upto
-        if self.reply is not None and not self.reply.done:
-            upto = min(upto, self.reply.first_row)
-        if upto > self.prefilled:
-            self._forward(self.rows[self.prefilled : upto], self.row_pos[:, self.prefilled : upto])
-            self.prefilled = upto
+        self.rows.append(piece.rows)
+        self.row_pos.append(piece.positions.long().T)
 
     # -- reply ----------------------------------------------------------------------------
 
@@ -112,8 +115,9 @@ class TalkerConversation:
         eos: tuple[int, ...] = (8292, 8294),
         seed: int | None = None,
     ) -> None:
-        self.prefill_context(first_row)
         generator = None if greedy else sampling_generator(self.device, seed)
+        seen = GrowingTensor((), torch.long, self.device)
+        seen.append(torch.tensor([self.mask, self.pad, self.bos]))
         self.reply = TalkerReply(
             first_row=first_row,
             voice=voice,
@@ -133,6 +137,7 @@ class TalkerConversation:
             generator=generator,
             max_codes=max_codes,
             eos=list(eos),
+            seen=seen,
         )
 
     def text_ended(self, text_rows: int) -> None:
@@ -140,87 +145,144 @@ class TalkerConversation:
         if self.reply is not None:
             self.reply.text_rows = text_rows
 
+    def context_waiting(self) -> int:
+        """Context rows that can be prefilled now (up to the reply's first row while it speaks)."""
+        upto = self.n_rows
+        if self.reply is not None and not self.reply.done:
+            upto = min(upto, self.reply.first_row)
+        return max(0, upto - self.prefilled)
+
     def can_step(self) -> bool:
-        """True when the next codec step has its reply part (or the reply is finished)."""
+        """True when the next codec step has its inputs (or the reply is finished)."""
         reply = self.reply
         if reply is None or reply.done:
             return False
-        k = len(reply.codes)
-        if reply.logits is None:  # the opening prefill needs the first reply part
+        if not reply.opened:  # the opening needs the context in the cache and the first part
+            if self.prefilled < min(reply.first_row, self.n_rows):
+                return False
             return self.n_rows > reply.first_row or reply.text_rows is not None
         if reply.text_rows is not None:
             return True
-        return self.n_rows > reply.first_row + k
+        return self.n_rows > reply.first_row + len(reply.codes)
 
-    def step(self) -> int | None:
-        """Produce the next codec token; None when the reply's speech has ended."""
+    def step_inputs(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The next codec step's (inputs (n, E), positions (3, n)); None: the reply has no text."""
+        reply = self.reply
+        assert reply is not None and self.can_step()
+        embed = self.model.get_input_embeddings()
+        if not reply.opened:
+            p = reply.first_row
+            if (reply.text_rows or 0) == 0 and self.n_rows <= p:
+                return None  # no reply text at all: nothing to say
+            # as get_rope_index: text after the context continues from its last position
+            reply.start_pos = int(self.row_pos.view()[p - 1].max()) + 1 if p else 0
+            codec = embed(torch.tensor([self.pad, self.bos], device=self.device))
+            rows = self.rows.view()
+            opening = torch.stack([self.special.speaker_bos[reply.voice], rows[p]]) + codec
+            positions = torch.arange(reply.start_pos, reply.start_pos + 2).view(1, -1).expand(3, -1)
+            return opening, positions
+        k = len(reply.codes)
+        codec = embed(torch.tensor([reply.codes[-1]], device=self.device))
+        pos = reply.start_pos + 1 + k  # the opening took start_pos and start_pos + 1
+        return codec + self._reply_part(k)[None], torch.full((3, 1), pos)
+
+    def choose_code(self, logits: torch.Tensor) -> int | None:
+        """Pick the code from this step's logits; None when the reply's speech has ended."""
         reply = self.reply
         assert reply is not None and not reply.done
-        if reply.logits is None:
-            if (reply.text_rows or 0) == 0 and self.n_rows <= reply.first_row:
-                return self._finish()  # no reply text at all: nothing to say
-            self._open_reply()
-        else:
-            k = len(reply.codes)
-            part = self._reply_part(k)
-            codec = self.model.get_input_embeddings()(torch.tensor([reply.codes[-1]], device=self.device))
-            pos = reply.start_pos + 1 + k  # the opening took start_pos and start_pos + 1
-            logits = self._forward((codec[0] + part)[None], torch.full((3, 1), pos))
-            reply.logits = logits
-        seen = torch.tensor([[self.mask, self.pad, self.bos, *reply.codes]], device=self.device)
-        code = choose(reply.processors, seen, reply.logits, reply.greedy, reply.generator)
+        reply.opened = True
+        code = choose(reply.processors, reply.seen.view()[None], logits, reply.greedy, reply.generator)
         if code in reply.eos:
-            return self._finish()
+            reply.done = True
+            return None
         reply.codes.append(code)
+        reply.seen.append(torch.tensor([code]))
         if len(reply.codes) >= reply.max_codes:
             reply.done = True
         return code
+
+    def finish_silent(self) -> None:
+        """End a reply that has nothing to say (its text was empty)."""
+        assert self.reply is not None
+        self.reply.done = True
 
     def end_reply(self) -> None:
         """Forget the reply's codec positions; its text rows become context for the next turn."""
         if self.reply is None:
             return
-        self._crop(self.reply.first_row)
+        self.kv.crop(self.slot, self.reply.first_row)
         self.prefilled = min(self.prefilled, self.reply.first_row)
         self.reply = None
 
-    # -- internals ------------------------------------------------------------------------
+    def take_context(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The next `n` waiting context rows and their positions, counted as prefilled."""
+        lo = self.prefilled
+        self.prefilled += n
+        return self.rows.view()[lo : lo + n], self.row_pos.view()[lo : lo + n].T
 
-    def _open_reply(self) -> None:
-        reply = self.reply
-        assert reply is not None
-        p = reply.first_row
-        # as get_rope_index: text after the context continues from its last position
-        reply.start_pos = int(self.row_pos[:, p - 1].max()) + 1 if p else 0
-        embed = self.model.get_input_embeddings()
-        codec = embed(torch.tensor([self.pad, self.bos], device=self.device))
-        opening = torch.stack([self.special.speaker_bos[reply.voice], self.rows[p]]) + codec
-        positions = torch.arange(reply.start_pos, reply.start_pos + 2).view(1, -1).expand(3, -1)
-        reply.logits = self._forward(opening, positions)
+    # -- internals ------------------------------------------------------------------------
 
     def _reply_part(self, k: int) -> torch.Tensor:
         """What codec step k (k >= 1) consumes: reply row k, then text-eos, then text-pad."""
         reply = self.reply
         assert reply is not None
         if reply.text_rows is None or k < reply.text_rows:
-            return self.rows[reply.first_row + k]
+            return self.rows.view()[reply.first_row + k]
         return self.special.text_eos if k == reply.text_rows else self.special.text_pad
 
-    def _finish(self) -> None:
-        assert self.reply is not None
-        self.reply.done = True
-        return None
 
-    def _forward(self, inputs: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        out = self.model(
-            inputs_embeds=inputs[None].to(self.dtype),
-            position_ids=positions.to(self.device)[:, None, :],
-            past_key_values=self.cache,
-            use_cache=True,
+class TalkerStage:
+    """The talker's batched model step: every speaking session's codec step and chunks of
+    waiting context rows, in one forward of transformers' talker LM."""
+
+    def __init__(self, talker: torch.nn.Module, kv: KVSlots, scheduler: StepScheduler) -> None:
+        self.model = talker
+        self.kv = kv
+        self.scheduler = scheduler
+        self.forward = BatchedForward(talker.model, kv)
+        self.last_plan: list[str] = []
+
+    def step(self, conversations: dict[str, TalkerConversation]) -> dict[str, int | None]:
+        """One forward; returns {session: code chosen (None: its speech ended)} for codec steps."""
+        silent: dict[str, int | None] = {}
+        decode_inputs: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        demands = []
+        for key, conv in conversations.items():
+            if conv.can_step():
+                inputs = conv.step_inputs()
+                if inputs is None:
+                    conv.finish_silent()
+                    silent[key] = None
+                    continue
+                decode_inputs[key] = inputs
+                demands.append(Demand(key, inputs[0].shape[0], decode=True))
+            elif waiting := conv.context_waiting():
+                reply = conv.reply
+                urgent = reply is not None and not reply.done and not reply.opened
+                demands.append(Demand(key, waiting, urgent=urgent))
+        plan = self.scheduler.plan(demands)
+        self.last_plan = [key for key, _ in plan]
+        if not plan:
+            return silent
+        inputs, positions, decoding = [], [], []
+        for key, n in plan:
+            conv = conversations[key]
+            if key in decode_inputs:
+                rows, pos = decode_inputs[key]
+                decoding.append(key)
+            else:
+                rows, pos = conv.take_context(n)
+            inputs.append(rows)
+            positions.append(pos)
+        # the thinker-side rows go through the talker's input projection in one matmul
+        projected = self.model.thinker_to_talker_proj(torch.cat(inputs).to(self.model.dtype))
+        pieces = projected.split([x.shape[0] for x in inputs])
+        hidden = self.forward(
+            [Row(conversations[key].slot, x, pos) for (key, _), x, pos in zip(plan, pieces, positions)]
         )
-        return out.logits[0, -1].float()
-
-    def _crop(self, length: int) -> None:
-        current = self.cache.get_seq_length()
-        if current > length:
-            self.cache.crop(length - current)
+        if not decoding:
+            return silent
+        last = {key: h[-1] for (key, _), h in zip(plan, hidden)}
+        logits = self.model.codec_head(torch.stack([last[key] for key in decoding])).float()
+        codes = {key: conversations[key].choose_code(row) for key, row in zip(decoding, logits)}
+        return silent | codes

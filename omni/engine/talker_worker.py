@@ -1,9 +1,9 @@
 """The talker process: the talker LM and streaming Token2Wav for every session.
 
-Loop: drain messages (context rows from the thinker, reply starts, cancels), then one codec
-step for each reply whose next reply part has arrived, feeding codes to the session's
-streaming vocoder and sending finished audio to the front end. When no reply can step, it
-prefills waiting context rows, so the next reply starts from a warm cache.
+Loop: drain messages (context rows from the thinker, reply starts, cancels), then one batched
+step (TalkerStage): the codec step of every reply whose next reply part has arrived, and
+chunks of waiting context rows (so the next reply starts from a warm cache), in one forward;
+the codes go to each session's streaming vocoder and finished audio to the front end.
 """
 
 from __future__ import annotations
@@ -21,8 +21,9 @@ from safetensors import safe_open
 from omni.checkpoints.weights import weight_map
 
 from omni.engine import protocol as p
-from omni.engine.talker import SpecialEmbeds, TalkerConversation
-from omni.engine.thinker import ContextRows
+from omni.engine.kv_memory import KVSlots
+from omni.engine.scheduler import StepScheduler
+from omni.engine.talker import SpecialEmbeds, TalkerConversation, TalkerStage
 from omni.engine.token2wav import StreamingToken2Wav, Token2WavOptions
 from omni.engine.worker import WorkerConfig, WorkerIO, configure_worker
 
@@ -51,6 +52,10 @@ class TalkerWorker:
         self.vocoder_options = Token2WavOptions(solver=cfg.vocoder_solver)  # type: ignore[arg-type]
         a = cfg.addresses
         self.io = WorkerIO("talker", a.talker, {"frontend": a.frontend}, cfg.allow_faults)
+        self.kv = KVSlots.for_model(
+            self.model.config, cfg.kv_slots, cfg.max_context_tokens, self.model.device, self.model.dtype
+        )
+        self.stage = TalkerStage(self.model, self.kv, StepScheduler(cfg.step_token_budget, cfg.max_batch))
         self.sessions: dict[str, TalkerConversation] = {}
         self.speaking: dict[str, _Speaking] = {}
         # replies cancelled before their TalkerStart arrived (front end and thinker race)
@@ -59,15 +64,11 @@ class TalkerWorker:
     def run(self) -> None:
         self.io.send("frontend", p.Ready("talker", {"device": str(self.model.device)}))
         while True:
-            busy = any(self.sessions[s].can_step() for s in self.speaking)
+            busy = any(c.can_step() or c.context_waiting() for c in self.sessions.values())
             for msg in self.io.receive(0 if busy else 20):
                 self.handle(msg)
-            stepped = False
-            for session_id in list(self.speaking):
-                stepped |= self.codec_step(session_id)
-            if not stepped:
-                self.prefill_one()
-            self.io.beat()
+            self.step()
+            self.io.beat(self.kv.stats())
 
     # -- messages -------------------------------------------------------------------------
 
@@ -87,12 +88,11 @@ class TalkerWorker:
     def _handle(self, msg: p.Msg) -> None:
         match msg:
             case p.Rows():
-                conv = self.sessions.get(msg.session)
-                if conv is None:  # the thinker opens a session with its system prompt rows
-                    conv = self.sessions[msg.session] = TalkerConversation(self.model, self.special)
-                conv.add_rows(ContextRows(msg.start, msg.rows.tensor(), msg.positions.tensor()))
+                self.conversation(msg.session).add_rows(msg.context_rows())
             case p.CloseSession():
-                self.sessions.pop(msg.session, None)
+                conv = self.sessions.pop(msg.session, None)
+                if conv is not None:
+                    conv.close()
                 self.speaking.pop(msg.session, None)
             case p.TalkerStart():
                 self.start(msg)
@@ -112,12 +112,20 @@ class TalkerWorker:
             case _:
                 raise ValueError(f"talker got an unexpected {type(msg).__name__}")
 
+    def conversation(self, session_id: str) -> TalkerConversation:
+        """The session's conversation, opened by whichever comes first: its rows or a reply
+        (the thinker sends rows only once a step has run them)."""
+        conv = self.sessions.get(session_id)
+        if conv is None:
+            conv = self.sessions[session_id] = TalkerConversation(self.model, self.special, self.kv)
+        return conv
+
     def start(self, msg: p.TalkerStart) -> None:
         if msg.reply in self.cancelled:
             del self.cancelled[msg.reply]
             self.io.send("frontend", p.TalkerDone(msg.session, msg.reply, "cancelled", [], 0))
             return
-        conv = self.sessions[msg.session]
+        conv = self.conversation(msg.session)
         speaker = self.speakers.get(msg.voice)
         if speaker is None:
             raise ValueError(f"unknown voice {msg.voice!r}; available: {sorted(self.speakers)}")
@@ -147,28 +155,43 @@ class TalkerWorker:
 
     # -- model work -----------------------------------------------------------------------
 
-    def codec_step(self, session_id: str) -> bool:
-        conv = self.sessions[session_id]
-        speaking = self.speaking[session_id]
-        if not conv.can_step():
-            return False
+    def step(self) -> None:
         try:
-            code = conv.step()
+            codes = self.stage.step({s: self.sessions[s] for s in self.sessions})
+        except Exception as exc:
+            log.exception("talker: batched step failed")
+            for session_id in self.stage.last_plan:
+                conv = self.sessions[session_id]
+                conv.prefilled = min(conv.prefilled, self.kv.lengths[conv.slot])
+                speaking = self.speaking.get(session_id)
+                if speaking is not None:
+                    self.io.send("frontend", p.WorkerError("talker", str(exc), session_id, speaking.reply))
+                    self.stop(session_id, "failed")
+            return
+        if self.stage.last_plan:
             self.io.count_step()
+        for session_id, code in codes.items():
+            self.take_code(session_id, code)
+
+    def take_code(self, session_id: str, code: int | None) -> None:
+        """A codec step's result: to the vocoder, and the reply ends when its speech does."""
+        speaking = self.speaking.get(session_id)
+        conv = self.sessions[session_id]
+        if speaking is None or conv.reply is None:
+            return
+        try:
             if code is not None:
                 if not speaking.codes:
                     self.io.send("frontend", p.CodeOut(session_id, speaking.reply))
                 speaking.codes.append(code)
                 self.send_audio(session_id, speaking, speaking.vocoder.push([code]))
-            assert conv.reply is not None
             if conv.reply.done:
                 self.send_audio(session_id, speaking, speaking.vocoder.finish())
                 self.stop(session_id, "completed")
         except Exception as exc:
-            log.exception("talker: codec step failed")
+            log.exception("talker: vocoder failed")
             self.io.send("frontend", p.WorkerError("talker", str(exc), session_id, speaking.reply))
             self.stop(session_id, "failed")
-        return True
 
     def send_audio(self, session_id: str, speaking: _Speaking, chunks: list[np.ndarray]) -> None:
         for chunk in chunks:
@@ -186,17 +209,6 @@ class TalkerWorker:
             "frontend",
             p.TalkerDone(session_id, speaking.reply, status, speaking.codes, speaking.samples),
         )
-
-    def prefill_one(self) -> None:
-        """Prefill one session's waiting context rows (the one with most waiting)."""
-        waiting = [
-            (conv.n_rows - conv.prefilled, sid)
-            for sid, conv in self.sessions.items()
-            if sid not in self.speaking and conv.n_rows > conv.prefilled
-        ]
-        if waiting:
-            _, sid = max(waiting)
-            self.sessions[sid].prefill_context()
 
 
 def special_embeds(path: str, talker: torch.nn.Module, speakers: dict) -> SpecialEmbeds:

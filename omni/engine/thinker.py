@@ -4,29 +4,41 @@ The conversation follows Qwen2.5-Omni's chat template token for token, but is pr
 it arrives instead of all at once: text and images when they come, user speech in 2-second
 chunks while the user is still talking (the audio encoder attends within 2-second windows and
 the LLM is causal, so the cache equals one prefill of the whole turn). At the end of the turn
-only the remainder is left to prefill, then the reply is decoded one token per `step()`.
+only the remainder is left to prefill, then the reply is decoded one token per `choose()`.
+
+Nothing runs the model when input arrives: each piece (text, an audio chunk, image or video
+patches) is queued as a segment of LLM input rows, and `ThinkerStage.step()` runs the queued
+segments of every session in one batched forward, chunked under the scheduler's token budget
+(omni/engine/scheduler.py), into each session's KV slot (omni/engine/kv_memory.py). So an
+image or a long text in one call never holds up another call's reply.
 
 Every position that enters the cache also yields a "context row" for the talker: the token's
 input embedding (zeroed for audio/image/video placeholders, as transformers' generate() does)
 plus its last-layer hidden state. The rows of reply tokens are the talker's reply parts.
 
-No I/O here: the worker process owns sockets and scheduling; this module owns model math.
+No I/O here: the worker process owns sockets; this module owns the thinker's model math.
 """
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from transformers import DynamicCache, LogitsProcessorList
+from transformers import LogitsProcessorList
 
 from transformers.models.qwen2_5_omni.processing_qwen2_5_omni import _get_feat_extract_output_lengths
 
 from omni.engine.audio_features import StreamingLogMel
+from omni.engine.batched_forward import BatchedForward, Row
+from omni.engine.buffers import GrowingTensor
+from omni.engine.kv_memory import KVFull, KVSlots
 from omni.engine.positions import AudioVideoChunker, PositionTracker
+from omni.engine.protocol import ContextRows
 from omni.engine.sampling import choose, sampling_generator, thinker_processors
+from omni.engine.scheduler import Demand, StepScheduler
 from omni.engine.vision import VideoPatcher, image_to_patches
 
 # the system prompt Qwen2.5-Omni needs to produce speech (from Qwen's model card)
@@ -36,15 +48,6 @@ SPEECH_SYSTEM_PROMPT = (
 )
 FRAMES_PER_CHUNK = 200  # 2 s of log-mel at 100 frames/s: the audio encoder's window
 VIDEO_FPS = 2.0
-
-
-@dataclass
-class ContextRows:
-    """Talker inputs for cache positions [start, start + n): (n, E) rows and (3, n) positions."""
-
-    start: int
-    rows: torch.Tensor
-    positions: torch.Tensor
 
 
 @dataclass
@@ -89,15 +92,41 @@ class _Turn:
 
 @dataclass
 class Reply:
-    start_len: int  # cache length where the reply's first token goes
+    start_len: int  # conversation length where the reply's first token goes
     processors: LogitsProcessorList
     max_tokens: int
     greedy: bool
     generator: torch.Generator | None
     tokens: list[int] = field(default_factory=list)
-    logits: torch.Tensor | None = None  # next-token logits, (vocab,)
+    logits: torch.Tensor | None = None  # next-token logits, (vocab,), once computed
     done: bool = False
     ended_by_eos: bool = False
+
+
+@dataclass(eq=False)  # segments are compared by identity
+class _Segment:
+    """LLM input rows queued for the next steps; `done` of them have run."""
+
+    embeds: torch.Tensor  # (n, E)
+    positions: torch.Tensor  # (3, n)
+    multimodal: bool  # audio/image/video placeholders: zeroed in the talker's embedding half
+    reply_token: bool = False  # a reply token chosen but not yet run
+    logits_for: Reply | None = None  # the last row's logits are this reply's next-token logits
+    done: int = 0
+
+    @property
+    def left(self) -> int:
+        return self.embeds.shape[0] - self.done
+
+
+@dataclass
+class _Take:
+    """What one step runs of a conversation: rows, and whose logits come from which row."""
+
+    embeds: torch.Tensor
+    positions: torch.Tensor
+    multimodal: torch.Tensor  # (n,) bool
+    logits_at: list[tuple[int, Reply]]
 
 
 class ThinkerConversation:
@@ -110,6 +139,7 @@ class ThinkerConversation:
         system_prompt: str,
         encode_text: Callable[[str], list[int]],
         on_rows: Callable[[ContextRows], None],
+        kv: KVSlots,
         max_frame_side: int = 448,
     ) -> None:
         self.model = thinker
@@ -121,8 +151,11 @@ class ThinkerConversation:
         self.max_frame_side = max_frame_side
         self.device = next(thinker.parameters()).device
         self.dtype = next(thinker.parameters()).dtype
-        self.cache = DynamicCache(config=thinker.config.text_config)
-        self.token_ids: list[int] = []  # every token in the cache, placeholders included
+        self.kv = kv
+        self.slot = kv.allocate()
+        # every token of the conversation, queued ones included (the cache holds `cached`)
+        self.tokens = GrowingTensor((), torch.long, self.device)
+        self.pending: deque[_Segment] = deque()
         self.positions = PositionTracker(thinker.config.vision_config.spatial_merge_size)
         self.tail: list[int] = []  # tokens closing the last reply, fed with the next input
         self.turn: _Turn | None = None
@@ -130,7 +163,20 @@ class ThinkerConversation:
         self.last_reply_start: int | None = None
         self.last_reply_tokens: list[int] = []
         self.system_prompt = system_prompt
+        self._closing: _Segment | None = None  # the end of the last end_turn()
         self._prefill_text(self._system_turn(system_prompt))
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.tokens.view().tolist()
+
+    @property
+    def cached(self) -> int:
+        return self.kv.lengths[self.slot]
+
+    def close(self) -> None:
+        """Give the KV slot back (the session ended)."""
+        self.kv.release(self.slot)
 
     # -- user input ---------------------------------------------------------------------
 
@@ -171,11 +217,13 @@ class ThinkerConversation:
         while turn.mel_buffered >= FRAMES_PER_CHUNK:
             self._prefill_audio_chunk(turn, self._take_frames(turn, FRAMES_PER_CHUNK))
 
-    def end_turn(self, system_prompt: str | None = None) -> torch.Tensor:
-        """Close the user turn (prefilling what is left) and open the assistant's; returns logits.
+    def end_turn(self, system_prompt: str | None = None) -> None:
+        """Close the user turn (queueing what is left) and open the assistant's.
 
-        A changed `system_prompt` (new instructions mid-call) goes in as a system turn right
-        before the reply: the cache keeps everything said so far, nothing is recomputed.
+        The reply's first logits come from the last row queued here, once a step has run it
+        (`start_reply` asks for them). A changed `system_prompt` (new instructions mid-call)
+        goes in as a system turn right before the reply: the cache keeps everything said so
+        far, nothing is recomputed.
         """
         closing: list[int] = []
         turn = self.turn
@@ -192,8 +240,8 @@ class ThinkerConversation:
         closing += [self.ids.im_start, *self.ids.assistant, self.ids.newline]
         self.tail = []
         self.turn = None
-        hidden = self._prefill_text(closing)
-        return self.model.lm_head(hidden[:, -1]).float()[0]
+        self._prefill_text(closing)
+        self._closing = self.pending[-1]
 
     def clear_turn(self) -> None:
         if self.turn is not None:
@@ -205,15 +253,15 @@ class ThinkerConversation:
 
     def start_reply(
         self,
-        logits: torch.Tensor,
         max_tokens: int,
         greedy: bool,
         min_tokens: int = 0,
         seed: int | None = None,
     ) -> Reply:
+        """Start decoding after `end_turn()`; the first token is chosen once its logits exist."""
         gen_cfg = self.model.generation_config
         greedy = greedy or not gen_cfg.do_sample
-        start = len(self.token_ids)
+        start = len(self.tokens)
         generator = None if greedy else sampling_generator(self.device, seed)
         self.reply = Reply(
             start_len=start,
@@ -221,26 +269,33 @@ class ThinkerConversation:
             max_tokens=max_tokens,
             greedy=greedy,
             generator=generator,
-            logits=logits,
         )
+        if self._closing is None or self._closing not in self.pending:
+            raise RuntimeError("start_reply() needs the turn closed by end_turn() first")
+        self._closing.logits_for = self.reply
+        self._closing = None
         self.last_reply_start = start
         self.last_reply_tokens = self.reply.tokens
         return self.reply
 
-    def step(self) -> tuple[int, bool]:
-        """Choose the next reply token; feed it unless it ends the reply. Returns (token, last)."""
+    def can_choose(self) -> bool:
         reply = self.reply
-        assert reply is not None and not reply.done and reply.logits is not None
-        seen = torch.tensor([self.token_ids[: reply.start_len] + reply.tokens], device=self.device)
-        token = choose(reply.processors, seen, reply.logits, reply.greedy, reply.generator)
+        return reply is not None and not reply.done and reply.logits is not None
+
+    def choose(self) -> tuple[int, bool]:
+        """Choose the next reply token and queue it unless it ends the reply: (token, last)."""
+        reply = self.reply
+        assert reply is not None and self.can_choose()
+        # every reply token so far has been queued: the conversation is exactly what was seen
+        token = choose(reply.processors, self.tokens.view()[None], reply.logits, reply.greedy, reply.generator)
         reply.tokens.append(token)
+        reply.logits = None
         if token in self.ids.eos:
             reply.ended_by_eos = True
         if reply.ended_by_eos or len(reply.tokens) >= reply.max_tokens:
             self._close_reply()
             return token, True
-        hidden = self._prefill_text([token])
-        reply.logits = self.model.lm_head(hidden[:, -1]).float()[0]
+        self._prefill_text([token], reply_token=True, logits_for=reply)
         return token, False
 
     def cancel_reply(self) -> None:
@@ -260,7 +315,7 @@ class ThinkerConversation:
         self.clear_turn()
         tokens = [t for t in self.last_reply_tokens if t not in self.ids.eos]
         keep = max(0, min(keep_tokens, len(tokens)))
-        fed = len(self.token_ids) - self.last_reply_start
+        fed = len(self.tokens) - self.last_reply_start
         if keep < fed:
             self._rollback(self.last_reply_start + keep, self.positions.next - fed + keep)
             self.tail = [self.ids.im_end, self.ids.newline]
@@ -282,10 +337,52 @@ class ThinkerConversation:
         assert reply is not None
         reply.done = True
         reply.logits = None
+        # a chosen token still queued (a cancel between steps) is not run: it joins the tail
+        queued = [s for s in self.pending if s.reply_token]
+        if queued:
+            self.pending = deque(s for s in self.pending if not s.reply_token)
+            self.tokens.truncate(len(self.tokens) - sum(s.left for s in queued))
+            self.positions.next -= sum(s.left for s in queued)
         # the last chosen token was not fed: it ended the reply, or the reply stopped first
-        fed = len(self.token_ids) - reply.start_len
+        fed = len(self.tokens) - reply.start_len
         unfed = [t for t in reply.tokens[fed:] if t not in self.ids.eos]
         self.tail = [*unfed, self.ids.im_end, self.ids.newline]
+
+    # -- the batched step's side -----------------------------------------------------------
+
+    def pending_tokens(self) -> int:
+        return sum(s.left for s in self.pending)
+
+    def decoding(self) -> bool:
+        """Only a reply token is queued: a decode row."""
+        return len(self.pending) == 1 and self.pending[0].reply_token
+
+    def waiting_reply(self) -> bool:
+        """A started reply waits for this queue (its first logits are at its end)."""
+        return self.reply is not None and not self.reply.done and self.reply.logits is None
+
+    def take(self, n: int) -> _Take:
+        """Dequeue the next `n` rows (whole or part segments) for this step."""
+        embeds, positions, multimodal, logits_at = [], [], [], []
+        got = 0
+        while got < n:
+            seg = self.pending[0]
+            k = min(seg.left, n - got)
+            embeds.append(seg.embeds[seg.done : seg.done + k])
+            positions.append(seg.positions[:, seg.done : seg.done + k])
+            multimodal.append(torch.full((k,), seg.multimodal))
+            seg.done += k
+            got += k
+            if seg.left == 0:
+                self.pending.popleft()
+                if seg.logits_for is not None:
+                    logits_at.append((got - 1, seg.logits_for))
+        return _Take(torch.cat(embeds), torch.cat(positions, dim=1), torch.cat(multimodal), logits_at)
+
+    def drop_pending(self) -> None:
+        """Forget queued rows that could not run (a failed step): the conversation is what ran."""
+        self.pending.clear()
+        self.tokens.truncate(self.cached)
 
     # -- internals ------------------------------------------------------------------------
 
@@ -295,7 +392,7 @@ class ThinkerConversation:
 
     def _open_turn(self) -> _Turn:
         if self.turn is None:
-            self.turn = _Turn(len(self.token_ids), self.positions.next, tail_before=self.tail)
+            self.turn = _Turn(len(self.tokens), self.positions.next, tail_before=self.tail)
             self._prefill_text([*self.tail, self.ids.im_start, *self.ids.user, self.ids.newline])
             self.tail = []
         return self.turn
@@ -376,8 +473,8 @@ class ThinkerConversation:
             positions = turn.chunker.video(*step.grid_thw)
             self._prefill([self.ids.video] * embeds.shape[0], embeds.to(self.dtype), positions, multimodal=True)
 
-    def _prefill_text(self, tokens: list[int]) -> torch.Tensor:
-        return self._prefill(tokens, None, self.positions.sequential(len(tokens)))
+    def _prefill_text(self, tokens: list[int], reply_token: bool = False, logits_for: Reply | None = None) -> None:
+        self._prefill(tokens, None, self.positions.sequential(len(tokens)), reply_token=reply_token, logits_for=logits_for)
 
     def _prefill(
         self,
@@ -385,27 +482,86 @@ class ThinkerConversation:
         embeds: torch.Tensor | None,
         positions: torch.Tensor,
         multimodal: bool = False,
-    ) -> torch.Tensor:
-        """Run `tokens` through the LLM into the cache; emit their context rows; return hidden."""
-        ids = torch.tensor([tokens], device=self.device)
-        text_embeds = self.model.get_input_embeddings()(ids)
-        inputs = text_embeds if embeds is None else embeds[None]
-        start = len(self.token_ids)
-        out = self.model.model.language_model(
-            inputs_embeds=inputs,
-            position_ids=positions.to(self.device)[:, None, :],
-            past_key_values=self.cache,
-            use_cache=True,
-        )
-        hidden = out.last_hidden_state
-        self.token_ids.extend(tokens)
-        # generate() zeroes multimodal positions in the embedding half of the talker's input
-        talker_embeds = torch.zeros_like(inputs) if multimodal else inputs
-        self.on_rows(ContextRows(start, (talker_embeds + hidden)[0], positions.clone()))
-        return hidden
+        reply_token: bool = False,
+        logits_for: Reply | None = None,
+    ) -> None:
+        """Queue `tokens` (with their input embeddings) for the LLM; a step runs them."""
+        if not tokens:
+            return
+        ids = torch.tensor(tokens, device=self.device)
+        inputs = self.model.get_input_embeddings()(ids) if embeds is None else embeds
+        self.tokens.append(ids)
+        self.pending.append(_Segment(inputs, positions, multimodal, reply_token, logits_for))
 
     def _rollback(self, length: int, next_position: int) -> None:
-        self.cache.crop(length - self.cache.get_seq_length())
-        del self.token_ids[length:]
+        drop = len(self.tokens) - length
+        while drop > 0 and self.pending:
+            seg = self.pending[-1]
+            if seg.left <= drop:
+                self.pending.pop()
+                drop -= seg.left
+            else:
+                keep = seg.embeds.shape[0] - drop
+                seg.embeds, seg.positions = seg.embeds[:keep], seg.positions[:, :keep]
+                drop = 0
+        self.kv.crop(self.slot, length)
+        self.tokens.truncate(length)
         self.positions.next = next_position
         self.on_rows(ContextRows(length, torch.empty(0), torch.empty(3, 0, dtype=torch.long)))
+
+
+@dataclass
+class StepResult:
+    ran: bool = False  # a forward ran
+    ready: list[str] = field(default_factory=list)  # sessions whose reply got next-token logits
+    full: list[str] = field(default_factory=list)  # sessions left out: their context is full
+
+
+class ThinkerStage:
+    """The thinker's batched model step: the queued rows of every session, in one forward."""
+
+    def __init__(self, thinker: torch.nn.Module, kv: KVSlots, scheduler: StepScheduler) -> None:
+        self.model = thinker
+        self.kv = kv
+        self.scheduler = scheduler
+        self.forward = BatchedForward(thinker.model.language_model, kv)
+        self.last_plan: list[str] = []  # the sessions of the step in progress (for failures)
+
+    def step(self, conversations: dict[str, ThinkerConversation]) -> StepResult:
+        demands = [
+            Demand(key, conv.pending_tokens(), decode=conv.decoding(), urgent=conv.waiting_reply())
+            for key, conv in conversations.items()
+            if conv.pending
+        ]
+        result = StepResult()
+        plan = []
+        for key, n in self.scheduler.plan(demands):
+            conv = conversations[key]
+            (plan if n <= self.kv.room(conv.slot) else result.full).append((key, n))
+        result.full = [key for key, _ in result.full]
+        self.last_plan = [key for key, _ in plan]
+        if not plan:
+            return result
+        convs = [conversations[key] for key, _ in plan]
+        starts = [conv.cached for conv in convs]
+        takes = [conv.take(n) for conv, (_, n) in zip(convs, plan)]
+        hidden = self.forward([Row(c.slot, t.embeds, t.positions) for c, t in zip(convs, takes)])
+        result.ran = True
+        wanting: list[tuple[str, Reply, torch.Tensor]] = []
+        for (key, _), conv, take, start, h in zip(plan, convs, takes, starts, hidden):
+            # generate() zeroes multimodal positions in the embedding half of the talker's input
+            talker_embeds = torch.where(take.multimodal.to(h.device)[:, None], 0.0, take.embeds)
+            conv.on_rows(ContextRows(start, talker_embeds + h, take.positions.clone()))
+            wanting += [(key, reply, h[i]) for i, reply in take.logits_at if not reply.done]
+        if wanting:
+            logits = self.model.lm_head(torch.stack([h for _, _, h in wanting])).float()
+            for (_, reply, _), row in zip(wanting, logits):
+                reply.logits = row
+            result.ready = [key for key, _, _ in wanting]
+        return result
+
+    def drain(self, conversations: dict[str, ThinkerConversation]) -> None:
+        """Run steps until nothing is queued (in-process use: tests, the reference check)."""
+        while any(conv.pending for conv in conversations.values()):
+            if self.step(conversations).full:
+                raise KVFull("a conversation's context is full")

@@ -1,8 +1,10 @@
 """The thinker process: owns the thinker model and every session's conversation.
 
-Loop: drain messages (inputs are prefilled as they arrive), then one decode step for each
-session with a reply in progress (round robin), streaming text to the front end and context
-rows to the talker.
+Loop: drain messages (inputs are queued as LLM rows as they arrive), then one batched step:
+the scheduler picks every session's decode row and chunks of queued prefill under the token
+budget, one forward runs them all (ThinkerStage), and each reply whose next-token logits came
+out chooses its token, streaming text to the front end; every row that ran goes to the
+talker as a context row.
 """
 
 from __future__ import annotations
@@ -14,7 +16,9 @@ from dataclasses import dataclass, field
 import torch
 
 from omni.engine import protocol as p
-from omni.engine.thinker import SPEECH_SYSTEM_PROMPT, ContextRows, ThinkerConversation, TokenIds
+from omni.engine.kv_memory import KVSlots
+from omni.engine.scheduler import StepScheduler
+from omni.engine.thinker import SPEECH_SYSTEM_PROMPT, ThinkerConversation, ThinkerStage, TokenIds
 from omni.engine.worker import WorkerConfig, WorkerIO, configure_worker
 
 log = logging.getLogger(__name__)
@@ -25,8 +29,9 @@ class _Active:
     """A reply being decoded."""
 
     msg: p.Respond
-    prefill_ms: float
+    started: float  # perf_counter() at the Respond
     input_tokens: int  # prompt tokens this turn added
+    prefill_ms: float | None = None  # set when the reply's first logits come out
     text: str = ""
     unsent: list[int] = field(default_factory=list)  # tokens whose text is not out yet
 
@@ -46,6 +51,14 @@ class ThinkerWorker:
         self.io = WorkerIO(
             "thinker", a.thinker, {"frontend": a.frontend, "talker": a.talker}, cfg.allow_faults
         )
+        self.kv = KVSlots.for_model(
+            self.model.config.text_config,
+            cfg.kv_slots,
+            cfg.max_context_tokens,
+            self.model.device,
+            self.model.dtype,
+        )
+        self.stage = ThinkerStage(self.model, self.kv, StepScheduler(cfg.step_token_budget, cfg.max_batch))
         self.sessions: dict[str, ThinkerConversation] = {}
         self.active: dict[str, _Active] = {}
 
@@ -55,11 +68,11 @@ class ThinkerWorker:
     def run(self) -> None:
         self.io.send("frontend", p.Ready("thinker", {"device": str(self.model.device)}))
         while True:
-            for msg in self.io.receive(0 if self.active else 100):
+            busy = any(conv.pending for conv in self.sessions.values())
+            for msg in self.io.receive(0 if busy else 100):
                 self.handle(msg)
-            for session_id in list(self.active):
-                self.decode_step(session_id)
-            self.io.beat()
+            self.step()
+            self.io.beat(self.kv.stats())
 
     # -- messages -------------------------------------------------------------------------
 
@@ -73,6 +86,9 @@ class ThinkerWorker:
             self.io.send("frontend", p.WorkerError("thinker", f"{type(exc).__name__}: {exc}", session, reply))
             if isinstance(msg, p.Respond):  # the reply ends here, failed
                 self.active.pop(msg.session, None)
+                conv = self.sessions.get(msg.session)
+                if conv is not None:
+                    conv.cancel_reply()
                 done = p.ThinkerDone(msg.session, msg.reply, "failed", "", 0, 0, 0.0)
                 self.io.send("frontend", done)
 
@@ -81,7 +97,9 @@ class ThinkerWorker:
             case p.OpenSession():
                 self.open(msg)
             case p.CloseSession():
-                self.sessions.pop(msg.session, None)
+                conv = self.sessions.pop(msg.session, None)
+                if conv is not None:
+                    conv.close()
                 self.active.pop(msg.session, None)
                 # relayed, so the talker drops the session before any rows of a reopened one
                 self.io.send("talker", msg)
@@ -113,13 +131,12 @@ class ThinkerWorker:
         return conv
 
     def open(self, msg: p.OpenSession) -> None:
+        if msg.session in self.sessions:  # reopened: the old conversation's slot goes back
+            self.sessions.pop(msg.session).close()
         system = system_prompt(msg.instructions)
 
-        def send_rows(piece: ContextRows, session: str = msg.session) -> None:
-            self.io.send(
-                "talker",
-                p.Rows(session, piece.start, p.Array.of(piece.rows), p.Array.of(piece.positions)),
-            )
+        def send_rows(piece: p.ContextRows, session: str = msg.session) -> None:
+            self.io.send("talker", piece.message(session))
 
         self.sessions[msg.session] = ThinkerConversation(
             self.model,
@@ -129,6 +146,7 @@ class ThinkerWorker:
             system,
             self.encode,
             send_rows,
+            self.kv,
             self.max_frame_side,
         )
 
@@ -136,17 +154,13 @@ class ThinkerWorker:
         conv = self.conv(msg.session)
         if msg.session in self.active:
             raise RuntimeError("a reply is already in progress")
-        started = time.perf_counter()
-        input_before = conv.turn.start_len if conv.turn is not None else len(conv.token_ids)
+        input_before = conv.turn.start_len if conv.turn is not None else len(conv.tokens)
         # instructions=None keeps the session's; anything else (even "") sets them from here on
         system = None if msg.instructions is None else system_prompt(msg.instructions)
-        logits = conv.end_turn(system)
-        prefill_ms = (time.perf_counter() - started) * 1000
-        conv.start_reply(
-            logits, msg.max_text_tokens, msg.greedy, msg.min_text_tokens, msg.seed
-        )
-        first_row = len(conv.token_ids)
-        self.active[msg.session] = _Active(msg, prefill_ms, first_row - input_before)
+        conv.end_turn(system)
+        conv.start_reply(msg.max_text_tokens, msg.greedy, msg.min_text_tokens, msg.seed)
+        first_row = len(conv.tokens)
+        self.active[msg.session] = _Active(msg, time.perf_counter(), first_row - input_before)
         if msg.output_audio:
             self.io.send(
                 "talker",
@@ -174,18 +188,43 @@ class ThinkerWorker:
         conv.cancel_reply()
         self.finish(msg.session, "cancelled")
 
-    def decode_step(self, session_id: str) -> None:
-        active = self.active[session_id]
-        conv = self.sessions[session_id]
+    # -- model work -----------------------------------------------------------------------
+
+    def step(self) -> None:
+        """One batched forward over every session's queued rows, then each ready reply's token."""
         try:
-            token, last = conv.step()
-        except Exception as exc:
-            log.exception("thinker: decode step failed")
-            conv.cancel_reply()
-            self.io.send("frontend", p.WorkerError("thinker", str(exc), session_id, active.msg.reply))
-            self.finish(session_id, "failed")
+            result = self.stage.step(self.sessions)
+        except Exception as exc:  # a failed forward: the sessions in it lose their queued input
+            log.exception("thinker: batched step failed")
+            for session_id in self.stage.last_plan:
+                self.fail(session_id, f"the model step failed: {type(exc).__name__}: {exc}")
             return
-        self.io.count_step()
+        if result.ran:
+            self.io.count_step()
+        for session_id in result.full:
+            self.fail(session_id, f"context_length_exceeded: the conversation is full ({self.kv.max_len} tokens)")
+        for session_id in result.ready:
+            self.emit_token(session_id)
+
+    def fail(self, session_id: str, message: str) -> None:
+        """Drop a session's queued rows; its reply (if any) ends failed with `message`."""
+        conv = self.sessions[session_id]
+        conv.cancel_reply()
+        conv.drop_pending()
+        active = self.active.get(session_id)
+        reply = active.msg.reply if active is not None else None
+        self.io.send("frontend", p.WorkerError("thinker", message, session_id, reply))
+        if active is not None:
+            self.finish(session_id, "failed")
+
+    def emit_token(self, session_id: str) -> None:
+        active = self.active.get(session_id)
+        conv = self.sessions[session_id]
+        if active is None or not conv.can_choose():
+            return
+        if active.prefill_ms is None:
+            active.prefill_ms = (time.perf_counter() - active.started) * 1000
+        token, last = conv.choose()
         assert conv.reply is not None
         text = self.tokenizer.decode(
             [t for t in conv.reply.tokens if t not in self.ids.eos], skip_special_tokens=True
@@ -206,7 +245,7 @@ class ThinkerWorker:
         conv = self.sessions[session_id]
         reply = conv.reply
         assert reply is not None
-        text_rows = len(conv.token_ids) - reply.start_len
+        text_rows = len(conv.tokens) - reply.start_len
         if active.msg.output_audio:
             self.io.send("talker", p.TextEnd(session_id, active.msg.reply, text_rows))
         tokens = [t for t in reply.tokens if t not in self.ids.eos]
@@ -219,7 +258,7 @@ class ThinkerWorker:
                 self.tokenizer.decode(tokens, skip_special_tokens=True),
                 len(tokens),
                 active.input_tokens,
-                active.prefill_ms,
+                active.prefill_ms or 0.0,
                 active.msg.output_audio,
                 list(reply.tokens),
             ),

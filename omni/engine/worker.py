@@ -39,6 +39,11 @@ class WorkerConfig:
     allow_faults: bool = False
     max_frame_side: int = 448
     vocoder_solver: str = "rk4"
+    # batching (omni/engine/scheduler.py, kv_memory.py)
+    kv_slots: int = 16  # sessions each worker holds KV memory for
+    max_context_tokens: int = 32768  # per session, thinker and talker alike
+    step_token_budget: int = 512  # rows one batched forward runs at most
+    max_batch: int = 16  # sessions in one forward; 1 turns batching off
 
 
 class WorkerIO:
@@ -82,11 +87,11 @@ class WorkerIO:
     def send(self, to: str, msg: p.Msg) -> None:
         self.outputs[to].send(p.encode(msg))
 
-    def beat(self) -> None:
+    def beat(self, kv: dict[str, int] | None = None) -> None:
         now = time.monotonic()
         if now - self._last_beat >= 1.0:
             self._last_beat = now
-            self.send("frontend", p.Heartbeat(self.name))
+            self.send("frontend", p.Heartbeat(self.name, kv or {}))
 
     def count_step(self) -> None:
         """Fault injection for tests: crash or hang after N model steps."""
