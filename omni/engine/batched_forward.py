@@ -56,10 +56,15 @@ class _StepCache:
             slot = self.slots[0]
             return keys[slot : slot + 1, :, : self.kv_len], values[slot : slot + 1, :, : self.kv_len]
         # slice the sequence first: only the rows' prefixes are gathered, not the whole slots
-        return (
-            keys[:, :, : self.kv_len].index_select(0, self._index),
-            values[:, :, : self.kv_len].index_select(0, self._index),
-        )
+        k = keys[:, :, : self.kv_len].index_select(0, self._index)
+        v = values[:, :, : self.kv_len].index_select(0, self._index)
+        # a shorter row's gathered tail is never-written memory: masked, but a NaN there
+        # would still poison the softmax (NaN * 0), so it is zeroed
+        for b, (start, n) in enumerate(zip(self.starts, self.counts)):
+            if start + n < self.kv_len:
+                k[b, :, start + n :] = 0
+                v[b, :, start + n :] = 0
+        return k, v
 
 
 class BatchedForward:
