@@ -107,6 +107,11 @@ def _serve(args: argparse.Namespace) -> int:
         start_timeout_s=settings.engine_start_timeout_seconds,
         heartbeat_timeout_s=settings.engine_heartbeat_timeout_seconds,
         vocoder_solver=settings.vocoder_solver,
+        kv_slots=settings.max_sessions,
+        max_context_tokens=settings.max_context_tokens,
+        step_token_budget=settings.step_token_budget,
+        max_batch=settings.max_batch,
+        attn_implementation=settings.attn_implementation,
     )
     logging.getLogger("omni").info(
         "model %s (%s); thinker on %s, talker on %s", resolved.name, resolved.path, thinker_device, talker_device

@@ -91,6 +91,27 @@ class Settings(BaseSettings):
         description="Token2Wav ODE solver: rk4 as transformers (36 DiT passes per chunk), "
         "euler as Qwen's streaming code (9); auto is rk4 on GPU, euler on CPU.",
     )
+    max_batch: int = Field(
+        16,
+        ge=1,
+        description="Most sessions in one batched model step (thinker, talker); 1 turns "
+        "batching off.",
+    )
+    step_token_budget: int = Field(
+        512,
+        ge=2,
+        description="Most tokens one batched model step runs: every session's decode row "
+        "first, then chunks of waiting prefill (audio, frames, images, text).",
+    )
+    max_context_tokens: int = Field(
+        32768,
+        ge=256,
+        description="KV memory reserved per session and stage (one slot per max_sessions); "
+        "a conversation that fills it gets a context_length_exceeded error.",
+    )
+    attn_implementation: Literal["sdpa", "eager"] = Field(
+        "sdpa", description="transformers attention kernel for the batched thinker and talker."
+    )
 
     # -- auth
     api_keys: Annotated[list[str], NoDecode] = Field(

@@ -66,6 +66,7 @@ class EngineConfig:
     max_context_tokens: int = 32768  # KV memory per session and stage
     step_token_budget: int = 512  # rows per batched forward: decode rows first, then prefill
     max_batch: int = 16  # sessions per forward; 1 turns batching off (one session per forward)
+    attn_implementation: str = "sdpa"  # or "eager": both take the batched forward's masks
     # ZeroMQ endpoints; None: ipc:// sockets in a private temp dir
     addresses: Addresses | None = None
 
@@ -155,6 +156,7 @@ class OmniEngine:
                 max_context_tokens=self.config.max_context_tokens,
                 step_token_budget=self.config.step_token_budget,
                 max_batch=self.config.max_batch,
+                attn_implementation=self.config.attn_implementation,
             )
             proc = spawn.Process(target=target, args=(cfg,), name=f"omni-{name}", daemon=True)
             proc.start()

@@ -46,6 +46,7 @@ class TalkerWorker:
 
         parts = load_talker(cfg.model_path, cfg.device, getattr(torch, cfg.dtype))
         self.model = parts.talker.eval()
+        self.model.set_attn_implementation(cfg.attn_implementation)
         self.token2wav = parts.token2wav.eval()
         self.speakers = parts.speakers
         self.special = special_embeds(cfg.model_path, self.model, self.speakers)

@@ -42,6 +42,7 @@ class ThinkerWorker:
 
         parts = load_thinker(cfg.model_path, cfg.device, getattr(torch, cfg.dtype))
         self.model = parts.model.eval()
+        self.model.set_attn_implementation(cfg.attn_implementation)
         self.tokenizer = parts.tokenizer
         self.feature_extractor = parts.processor.feature_extractor
         self.processor_config = parts.processor.image_processor.to_dict()

@@ -44,6 +44,7 @@ class WorkerConfig:
     max_context_tokens: int = 32768  # per session, thinker and talker alike
     step_token_budget: int = 512  # rows one batched forward runs at most
     max_batch: int = 16  # sessions in one forward; 1 turns batching off
+    attn_implementation: str = "sdpa"
 
 
 class WorkerIO:
@@ -130,5 +131,8 @@ def configure_worker(name: str, device: str) -> None:
     configure_logging(os.environ.get("OMNI_LOG_LEVEL", "INFO"), os.environ.get("OMNI_LOG_FORMAT", "text"))  # type: ignore[arg-type]
     logging.getLogger().handlers[0].addFilter(_WorkerName(name))
     torch.set_grad_enabled(False)
+    if device.startswith("cuda"):  # TF32 for the fp32 parts (Token2Wav): ~bf16 speed, fp32 range
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     if device == "cpu":
         torch.set_num_threads(int(os.environ.get("OMNI_CPU_THREADS", "1")))
