@@ -67,8 +67,6 @@ class EngineConfig:
     step_token_budget: int = 512  # rows per batched forward: decode rows first, then prefill
     max_batch: int = 16  # sessions per forward; 1 turns batching off (one session per forward)
     attn_implementation: str = "sdpa"  # or "eager": both take the batched forward's masks
-    # ZeroMQ endpoints; None: ipc:// sockets in a private temp dir
-    addresses: Addresses | None = None
 
 
 class _WorkerLost(Exception):
@@ -92,7 +90,8 @@ class OmniEngine:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
         self._dir = tempfile.mkdtemp(prefix="omni-")
-        self.addresses = config.addresses or Addresses(
+        # ipc:// sockets in a private temp dir (tcp:// works the same across hosts)
+        self.addresses = Addresses(
             thinker=f"ipc://{self._dir}/thinker",
             talker=f"ipc://{self._dir}/talker",
             frontend=f"ipc://{self._dir}/frontend",
