@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 
@@ -90,3 +90,15 @@ class _EngineCollector(Collector):
             "Times the model workers were restarted after one died or hung.",
             value=restarts,
         )
+        # each worker's KV memory, as its last heartbeat reported it (OmniEngine.kv_stats)
+        kv: dict[str, dict[str, int]] = getattr(self._engine(), "kv_stats", {})
+        for name, doc in (
+            ("bytes_used", "KV memory holding conversation context now, per model stage."),
+            ("bytes_total", "KV memory reserved (max_sessions slots of max_context_tokens)."),
+            ("tokens_used", "Context tokens in the KV memory now, per model stage."),
+            ("slots_used", "KV slots (sessions) in use, per model stage."),
+        ):
+            family = GaugeMetricFamily(f"omni_kv_{name}", doc, labels=["stage"])
+            for stage, stats in kv.items():
+                family.add_metric([stage], stats.get(name, 0))
+            yield family

@@ -19,6 +19,7 @@ from omni.bench.reference import ReferenceConversation
 from omni.checkpoints.processor import load_processor
 from omni.engine.api import EngineCapacityError, ReplyDone, ReplyOptions, SessionOptions, TextDelta
 from omni.engine.engine import EngineConfig, running_engine
+from omni.metrics import Metrics
 
 TEXT, CODES = 8, 30
 QUESTIONS = ["Hello!", "What is the capital of France, and why is it famous?", "Count to three."]
@@ -91,6 +92,19 @@ def test_sessions_over_the_kv_slots_are_refused(tiny_checkpoint):
             await engine.close_session("b")
             await engine.open_session("c", SessionOptions())  # a freed slot is reused
             await engine.add_text("c", "Hello")
-            return await reply(engine, "c")
+            done = await reply(engine, "c")
+            # the workers report their KV memory in heartbeats (about once a second)
+            metrics = Metrics()
+            metrics.watch_engine(lambda: engine)
+            for _ in range(50):
+                await asyncio.sleep(0.1)
+                text = metrics.render().decode()
+                if all(f'omni_kv_slots_used{{stage="{w}"}} 2.0' in text for w in ("thinker", "talker")):
+                    break
+            assert 'omni_kv_slots_used{stage="thinker"} 2.0' in text
+            assert 'omni_kv_slots_used{stage="talker"} 2.0' in text
+            stats = engine.kv_stats["thinker"]
+            assert 0 < stats["bytes_used"] < stats["bytes_total"]
+            return done
 
     assert asyncio.run(run()).text_tokens == TEXT
