@@ -112,6 +112,7 @@ def _serve(args: argparse.Namespace) -> int:
         step_token_budget=settings.step_token_budget,
         max_batch=settings.max_batch,
         attn_implementation=settings.attn_implementation,
+        cuda_graphs=settings.cuda_graphs,
     )
     logging.getLogger("omni").info(
         "model %s (%s); thinker on %s, talker on %s", resolved.name, resolved.path, thinker_device, talker_device

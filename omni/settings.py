@@ -112,6 +112,11 @@ class Settings(BaseSettings):
     attn_implementation: Literal["sdpa", "eager"] = Field(
         "sdpa", description="transformers attention kernel for the batched thinker and talker."
     )
+    cuda_graphs: bool = Field(
+        True,
+        description="On CUDA devices, run decode-only steps as CUDA graphs (one per bucket of "
+        "batch size and key length); ignored on CPU.",
+    )
 
     # -- auth
     api_keys: Annotated[list[str], NoDecode] = Field(

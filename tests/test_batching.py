@@ -83,14 +83,18 @@ def tiny(tiny_checkpoint):
     torch.set_grad_enabled(True)
 
 
-def run(tiny, sessions: list[tuple[int, dict]], max_rows: int, slots: int) -> list[Trace]:
-    """Run sessions (start step, turn) to the end of their speech; one trace per session."""
+def run(
+    tiny, sessions: list[tuple[int, dict]], max_rows: int, slots: int, graphs: bool = False
+) -> list[Trace]:
+    """Run sessions (start step, turn) to the end of their speech; one trace per session.
+    `graphs`: decode-only steps take the CUDA-graph path (eager here, same static shapes)."""
     model, processor, special = tiny
     tok = processor.tokenizer
-    kv = KVSlots.for_model(model.thinker.config.text_config, slots, 2048, "cpu", torch.float32)
-    talker_kv = KVSlots.for_model(model.talker.config, slots, 2048, "cpu", torch.float32)
-    thinker_stage = ThinkerStage(model.thinker, kv, StepScheduler(BUDGET, max_rows))
-    talker_stage = TalkerStage(model.talker, talker_kv, StepScheduler(BUDGET, max_rows))
+    text_config = model.thinker.config.text_config
+    kv = KVSlots.for_model(text_config, slots, 2048, "cpu", torch.float32, scratch_slot=graphs)
+    talker_kv = KVSlots.for_model(model.talker.config, slots, 2048, "cpu", torch.float32, scratch_slot=graphs)
+    thinker_stage = ThinkerStage(model.thinker, kv, StepScheduler(BUDGET, max_rows), graphs)
+    talker_stage = TalkerStage(model.talker, talker_kv, StepScheduler(BUDGET, max_rows), graphs)
     traces = [Trace() for _ in sessions]
     thinkers: dict[int, ThinkerConversation] = {}
     talkers: dict[int, RecordingTalker] = {}
@@ -144,12 +148,12 @@ def run(tiny, sessions: list[tuple[int, dict]], max_rows: int, slots: int) -> li
     return traces
 
 
-@pytest.mark.parametrize("n", [1, 3, 8])
-def test_batched_sessions_equal_alone_and_generate(tiny, n):
+@pytest.mark.parametrize("n,graphs", [(1, False), (3, False), (8, False), (3, True)])
+def test_batched_sessions_equal_alone_and_generate(tiny, n, graphs):
     # staggered starts; with 8 sessions only 5 slots, so the last ones wait for freed slots
     sessions = [(3 * i, TURNS[i]) for i in range(n)]
     slots = min(n, 5)
-    batched = run(tiny, sessions, max_rows=16, slots=slots)
+    batched = run(tiny, sessions, max_rows=16, slots=slots, graphs=graphs)
     model, processor, _ = tiny
     for i, (_, turn) in enumerate(sessions):
         alone = run(tiny, [(0, turn)], max_rows=1, slots=1)[0]

@@ -16,16 +16,27 @@ stack is transformers' own module (Qwen2.5-Omni's thinker LLM or talker LM), cal
 With SDPA this is exactly the attention of one session alone (same keys, same positions, the
 masked keys get zero weight); only the matmul shapes differ, so results match the unbatched
 forward to float rounding (tests/test_batching.py states the tolerance).
+
+Decode-only steps (one token per row) can instead run as CUDA graphs (`cuda_graphs=True`,
+omni/engine/cuda_graphs.py): the same forward with static shapes, a graph per bucket of
+batch size and of key length (powers of two), the slots and lengths as tensors, so no Python
+integer is baked into a captured graph. Padding rows write only to a scratch slot.
 """
 
 from __future__ import annotations
 
 import inspect
+import logging
 from dataclasses import dataclass
 
 import torch
 
+from omni.engine.cuda_graphs import DecodeBatch, DecodeGraphs
 from omni.engine.kv_memory import KVFull, KVSlots
+
+log = logging.getLogger(__name__)
+
+MIN_KEY_BUCKET = 256  # decode graphs attend over 256, 512, 1024, ... keys
 
 
 @dataclass
@@ -67,10 +78,32 @@ class _StepCache:
         return k, v
 
 
+class _DecodeCache:
+    """Decode writes with tensor indices and a fixed key length (capturable in a CUDA graph)."""
+
+    def __init__(self, kv: KVSlots, slots: torch.Tensor, lengths: torch.Tensor, kv_len: int) -> None:
+        self.kv = kv
+        self.slots = slots
+        self.write_at = lengths - 1
+        self.kv_len = kv_len
+        self.valid = torch.arange(kv_len, device=slots.device)[None, :] < lengths[:, None]
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        keys, values = self.kv.keys[layer_idx], self.kv.values[layer_idx]
+        keys[self.slots, :, self.write_at] = key_states[:, :, 0]
+        values[self.slots, :, self.write_at] = value_states[:, :, 0]
+        k = keys[:, :, : self.kv_len].index_select(0, self.slots)
+        v = values[:, :, : self.kv_len].index_select(0, self.slots)
+        keep = self.valid[:, None, :, None]  # never-written memory is zeroed (NaN * 0)
+        return k.masked_fill(~keep, 0), v.masked_fill(~keep, 0)
+
+
 class BatchedForward:
     """Runs `stack` (a transformers decoder taking inputs_embeds) on rows over `kv`."""
 
-    def __init__(self, stack: torch.nn.Module, kv: KVSlots) -> None:
+    def __init__(
+        self, stack: torch.nn.Module, kv: KVSlots, max_batch: int = 16, cuda_graphs: bool = False
+    ) -> None:
         self.stack = stack
         self.kv = kv
         config = stack.config
@@ -81,6 +114,11 @@ class BatchedForward:
         params = inspect.signature(stack.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
         self.device = kv.keys.device
+        self.max_batch = max_batch
+        self.cuda_graphs = cuda_graphs
+        if cuda_graphs and kv.scratch_slot is None:
+            raise ValueError("decode graphs need a KV store with a scratch slot for padding rows")
+        self._graphs: dict[int, DecodeGraphs] = {}  # per key-length bucket
 
     def __call__(self, rows: list[Row]) -> list[torch.Tensor]:
         """Run the rows; returns each row's last hidden states (n, H) and grows its slot by n."""
@@ -90,6 +128,8 @@ class BatchedForward:
         for row, start, n in zip(rows, starts, counts):
             if start + n > kv.max_len:
                 raise KVFull(f"the context is full ({kv.max_len} tokens)")
+        if self.cuda_graphs and max(counts) == 1:
+            return self._decode(rows, starts)
         width = max(counts)
         kv_len = max(s + n for s, n in zip(starts, counts))
         dim = rows[0].embeds.shape[1]
@@ -111,6 +151,60 @@ class BatchedForward:
             kv.lengths[row.slot] = start + n
         hidden = out.last_hidden_state
         return [hidden[b, :n] for b, n in enumerate(counts)]
+
+    def decode_static(
+        self,
+        embeds: torch.Tensor,
+        positions: torch.Tensor,
+        slots: torch.Tensor,
+        lengths: torch.Tensor,
+        kv_len: int,
+    ) -> torch.Tensor:
+        """One token per row with static shapes: embeds (B, 1, E), positions (3, B, 1), slots
+        and lengths (B,) tensors (lengths count this step's token); returns hidden (B, 1, H).
+        Does not touch `kv.lengths` (Python state stays out of a captured graph)."""
+        mask = (torch.arange(kv_len, device=slots.device)[None, :] < lengths[:, None])[:, None, None]
+        out = self.stack(
+            inputs_embeds=embeds,
+            position_ids=positions,
+            attention_mask={t: mask for t in self.layer_types},
+            use_cache=False,
+            **{self._cache_kw: _DecodeCache(self.kv, slots, lengths, kv_len)},
+        )
+        return out.last_hidden_state
+
+    def _decode(self, rows: list[Row], starts: list[int]) -> list[torch.Tensor]:
+        kv = self.kv
+        kv_len = key_bucket(max(starts) + 1, kv.max_len)
+        graphs = self._graphs.get(kv_len)
+        if graphs is None:
+            step = lambda e, p, s, n: self.decode_static(e, p, s, n, kv_len)  # noqa: E731
+            graphs = self._graphs[kv_len] = DecodeGraphs(
+                step, self.max_batch, kv.scratch_slot, self.device, use_graphs=self.device.type == "cuda"
+            )
+        batch = DecodeBatch(
+            inputs_embeds=torch.stack([row.embeds for row in rows]),
+            position_ids=torch.stack([row.positions for row in rows], dim=1).to(self.device),
+            slots=torch.tensor([row.slot for row in rows], device=self.device),
+            lengths=torch.tensor([s + 1 for s in starts], device=self.device),
+        )
+        try:
+            hidden = graphs(batch)
+        except Exception:  # a model this stack can't capture: run every step eagerly
+            log.exception("decode graph capture failed; decoding without CUDA graphs")
+            self.cuda_graphs = False
+            return self(rows)
+        for row, start in zip(rows, starts):
+            kv.lengths[row.slot] = start + 1
+        return [hidden[b] for b in range(len(rows))]
+
+
+def key_bucket(n: int, max_len: int) -> int:
+    """The key length a decode graph attends over: the power of two >= n (at least 256)."""
+    size = MIN_KEY_BUCKET
+    while size < n:
+        size *= 2
+    return min(size, max_len)
 
 
 def attention_mask(starts: list[int], counts: list[int], width: int, kv_len: int) -> torch.Tensor:

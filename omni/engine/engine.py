@@ -67,6 +67,7 @@ class EngineConfig:
     step_token_budget: int = 512  # rows per batched forward: decode rows first, then prefill
     max_batch: int = 16  # sessions per forward; 1 turns batching off (one session per forward)
     attn_implementation: str = "sdpa"  # or "eager": both take the batched forward's masks
+    cuda_graphs: bool = True  # decode-only steps as CUDA graphs, on CUDA devices only
 
 
 class _WorkerLost(Exception):
@@ -156,6 +157,7 @@ class OmniEngine:
                 step_token_budget=self.config.step_token_budget,
                 max_batch=self.config.max_batch,
                 attn_implementation=self.config.attn_implementation,
+                cuda_graphs=self.config.cuda_graphs and device.startswith("cuda"),
             )
             proc = spawn.Process(target=target, args=(cfg,), name=f"omni-{name}", daemon=True)
             proc.start()

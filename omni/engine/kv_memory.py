@@ -35,10 +35,13 @@ class KVSlots:
         max_len: int,
         device: torch.device | str,
         dtype: torch.dtype,
+        scratch_slot: bool = False,
     ) -> None:
         if slots < 1 or max_len < 1:
             raise ValueError("the KV store needs at least one slot of at least one token")
-        shape = (layers, slots, kv_heads, max_len, head_dim)
+        # a slot no session owns, for the padding rows of CUDA-graph decode batches
+        self.scratch_slot = slots if scratch_slot else None
+        shape = (layers, slots + scratch_slot, kv_heads, max_len, head_dim)
         self.keys = torch.empty(shape, device=device, dtype=dtype)
         self.values = torch.empty(shape, device=device, dtype=dtype)
         self.max_len = max_len
@@ -47,7 +50,13 @@ class KVSlots:
 
     @classmethod
     def for_model(
-        cls, config, slots: int, max_len: int, device: torch.device | str, dtype: torch.dtype
+        cls,
+        config,
+        slots: int,
+        max_len: int,
+        device: torch.device | str,
+        dtype: torch.dtype,
+        scratch_slot: bool = False,
     ) -> KVSlots:
         """A store shaped for a decoder config (a thinker text config or the talker config)."""
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
@@ -59,6 +68,7 @@ class KVSlots:
             max_len=max_len,
             device=device,
             dtype=dtype,
+            scratch_slot=scratch_slot,
         )
 
     @property

@@ -235,11 +235,13 @@ class TalkerStage:
     """The talker's batched model step: every speaking session's codec step and chunks of
     waiting context rows, in one forward of transformers' talker LM."""
 
-    def __init__(self, talker: torch.nn.Module, kv: KVSlots, scheduler: StepScheduler) -> None:
+    def __init__(
+        self, talker: torch.nn.Module, kv: KVSlots, scheduler: StepScheduler, cuda_graphs: bool = False
+    ) -> None:
         self.model = talker
         self.kv = kv
         self.scheduler = scheduler
-        self.forward = BatchedForward(talker.model, kv)
+        self.forward = BatchedForward(talker.model, kv, scheduler.max_rows, cuda_graphs)
         self.last_plan: list[str] = []
 
     def step(self, conversations: dict[str, TalkerConversation]) -> dict[str, int | None]:

@@ -54,9 +54,15 @@ class TalkerWorker:
         a = cfg.addresses
         self.io = WorkerIO("talker", a.talker, {"frontend": a.frontend}, cfg.allow_faults)
         self.kv = KVSlots.for_model(
-            self.model.config, cfg.kv_slots, cfg.max_context_tokens, self.model.device, self.model.dtype
+            self.model.config,
+            cfg.kv_slots,
+            cfg.max_context_tokens,
+            self.model.device,
+            self.model.dtype,
+            scratch_slot=cfg.cuda_graphs,
         )
-        self.stage = TalkerStage(self.model, self.kv, StepScheduler(cfg.step_token_budget, cfg.max_batch))
+        scheduler = StepScheduler(cfg.step_token_budget, cfg.max_batch)
+        self.stage = TalkerStage(self.model, self.kv, scheduler, cfg.cuda_graphs)
         self.sessions: dict[str, TalkerConversation] = {}
         self.speaking: dict[str, _Speaking] = {}
         # replies cancelled before their TalkerStart arrived (front end and thinker race)

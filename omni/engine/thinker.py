@@ -520,11 +520,13 @@ class StepResult:
 class ThinkerStage:
     """The thinker's batched model step: the queued rows of every session, in one forward."""
 
-    def __init__(self, thinker: torch.nn.Module, kv: KVSlots, scheduler: StepScheduler) -> None:
+    def __init__(
+        self, thinker: torch.nn.Module, kv: KVSlots, scheduler: StepScheduler, cuda_graphs: bool = False
+    ) -> None:
         self.model = thinker
         self.kv = kv
         self.scheduler = scheduler
-        self.forward = BatchedForward(thinker.model.language_model, kv)
+        self.forward = BatchedForward(thinker.model.language_model, kv, scheduler.max_rows, cuda_graphs)
         self.last_plan: list[str] = []  # the sessions of the step in progress (for failures)
 
     def step(self, conversations: dict[str, ThinkerConversation]) -> StepResult:

@@ -58,8 +58,10 @@ class ThinkerWorker:
             cfg.max_context_tokens,
             self.model.device,
             self.model.dtype,
+            scratch_slot=cfg.cuda_graphs,
         )
-        self.stage = ThinkerStage(self.model, self.kv, StepScheduler(cfg.step_token_budget, cfg.max_batch))
+        scheduler = StepScheduler(cfg.step_token_budget, cfg.max_batch)
+        self.stage = ThinkerStage(self.model, self.kv, scheduler, cfg.cuda_graphs)
         self.sessions: dict[str, ThinkerConversation] = {}
         self.active: dict[str, _Active] = {}
 

@@ -45,6 +45,7 @@ class WorkerConfig:
     step_token_budget: int = 512  # rows one batched forward runs at most
     max_batch: int = 16  # sessions in one forward; 1 turns batching off
     attn_implementation: str = "sdpa"
+    cuda_graphs: bool = False  # decode-only steps as CUDA graphs (the engine sets it on CUDA)
 
 
 class WorkerIO:
