@@ -20,7 +20,7 @@ from fastapi import WebSocket
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
 from omni.engine.api import EngineError
-from omni.gateway.auth import BETA_SUBPROTOCOL, bearer_token, subprotocol_key
+from omni.gateway.auth import BETA_SUBPROTOCOL, Denied, bearer_token, subprotocol_key
 from omni.gateway.state import SHUTTING_DOWN, Gateway, openai_error
 from omni.logs import bind_session
 from omni.session.errors import RealtimeError
@@ -36,13 +36,8 @@ async def realtime_endpoint(websocket: WebSocket) -> None:
     gateway: Gateway = websocket.app.state.gateway
     offered: list[str] = list(websocket.scope.get("subprotocols", []))
     grant = gateway.keys.check(bearer_token(websocket.headers) or subprotocol_key(offered))
-    if grant is None:
-        gateway.metrics.connections_refused.labels("auth").inc()
-        await websocket.send_denial_response(
-            openai_error(
-                401, "invalid_api_key", "missing or invalid API key (Authorization: Bearer <key>)"
-            )
-        )
+    if isinstance(grant, Denied):
+        await websocket.send_denial_response(gateway.refuse_key(grant))
         return
     if gateway.draining:
         gateway.metrics.connections_refused.labels("draining").inc()
@@ -69,6 +64,10 @@ async def realtime_endpoint(websocket: WebSocket) -> None:
             "session_limit_reached",
             f"the server is at its limit of {limit} sessions",
         )
+        return
+    if used_up := gateway.keys.use(grant):  # counted only once the session is sure to open
+        gateway.release_slot()
+        await websocket.send_denial_response(gateway.refuse_key(used_up))
         return
     try:
         beta = (
