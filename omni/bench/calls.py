@@ -62,12 +62,16 @@ class CallClient:
     """
 
     def __init__(
-        self, base_url: str, api_key: str | None = None, video: MediaStreamTrack | None = None
+        self,
+        base_url: str,
+        api_key: str | None = None,
+        video: MediaStreamTrack | None = None,
+        microphone: bool = True,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
-        self.mic = ReplyAudioTrack(self._on_mic_event)
+        self.mic = ReplyAudioTrack(self._on_mic_event) if microphone else None
         self.video = video
         self.location: str | None = None
         self.events: list[dict[str, Any]] = []
@@ -83,7 +87,8 @@ class CallClient:
 
     async def connect(self, path: str = "/v1/realtime/calls") -> httpx.Response:
         """Place the call; returns the server's response (201, or the refusal)."""
-        self.pc.addTrack(self.mic)
+        if self.mic is not None:  # without it and video: an offer with a data channel only
+            self.pc.addTrack(self.mic)
         if self.video is not None:
             self.pc.addTrack(self.video)
         channel = self.pc.createDataChannel("oai-events")
@@ -160,6 +165,8 @@ class CallClient:
 
     async def say(self, pcm: np.ndarray) -> float:
         """Speak `pcm` (int16, 24 kHz) in real time; returns when the last sample left."""
+        if self.mic is None:
+            raise RuntimeError("this caller has no microphone")
         self._utterances += 1
         item = f"utterance{self._utterances}"
         self._spoken = asyncio.get_running_loop().create_future()
