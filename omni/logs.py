@@ -76,8 +76,9 @@ _SECRET_SHAPES = re.compile(
 
 
 class RedactSecrets(logging.Filter):
-    """Rewrites a record whose text holds a secret: API keys and other configured secrets by
-    value, and anything shaped like a key (`Bearer ...`, `openai-insecure-api-key.…`, `ek_…`)."""
+    """Rewrites a record whose text holds a secret: API keys and other configured secrets
+    by value, and anything shaped like a key (`Bearer …`, `openai-insecure-api-key.…`,
+    `ek_…`)."""
 
     def __init__(self, secrets: Iterable[str] = ()) -> None:
         super().__init__()

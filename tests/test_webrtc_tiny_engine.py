@@ -16,8 +16,17 @@ import pytest
 import pytest_asyncio
 from gateway_fixtures import tiny_engine
 from realtime_helpers import API_KEY, RunningServer, running_server
-from test_browser_calls import CHROMIUM, WAIT_MS, chromium, enter_key, hang_up, open_page
-from test_browser_calls import inbound_audio_bytes, speech_wav  # noqa: F401 (a fixture)
+from test_browser_calls import (
+    CHROMIUM,
+    WAIT_MS,
+    assistant_heard,
+    chromium,
+    enter_key,
+    hang_up,
+    open_page,
+    place_voice_call,
+    speech_wav,  # noqa: F401 (a fixture)
+)
 from test_webrtc_calls import base_url, call, utterance
 
 from omni.bench.calls import TIMEOUT, CallClient
@@ -110,20 +119,17 @@ async def test_a_call_with_only_a_data_channel_talks_in_text(server: RunningServ
 
 
 @pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian's chromium is not installed")
-async def test_a_voice_call_from_the_page(server: RunningServer, speech_wav: Path) -> None:  # noqa: F811
+async def test_a_voice_call_from_the_page(
+    server: RunningServer,
+    speech_wav: Path,  # noqa: F811 (the fixture imported above)
+) -> None:
     async with chromium(speech_wav) as browser:
         page = await open_page(browser, server)
         await enter_key(page)
-        await page.click("#voice-call")
-        await page.wait_for_function(
-            "document.querySelector('#state').dataset.state === 'connected'", timeout=WAIT_MS
-        )
-        assert len(server.gateway.sessions) == 1
+        await place_voice_call(page, server)
         # the model's reply is written and heard: noise, but sound that plays
         await page.wait_for_selector("#transcript li.assistant", timeout=WAIT_MS)
-        await page.wait_for_function("omni.stats.remotePeak > 0.05", timeout=WAIT_MS)
-        assert await inbound_audio_bytes(page) > 1000
-        await page.wait_for_function("omni.stats.latencies.length >= 1", timeout=WAIT_MS)
+        await assistant_heard(page)
         await hang_up(page, server)
         assert await page.locator("#alert").is_hidden()
 

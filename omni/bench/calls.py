@@ -6,9 +6,9 @@ into its microphone in real time, then listens, and records the time from the en
 speech to the first sound of the reply arriving: voice to voice as the caller's network
 stack sees it (the server's VAD silence, the model, both directions of the network; not the
 caller's playout buffer). Over the run it also records the arrival jitter of reply audio
-frames, what the server itself reports (its /metrics listener: the silence it sent mid-reply because the
-model fell behind, and its own time from the VAD's end of turn to the first audio sent, so
-the client's latency can be taken apart), and the server's CPU time (its process and the
+frames, what the server itself reports (its /metrics listener: the silence it sent mid-reply
+because the model fell behind, and its own time from the VAD's end of turn to the first audio
+sent, so the client's latency can be taken apart), and the server's CPU time (its process and the
 engine's worker processes, read from /proc) per call.
 
 `CallClient` is also the tests' client for /v1/realtime/calls.
