@@ -82,7 +82,13 @@ class Metrics:
     @asynccontextmanager
     async def serving(self, host: str, port: int) -> AsyncIterator[None]:
         """Serve /metrics on `host`:`port` for the block (`self.port`: the port bound)."""
-        server, thread = start_http_server(port, host, registry=self.registry)
+        try:
+            server, thread = start_http_server(port, host, registry=self.registry)
+        except OSError as exc:
+            raise OSError(
+                f"cannot serve /metrics on {host}:{port} ({exc.strerror}): set metrics_port "
+                "(0: any free port)"
+            ) from exc
         self.port = server.server_port
         log.info("metrics on http://%s:%d/metrics", host, self.port)
         try:

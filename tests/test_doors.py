@@ -24,6 +24,7 @@ from realtime_helpers import API_KEY, RunningServer, recv_event, running_server
 
 from omni.bench.calls import CallClient
 from omni.gateway import auth
+from omni.gateway.app import create_app
 from omni.gateway.turn import turn_credentials
 from omni.logs import configure_logging
 from omni.settings import Settings
@@ -172,6 +173,28 @@ async def test_a_refused_connection_does_not_use_up_the_secret() -> None:
             assert (await recv_event(ws))["type"] == "session.created"
 
 
+def test_a_full_use_table_refuses_new_secrets_until_old_ones_expire(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(auth, "MAX_TRACKED_SECRETS", 2)
+    keys = auth.KeyStore([API_KEY], None)
+    owner = keys.check(API_KEY)
+    assert isinstance(owner, auth.Grant)
+    short, long, new = (
+        keys.check(keys.mint(owner, ttl, 1, None).value) for ttl in (10, 600, 600)
+    )
+    assert isinstance(short, auth.Grant) and isinstance(long, auth.Grant)
+    assert isinstance(new, auth.Grant)
+    assert keys.use(short) is None and keys.use(long) is None
+    assert keys.use(new) == auth.Denied(
+        "too many client secrets are in use on this server; try later"
+    )
+    later = short.expires_at + 1
+    monkeypatch.setattr(auth, "time", types.SimpleNamespace(time=lambda: later))
+    assert keys.use(new) is None  # the expired one's place was freed
+    assert keys.use(long) is not None  # ...and the others are still counted
+
+
 async def test_a_secret_is_at_most_one_header_line() -> None:
     async with replica() as server:
         # random text barely compresses: this much still fits, sealed, in a header line...
@@ -198,6 +221,15 @@ async def test_metrics_are_served_on_their_own_listener_only() -> None:
         assert (await http.get(f"{base_url(server)}/metrics")).status_code == 404
         metrics = await http.get(server.metrics_url)
     assert metrics.status_code == 200 and "omni_sessions_total 0.0" in metrics.text
+
+
+async def test_a_taken_metrics_port_stops_the_start_saying_which_setting() -> None:
+    async with replica() as server:
+        taken = Settings(metrics_port=server.gateway.metrics.port)
+        app = create_app(taken, engine_factory=fake_engine)
+        with pytest.raises(OSError, match="set metrics_port"):
+            async with app.router.lifespan_context(app):
+                pass
 
 
 # -- call ownership
