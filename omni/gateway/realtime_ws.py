@@ -3,7 +3,9 @@
 All call logic lives in `RealtimeSession`; this module only moves JSON text between the
 socket and the session, encodes reply audio as delta events, and turns refusals into
 errors a client can read:
-- a missing or wrong key: HTTP 401 before the upgrade (nothing is accepted, no model work);
+- a missing, wrong, altered or expired key: HTTP 401 before the upgrade (nothing is
+  accepted, no model work); a client secret that has opened all its sessions, the same
+  (a session is counted only once the other checks below have passed);
 - no engine yet, the session cap reached, or the server draining for a shutdown: the socket
   is accepted just long enough to send an `error` event (browsers cannot read a refused
   handshake), then closed with 1013 ("try again later").
@@ -21,7 +23,7 @@ from starlette.websockets import WebSocketDisconnect, WebSocketState
 
 from omni.engine.api import EngineError
 from omni.gateway.auth import BETA_SUBPROTOCOL, Denied, bearer_token, subprotocol_key
-from omni.gateway.state import SHUTTING_DOWN, Gateway, openai_error
+from omni.gateway.state import SHUTTING_DOWN, Gateway
 from omni.logs import bind_session
 from omni.session.errors import RealtimeError
 from omni.session.outputs import AudioOut, Closed
