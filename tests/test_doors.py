@@ -268,9 +268,11 @@ async def test_only_the_caller_can_end_a_call() -> None:
         async with placed(server, value) as caller:
             assert (await hang_up(server, caller.location, OTHER_KEY)).status_code == 404
             assert (await hang_up(server, caller.location, API_KEY)).status_code == 204
-        # ...and its holder may end it too, its one session used or not
-        value = await secret_value(server)
+        # ...and its holder may end it too, its one session used or not; the holder of
+        # another secret of the same key (another browser) may not
+        value, another = await secret_value(server), await secret_value(server)
         async with placed(server, value) as caller:
+            assert (await hang_up(server, caller.location, another)).status_code == 404
             assert (await hang_up(server, caller.location, value)).status_code == 204
 
 

@@ -16,7 +16,7 @@ N on each replica), bounded by MAX_TRACKED_SECRETS; past that, new secrets are r
 older ones expire.
 
 Each grant names an owner (a hash of the API key, or for a client secret the key that minted
-it) so a caller can only act on its own calls.
+it) so a caller can only act on its own calls (`Grant.may_manage`).
 """
 
 from __future__ import annotations
@@ -67,6 +67,14 @@ class Grant:
     secret_id: str | None = None
     max_sessions: int = 0
     expires_at: int = 0
+
+    def may_manage(self, placed_with: Grant) -> bool:
+        """Whether this caller may act on a call placed with `placed_with`: an API key on the
+        calls of its own client secrets too; a client secret only on its own calls (a backend
+        hands one secret to each browser, and browsers must not end each other's calls)."""
+        if self.static:
+            return self.owner == placed_with.owner
+        return self.secret_id == placed_with.secret_id
 
 
 @dataclass(frozen=True)

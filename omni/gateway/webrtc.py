@@ -6,8 +6,8 @@
     GET    /v1/realtime/calls/config   what a call page needs first: ICE servers, voices
 
 Keys are checked as for the WebSocket (a static key, or an `ek_` client secret whose session
-config the call starts with). Only the caller who placed a call (its key, or the key that
-minted its client secret) may act on it; anyone else is told it does not exist (404). Each call is one aiortc peer connection and one
+config the call starts with). Only the caller who placed a call (its key or client secret, or
+the key that minted that secret) may act on it; anyone else is told it does not exist (404). Each call is one aiortc peer connection and one
 `RealtimeSession`: events travel as JSON on the data channel the caller opens, labelled
 `oai-events`; the caller's microphone and camera or screen go in through inbound.py; the
 reply is played on a paced track (playout.py) that the session clears on barge-in.
@@ -154,8 +154,8 @@ class Call:
         return self.pc.localDescription.sdp
 
     def owned_by(self, grant: Grant) -> bool:
-        """Whether `grant` is the caller who placed this call (or minted its client secret)."""
-        return grant.owner == self._grant.owner
+        """Whether `grant` placed this call (or minted the client secret that did)."""
+        return grant.may_manage(self._grant)
 
     def _start_tasks(self, session: RealtimeSession) -> None:
         settings = session.settings
