@@ -88,7 +88,7 @@ def _serve(args: argparse.Namespace) -> int:
     except (ValidationError, SettingsError) as error:
         print(f"omni serve: invalid settings: {error}", file=sys.stderr)
         return 2
-    configure_logging(settings.log_level, settings.log_format)
+    configure_logging(settings.log_level, settings.log_format, settings.secrets())
     # the workers are processes of their own that read these from the environment
     os.environ.update(
         OMNI_LOG_LEVEL=settings.log_level.upper(),

@@ -6,6 +6,11 @@ line belongs to comes from two context variables that the gateway sets where a s
 into every task started from there, so a filter can stamp them on each record without any
 logging call passing them. The JSON formatter is a few lines over the stdlib's: no extra
 dependency, and its fields are ours to document.
+
+Secrets never reach the output: at debug level the WebSocket library logs every handshake
+header (Authorization, and the subprotocol a browser's key rides in), and other libraries
+may print what they were given, so the handler redacts bearer tokens, subprotocol keys,
+`ek_` client secrets and the configured secrets' exact values from every line.
 """
 
 from __future__ import annotations
@@ -13,11 +18,12 @@ from __future__ import annotations
 import contextvars
 import json
 import logging
+import re
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
-from typing import Literal
+from typing import Literal, TextIO
 
 LogFormat = Literal["text", "json"]
 
@@ -62,6 +68,36 @@ class ContextFilter(logging.Filter):
         return True
 
 
+REDACTED = "[redacted]"
+_SECRET_SHAPES = re.compile(
+    r"(?i)(?P<lead>\bbearer\s+|openai-insecure-api-key\.)[^\s,;\"']+"
+    r"|\bek_[A-Za-z0-9_-]{8,}"
+)
+
+
+class RedactSecrets(logging.Filter):
+    """Rewrites a record whose text holds a secret: API keys and other configured secrets
+    by value, and anything shaped like a key (`Bearer …`, `openai-insecure-api-key.…`,
+    `ek_…`)."""
+
+    def __init__(self, secrets: Iterable[str] = ()) -> None:
+        super().__init__()
+        # longest first, so a secret that contains another is removed whole
+        self._secrets = sorted({s for s in secrets if s}, key=len, reverse=True)
+
+    def redact(self, text: str) -> str:
+        for secret in self._secrets:
+            text = text.replace(secret, REDACTED)
+        return _SECRET_SHAPES.sub(lambda m: (m.group("lead") or "") + REDACTED, text)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        redacted = self.redact(message)
+        if redacted != message:
+            record.msg, record.args = redacted, None
+        return True
+
+
 class TextFormatter(logging.Formatter):
     """The usual one-line format, with `[session response]` when the line belongs to a call."""
 
@@ -100,12 +136,16 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str, ensure_ascii=False)
 
 
-def configure_logging(level: str, fmt: LogFormat) -> None:
-    """Replace the root handlers with one stderr handler in `fmt` (uvicorn's loggers included,
-    so access and error lines come out in the same format)."""
-    handler = logging.StreamHandler(sys.stderr)
+def configure_logging(
+    level: str, fmt: LogFormat, secrets: Iterable[str] = (), stream: TextIO | None = None
+) -> None:
+    """Replace the root handlers with one handler in `fmt` on `stream` (default stderr),
+    uvicorn's loggers included, so access and error lines come out in the same format;
+    `secrets` are redacted wherever they appear."""
+    handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     handler.addFilter(ContextFilter())
+    handler.addFilter(RedactSecrets(secrets))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

@@ -3,16 +3,25 @@
 prometheus-client is the reference implementation of the exposition format. Each app gets
 its own `CollectorRegistry` (not the global default) so several servers in one process (the
 tests) keep separate numbers and never collide on registration.
+
+/metrics has a listener of its own (`metrics_host`:`metrics_port`), not a route on the API
+port: whatever fronts the API (Caddy, an Ingress) then cannot expose it, and Prometheus
+scrapes it with no credentials to hand out (its pod annotations carry none). It is
+prometheus-client's own threaded HTTP server, so a scrape never runs on the event loop.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
+
+log = logging.getLogger(__name__)
 
 # seconds; dense around the 0.2-1 s that separates a natural reply from an awkward one
 _LATENCY_BUCKETS = (0.025, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0)
@@ -20,10 +29,9 @@ STAGES = ("vad_end_to_first_audio", "prefill", "first_text", "first_codec", "fir
 
 
 class Metrics:
-    content_type = CONTENT_TYPE_LATEST
-
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
+        self.port: int | None = None  # of the /metrics listener, once `serving`
         self.sessions_active = Gauge(
             "omni_sessions_active", "Realtime sessions open now.", registry=self.registry
         )
@@ -71,8 +79,25 @@ class Metrics:
         if ms is not None:
             self.stage_seconds.labels(stage).observe(ms / 1000.0)
 
-    def render(self) -> bytes:
-        return generate_latest(self.registry)
+    @asynccontextmanager
+    async def serving(self, host: str, port: int) -> AsyncIterator[None]:
+        """Serve /metrics on `host`:`port` for the block (`self.port`: the port bound)."""
+        try:
+            server, thread = start_http_server(port, host, registry=self.registry)
+        except OSError as exc:
+            raise OSError(
+                f"cannot serve /metrics on {host}:{port} ({exc.strerror}): set metrics_port "
+                "(0: any free port)"
+            ) from exc
+        self.port = server.server_port
+        log.info("metrics on http://%s:%d/metrics", host, self.port)
+        try:
+            yield
+        finally:
+            # shutdown() waits for the serving thread's next poll: not on the event loop
+            await asyncio.to_thread(server.shutdown)
+            server.server_close()
+            thread.join()
 
 
 class _EngineCollector(Collector):

@@ -121,6 +121,7 @@ class Settings(BaseSettings):
     # -- auth
     api_keys: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
+        repr=False,  # never in a logged repr of the settings
         description="Accepted API keys (env: comma-separated). None: no auth, loopback only.",
     )
     client_secret_ttl_seconds: int = Field(
@@ -128,6 +129,14 @@ class Settings(BaseSettings):
         ge=10,
         le=7200,
         description="Default lifetime of keys from /v1/realtime/client_secrets.",
+    )
+    client_secret_key: SecretStr | None = Field(
+        None,
+        min_length=32,
+        description="Secret shared by every replica that seals client secrets (`ek_` keys), "
+        "so any replica can check one another minted; 32+ characters (openssl rand -hex 32), "
+        "by env or file. Unset: a random key per process (client secrets work on that replica "
+        "only).",
     )
 
     # -- caps
@@ -190,6 +199,14 @@ class Settings(BaseSettings):
     )
 
     # -- operations
+    metrics_host: str = Field(
+        LOOPBACK_HOST,
+        description="Address of the Prometheus /metrics listener, apart from the API port so "
+        "proxies in front of the API never expose it (0.0.0.0 in containers, for the scraper).",
+    )
+    metrics_port: int = Field(
+        9464, ge=0, le=65535, description="TCP port of the /metrics listener (0: any free port)."
+    )
     log_level: str = Field("INFO", description="Logging level: DEBUG, INFO, WARNING, ERROR.")
     log_format: Literal["text", "json"] = Field(
         "text",
@@ -238,6 +255,11 @@ class Settings(BaseSettings):
     @property
     def auth_enabled(self) -> bool:
         return bool(self.api_keys)
+
+    def secrets(self) -> list[str]:
+        """Every secret value set here, for the logs to redact."""
+        sealed = [s.get_secret_value() for s in (self.turn_secret, self.client_secret_key) if s]
+        return [*self.api_keys, *sealed]
 
     @classmethod
     def settings_customise_sources(

@@ -52,6 +52,10 @@ class RunningServer:
         return f"ws://127.0.0.1:{self.port}/v1/realtime?model=qwen2.5-omni"
 
     @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.gateway.metrics.port}/metrics"
+
+    @property
     def engine(self) -> Engine:
         assert self.gateway.engine is not None
         return self.gateway.engine
@@ -68,6 +72,7 @@ class RunningServer:
 async def running_server(factory: EngineFactory, **settings: Any) -> AsyncIterator[RunningServer]:
     """uvicorn in this event loop on a free loopback port, engine loaded."""
     settings.setdefault("api_keys", [API_KEY])
+    settings.setdefault("metrics_port", 0)
     config = Settings(host="127.0.0.1", port=0, **settings)
     app = create_app(config, engine_factory=factory)
     server = uvicorn.Server(server_config(config, app, log_level="warning"))

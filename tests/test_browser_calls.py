@@ -107,6 +107,21 @@ async def hang_up(page: Page, server: RunningServer) -> None:
     await until(lambda: not server.gateway.sessions)
 
 
+async def place_voice_call(page: Page, server: RunningServer) -> None:
+    await page.click("#voice-call")
+    await page.wait_for_function(
+        "document.querySelector('#state').dataset.state === 'connected'", timeout=WAIT_MS
+    )
+    assert len(server.gateway.sessions) == 1
+
+
+async def assistant_heard(page: Page) -> None:
+    """The reply's audio arrived and played loud enough, and the turn's latency was shown."""
+    await page.wait_for_function("omni.stats.remotePeak > 0.05", timeout=WAIT_MS)
+    assert await inbound_audio_bytes(page) > 1000
+    await page.wait_for_function("omni.stats.latencies.length >= 1", timeout=WAIT_MS)
+
+
 async def test_voice_and_video_calls_from_the_page(speech_wav: Path) -> None:
     ARTIFACTS.mkdir(exist_ok=True)
     # a reply of about 5 s, so the caller's next sentence comes while it plays
@@ -116,16 +131,10 @@ async def test_voice_and_video_calls_from_the_page(speech_wav: Path) -> None:
         await enter_key(page)
 
         # -- a voice call
-        await page.click("#voice-call")
-        await page.wait_for_function(
-            "document.querySelector('#state').dataset.state === 'connected'", timeout=WAIT_MS
-        )
-        assert len(server.gateway.sessions) == 1
+        await place_voice_call(page, server)
         # the assistant's words appear, and its voice arrives and plays
         await page.wait_for_selector("#transcript li.assistant >> text=Reply 1.", timeout=WAIT_MS)
-        await page.wait_for_function("omni.stats.remotePeak > 0.05", timeout=WAIT_MS)
-        assert await inbound_audio_bytes(page) > 1000
-        await page.wait_for_function("omni.stats.latencies.length >= 1", timeout=WAIT_MS)
+        await assistant_heard(page)
         latency = await page.evaluate("omni.stats.latencies[0]")
         assert 0 < latency < 3000
         await page.screenshot(path=str(ARTIFACTS / "voice-call.png"), full_page=True)

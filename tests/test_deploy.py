@@ -121,6 +121,10 @@ def test_compose_wiring(monkeypatch: pytest.MonkeyPatch) -> None:
         )
         assert settings.auth_enabled and settings.host == "0.0.0.0"
         assert settings.turn_urls and settings.turn_secret is not None
+        assert settings.client_secret_key is not None  # client secrets survive a restart
+        # /metrics: its own port, on the private network only (nothing published, not proxied)
+        assert settings.metrics_host == "0.0.0.0" and settings.metrics_port != settings.port
+        assert "ports" not in service
         assert service["volumes"] == ["models:/models"]
         grace = int(service["stop_grace_period"].removesuffix("s"))
         assert grace > settings.drain_grace_seconds + 15, "docker must not kill a draining call"
@@ -136,7 +140,9 @@ def test_compose_wiring(monkeypatch: pytest.MonkeyPatch) -> None:
     omni_ip = services["omni"]["networks"]["calls"]["ipv4_address"]
     assert f"--allowed-peer-ip={omni_ip}" in turn
     assert "--denied-peer-ip=172.16.0.0-172.31.255.255" in turn
-    assert omni_ip in services["https"]["command"]
+    assert "--no-tcp-relay" in turn  # a TCP relay could reach the service's /metrics port
+    caddy = services["https"]["command"]
+    assert f"--to {omni_ip}:{settings.port}" in caddy and str(settings.metrics_port) not in caddy
 
 
 # -- Kubernetes
@@ -180,19 +186,30 @@ def test_kubernetes_wiring(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
     deployment = find("Deployment", "omni")
     pod = deployment["spec"]["template"]["spec"]
     (container,) = pod["containers"]
-    env = {e["name"]: e.get("value", "from-secret") for e in container["env"]}
+    # secrets: a stand-in as long as the real ones must be
+    env = {e["name"]: e.get("value", "x" * 32) for e in container["env"]}
 
     # the ConfigMap's TOML is a valid config file for this version of the service
     config = tmp_path / "omni.toml"
     config.write_text(find("ConfigMap", "omni-config")["data"]["omni.toml"])
-    settings = omni_settings_from_env({**env, "OMNI_CONFIG": str(config)}, monkeypatch)
+    # the pod runs with the image's ENV under its own
+    settings = omni_settings_from_env(
+        {**dockerfile_env(), **env, "OMNI_CONFIG": str(config)}, monkeypatch
+    )
     assert env["OMNI_CONFIG"] == "/etc/omni/omni.toml"
     assert {"mountPath": "/etc/omni", "name": "config", "readOnly": True} in container[
         "volumeMounts"
     ]
     assert settings.host == "0.0.0.0" and settings.log_format == "json"
 
-    assert container["ports"] == [{"name": "http", "containerPort": settings.port}]
+    assert container["ports"] == [
+        {"name": "http", "containerPort": settings.port},
+        {"name": "metrics", "containerPort": settings.metrics_port},
+    ]
+    assert settings.metrics_host == "0.0.0.0"  # the scraper reaches the pod's address
+    annotations = deployment["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/port"] == str(settings.metrics_port)
+    assert annotations["prometheus.io/path"] == "/metrics"
     assert container["readinessProbe"]["httpGet"]["path"] == "/healthz"
     assert container["livenessProbe"]["httpGet"]["path"] == "/livez"  # not killed while loading
     assert container["resources"]["limits"]["nvidia.com/gpu"] == 1  # one replica per GPU
@@ -200,7 +217,7 @@ def test_kubernetes_wiring(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
     assert pod["securityContext"]["runAsNonRoot"] is True
     assert deployment["spec"]["strategy"]["rollingUpdate"] == {"maxSurge": 0, "maxUnavailable": 1}
     secrets = {e["valueFrom"]["secretKeyRef"]["key"] for e in container["env"] if "valueFrom" in e}
-    assert secrets == {"api-keys", "turn-secret"}
+    assert secrets == {"api-keys", "turn-secret", "client-secret-key"}
 
     labels = deployment["spec"]["template"]["metadata"]["labels"]
     service = find("Service", "omni")
@@ -208,11 +225,23 @@ def test_kubernetes_wiring(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
     assert service["spec"]["sessionAffinity"] == "ClientIP"
     ingress = find("Ingress", "omni")
     assert ingress["metadata"]["annotations"]["nginx.ingress.kubernetes.io/affinity"] == "cookie"
+    # the Ingress reaches the API port only; /metrics has a headless Service of its own
+    backends = [
+        path["backend"]["service"]
+        for rule in ingress["spec"]["rules"]
+        for path in rule["http"]["paths"]
+    ]
+    assert backends == [{"name": "omni", "port": {"name": "http"}}]
+    assert [p["targetPort"] for p in service["spec"]["ports"]] == ["http"]
+    metrics = find("Service", "omni-metrics")["spec"]
+    assert metrics["clusterIP"] == "None" and metrics["selector"] == labels
+    assert [p["targetPort"] for p in metrics["ports"]] == ["metrics"]
 
     coturn = find("Deployment", "coturn")["spec"]["template"]["spec"]
     args = coturn["containers"][0]["args"]
     assert coturn["hostNetwork"] is True
     assert "--use-auth-secret" in args and "--static-auth-secret=$(TURN_SECRET)" in args
+    assert "--no-tcp-relay" in args
     turn_secret = next(e for e in coturn["containers"][0]["env"] if e["name"] == "TURN_SECRET")
     assert turn_secret["valueFrom"]["secretKeyRef"] == {
         "name": "omni-secrets",

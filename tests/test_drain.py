@@ -41,6 +41,8 @@ class Server:
                 str(tiny_checkpoint),
                 "--port",
                 "0",
+                "--metrics-port",
+                "0",
                 "--log-format",
                 "json",
                 "--drain-grace-seconds",
@@ -54,6 +56,7 @@ class Server:
         )
         self.lines: list[str] = []
         self.port: int | None = None
+        self.metrics_port: int | None = None
         self._port_known = threading.Event()
         threading.Thread(target=self._read, daemon=True).start()
 
@@ -61,6 +64,8 @@ class Server:
         assert self.proc.stderr is not None
         for line in self.proc.stderr:
             self.lines.append(line)
+            if match := re.search(r"metrics on http://127\.0\.0\.1:(\d+)", line):
+                self.metrics_port = int(match.group(1))
             if match := re.search(r"Uvicorn running on http://127\.0\.0\.1:(\d+)", line):
                 self.port = int(match.group(1))
                 self._port_known.set()
@@ -137,7 +142,7 @@ async def test_sigterm_drains_calls_then_exits_0(server: Server) -> None:
         )
         assert offer.status_code == 503
         assert offer.json()["error"]["code"] == "server_shutting_down"
-        metrics = (await http.get("/metrics")).text
+        metrics = (await http.get(f"http://127.0.0.1:{server.metrics_port}/metrics")).text
         assert "omni_draining 1.0" in metrics
         assert 'omni_connections_refused_total{reason="draining"} 2.0' in metrics
         assert "omni_engine_worker_restarts_total 0.0" in metrics

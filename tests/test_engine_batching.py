@@ -13,6 +13,7 @@ import asyncio
 
 import pytest
 import torch
+from prometheus_client import generate_latest
 from transformers import Qwen2_5OmniForConditionalGeneration
 
 from omni.bench.reference import ReferenceConversation
@@ -98,7 +99,7 @@ def test_sessions_over_the_kv_slots_are_refused(tiny_checkpoint):
             metrics.watch_engine(lambda: engine)
             for _ in range(50):
                 await asyncio.sleep(0.1)
-                text = metrics.render().decode()
+                text = generate_latest(metrics.registry).decode()
                 if all(f'omni_kv_slots_used{{stage="{w}"}} 2.0' in text for w in ("thinker", "talker")):
                     break
             assert 'omni_kv_slots_used{stage="thinker"} 2.0' in text

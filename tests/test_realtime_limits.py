@@ -25,7 +25,7 @@ from realtime_helpers import (
 
 from omni.engine.api import EngineError
 from omni.gateway.app import create_app
-from omni.gateway.auth import KeyStore
+from omni.gateway.auth import Denied, Grant, KeyStore
 from omni.gateway.serve import bind_host, server_config
 from omni.settings import Settings
 
@@ -87,12 +87,14 @@ async def test_client_secrets_need_a_real_key(server: Any) -> None:
 
 
 def test_client_secrets_expire(monkeypatch: pytest.MonkeyPatch) -> None:
-    keys = KeyStore(["real"])
-    secret = keys.mint(10, None)
-    assert keys.check(secret.value) is not None and keys.check("real") is not None
+    keys = KeyStore(["real"], None)
+    real = keys.check("real")
+    assert isinstance(real, Grant)
+    secret = keys.mint(real, 10, 1, None)
+    assert isinstance(keys.check(secret.value), Grant)
     now = secret.expires_at + 1
     monkeypatch.setattr("omni.gateway.auth.time.time", lambda: now)
-    assert keys.check(secret.value) is None
+    assert keys.check(secret.value) == Denied("the client secret has expired")
 
 
 async def test_no_keys_configured_means_no_auth(start_server: Any) -> None:
@@ -132,7 +134,7 @@ async def test_connection_over_the_session_cap_is_refused(start_server: Any) -> 
         async with server.ws() as third:  # the slot is free again
             assert (await recv_event(third))["type"] == "session.created"
         async with httpx.AsyncClient() as http:
-            metrics = (await http.get(f"http://127.0.0.1:{server.port}/metrics")).text
+            metrics = (await http.get(server.metrics_url)).text
         assert 'omni_connections_refused_total{reason="session_limit"} 1.0' in metrics
 
 
@@ -208,7 +210,7 @@ async def broken_engine() -> AsyncIterator[FakeEngine]:
 
 async def test_healthz_waits_for_the_engine() -> None:
     loaded = asyncio.Event()
-    settings = Settings(port=0, api_keys=[API_KEY])
+    settings = Settings(port=0, metrics_port=0, api_keys=[API_KEY])
     app = create_app(settings, engine_factory=lambda: slow_engine(loaded))
     server = uvicorn.Server(server_config(settings, app, log_level="warning"))
     task = asyncio.create_task(server.serve())
@@ -233,7 +235,7 @@ async def test_healthz_waits_for_the_engine() -> None:
 
 
 async def test_healthz_reports_a_failed_engine() -> None:
-    app = create_app(Settings(), engine_factory=broken_engine)
+    app = create_app(Settings(metrics_port=0), engine_factory=broken_engine)
     async with app.router.lifespan_context(app):
         for _ in range(100):
             if app.state.gateway.engine_error:
@@ -284,7 +286,7 @@ async def test_hanging_up_mid_reply_releases_everything(server: Any) -> None:
         await asyncio.sleep(0.01)
     assert not server.gateway.sessions
     async with httpx.AsyncClient() as http:
-        metrics = (await http.get(f"http://127.0.0.1:{server.port}/metrics")).text
+        metrics = (await http.get(server.metrics_url)).text
     assert "omni_sessions_active 0.0" in metrics
     if isinstance(server.engine, FakeEngine):
         (session_id,) = server.engine.sessions

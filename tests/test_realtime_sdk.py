@@ -82,7 +82,7 @@ async def test_spoken_question_gets_a_spoken_answer(server: RunningServer) -> No
     for stage in ("prefill_ms", "first_text_ms", "first_audio_ms"):
         assert stage in done.metadata
     async with httpx.AsyncClient() as http:
-        metrics = (await http.get(f"http://127.0.0.1:{server.port}/metrics")).text
+        metrics = (await http.get(server.metrics_url)).text
     assert 'omni_turn_stage_seconds_count{stage="vad_end_to_first_audio"} 1.0' in metrics
     assert 'omni_responses_total{status="completed"} 1.0' in metrics
     if isinstance(server.engine, FakeEngine):

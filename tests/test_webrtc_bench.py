@@ -19,7 +19,7 @@ async def test_one_level_measures_latency_jitter_gaps_and_cpu() -> None:
         # the server runs in this process: found by its port, as `omni bench calls` does
         pid = bench._listening_pid(server.port)
         assert pid == os.getpid()
-        level = await bench.run_level(url, API_KEY, 1, 1, 16, 30.0, pid)
+        level = await bench.run_level(url, API_KEY, 1, 1, 16, 30.0, pid, server.metrics_url)
     assert (level.calls, level.turns, level.failed_turns, level.failed_calls) == (1, 1, 0, 0)
     assert level.p50_ms is not None and 0 < level.p50_ms < 5000
     assert level.jitter_p95_ms is not None and level.jitter_p95_ms < 100

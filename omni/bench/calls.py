@@ -6,9 +6,9 @@ into its microphone in real time, then listens, and records the time from the en
 speech to the first sound of the reply arriving: voice to voice as the caller's network
 stack sees it (the server's VAD silence, the model, both directions of the network; not the
 caller's playout buffer). Over the run it also records the arrival jitter of reply audio
-frames, what the server itself reports (/metrics: the silence it sent mid-reply because the
-model fell behind, and its own time from the VAD's end of turn to the first audio sent, so
-the client's latency can be taken apart), and the server's CPU time (its process and the
+frames, what the server itself reports (its /metrics listener: the silence it sent mid-reply
+because the model fell behind, and its own time from the VAD's end of turn to the first audio
+sent, so the client's latency can be taken apart), and the server's CPU time (its process and the
 engine's worker processes, read from /proc) per call.
 
 `CallClient` is also the tests' client for /v1/realtime/calls.
@@ -62,12 +62,16 @@ class CallClient:
     """
 
     def __init__(
-        self, base_url: str, api_key: str | None = None, video: MediaStreamTrack | None = None
+        self,
+        base_url: str,
+        api_key: str | None = None,
+        video: MediaStreamTrack | None = None,
+        microphone: bool = True,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
-        self.mic = ReplyAudioTrack(self._on_mic_event)
+        self.mic = ReplyAudioTrack(self._on_mic_event) if microphone else None
         self.video = video
         self.location: str | None = None
         self.events: list[dict[str, Any]] = []
@@ -83,7 +87,8 @@ class CallClient:
 
     async def connect(self, path: str = "/v1/realtime/calls") -> httpx.Response:
         """Place the call; returns the server's response (201, or the refusal)."""
-        self.pc.addTrack(self.mic)
+        if self.mic is not None:  # without it and video: an offer with a data channel only
+            self.pc.addTrack(self.mic)
         if self.video is not None:
             self.pc.addTrack(self.video)
         channel = self.pc.createDataChannel("oai-events")
@@ -160,6 +165,8 @@ class CallClient:
 
     async def say(self, pcm: np.ndarray) -> float:
         """Speak `pcm` (int16, 24 kHz) in real time; returns when the last sample left."""
+        if self.mic is None:
+            raise RuntimeError("this caller has no microphone")
         self._utterances += 1
         item = f"utterance{self._utterances}"
         self._spoken = asyncio.get_running_loop().create_future()
@@ -292,10 +299,10 @@ _COUNTERS = {
 }
 
 
-async def _server_counters(url: str) -> dict[str, float] | None:
+async def _server_counters(metrics_url: str) -> dict[str, float] | None:
     try:
-        async with httpx.AsyncClient(base_url=url, timeout=10) as http:
-            text = (await http.get("/metrics")).text
+        async with httpx.AsyncClient(timeout=10) as http:
+            text = (await http.get(metrics_url)).text
     except httpx.HTTPError:
         return None
     values = dict(line.rsplit(" ", 1) for line in text.splitlines() if line[:1] not in "#")
@@ -313,16 +320,17 @@ async def run_level(
     max_tokens: int,
     wait: float,
     pid: int | None,
+    metrics_url: str,
 ) -> LevelResult:
     utterance = speech()
     load = os.getloadavg()[0]
-    before = await _server_counters(url)
+    before = await _server_counters(metrics_url)
     cpu_before, wall_before = _cpu_seconds(pid), time.monotonic()
     results = await asyncio.gather(
         *(_one_call(url, key, utterance, turns, max_tokens, wait) for _ in range(calls))
     )
     cpu_after, wall = _cpu_seconds(pid), time.monotonic() - wall_before
-    after = await _server_counters(url)
+    after = await _server_counters(metrics_url)
     latencies = sorted(ms for r in results for ms in r.latencies_ms)
     delta = {k: after[k] - before[k] for k in after} if before and after else None
     jitter = [j for r in results for j in _jitter_ms(r.arrivals)]
@@ -476,7 +484,9 @@ def run(args: argparse.Namespace) -> int:
     key = args.api_key or os.environ.get("OMNI_API_KEY")
     levels = []
     for calls in args.calls:
-        level = run_level(url, key, calls, args.turns, args.max_tokens, args.reply_timeout, pid)
+        level = run_level(
+            url, key, calls, args.turns, args.max_tokens, args.reply_timeout, pid, args.metrics_url
+        )
         levels.append(asyncio.run(level))
         print(table(levels[-1:]), flush=True)
     print()
@@ -492,6 +502,11 @@ def add_calls_command(actions: argparse._SubParsersAction) -> None:
         "calls", help="N simultaneous WebRTC calls with spoken turns against a running server"
     )
     bench.add_argument("--url", default="http://127.0.0.1:8000", help="the server's base URL")
+    bench.add_argument(
+        "--metrics-url",
+        default="http://127.0.0.1:9464/metrics",
+        help="the server's /metrics listener (its metrics_port)",
+    )
     bench.add_argument(
         "--calls",
         type=int,

@@ -1,4 +1,5 @@
-"""The HTTP/WebSocket app: /healthz, /metrics, /v1/realtime, /v1/realtime/client_secrets.
+"""The HTTP/WebSocket app: /healthz, /v1/realtime, /v1/realtime/client_secrets, and the
+/metrics listener beside it (omni/metrics.py says why it has a port of its own).
 
 FastAPI on Starlette, served by uvicorn (its websockets-sansio protocol): the most used and
 best kept ASGI stack, with first-class WebSockets, including the denial-response extension so
@@ -23,13 +24,13 @@ from contextlib import asynccontextmanager
 from typing import Literal
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field, ValidationError
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from omni.engine.api import Engine
 from omni.gateway import realtime_ws, webrtc
-from omni.gateway.auth import bearer_token
+from omni.gateway.auth import MAX_SECRET_SESSIONS, Denied, SecretTooLarge, bearer_token
 from omni.gateway.state import SHUTTING_DOWN, EngineFactory, Gateway, openai_error
 from omni.session.client_events import SessionIn, validation_error
 from omni.session.config import SessionConfig
@@ -43,10 +44,12 @@ class ExpiresAfter(BaseModel):
 
 
 class ClientSecretRequest(BaseModel):
-    """POST /v1/realtime/client_secrets, as OpenAI takes it."""
+    """POST /v1/realtime/client_secrets, as OpenAI takes it, plus `max_sessions`: how many
+    sessions the secret may open (on each replica; see auth.py)."""
 
     expires_after: ExpiresAfter | None = None
     session: SessionIn | None = None
+    max_sessions: int = Field(1, ge=1, le=MAX_SECRET_SESSIONS)
 
 
 class RefuseWhenDraining:
@@ -85,21 +88,22 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         stop = asyncio.Event()
-        task = (
-            asyncio.create_task(gateway.run_engine(engine_factory, stop))
-            if engine_factory
-            else None
-        )
-        try:
-            yield
-        finally:
-            stop.set()
-            if task is not None:
-                if not gateway.ready.is_set():
-                    task.cancel()  # still loading the model: stop the workers now, not after
-                await asyncio.gather(task, return_exceptions=True)
-            else:
-                await gateway.close_sessions()
+        async with gateway.metrics.serving(settings.metrics_host, settings.metrics_port):
+            task = (
+                asyncio.create_task(gateway.run_engine(engine_factory, stop))
+                if engine_factory
+                else None
+            )
+            try:
+                yield
+            finally:
+                stop.set()
+                if task is not None:
+                    if not gateway.ready.is_set():
+                        task.cancel()  # still loading the model: stop the workers now
+                    await asyncio.gather(task, return_exceptions=True)
+                else:
+                    await gateway.close_sessions()
 
     app = FastAPI(title="omni realtime", lifespan=lifespan)
     app.state.gateway = gateway
@@ -122,17 +126,12 @@ def create_app(
             return JSONResponse({"status": "failed", "error": gateway.engine_error}, 503)
         return JSONResponse({"status": "alive"})
 
-    @app.get("/metrics")
-    async def metrics() -> Response:
-        return Response(gateway.metrics.render(), media_type=gateway.metrics.content_type)
-
     @app.post("/v1/realtime/client_secrets")
     async def client_secrets(request: Request) -> JSONResponse:
         grant = gateway.keys.check(bearer_token(request.headers))
-        if grant is None or not grant.static:
-            return openai_error(
-                401, "invalid_api_key", "a valid API key is required (client secrets cannot mint)"
-            )
+        if isinstance(grant, Denied) or not grant.static:
+            why = grant.message if isinstance(grant, Denied) else "a client secret cannot mint"
+            return openai_error(401, "invalid_api_key", f"{why}: an API key is required")
         try:
             body = ClientSecretRequest.model_validate_json(await request.body() or b"{}")
             session = body.session or SessionIn.model_validate({})
@@ -146,11 +145,15 @@ def create_app(
         ttl = (
             body.expires_after.seconds if body.expires_after else settings.client_secret_ttl_seconds
         )
-        secret = gateway.keys.mint(ttl, session)
+        try:
+            secret = gateway.keys.mint(grant, ttl, body.max_sessions, session)
+        except SecretTooLarge as exc:
+            return openai_error(400, "client_secret_too_large", str(exc), "session")
         return JSONResponse(
             {
                 "value": secret.value,
                 "expires_at": secret.expires_at,
+                "max_sessions": secret.max_sessions,
                 "session": config.to_wire("ga", new_id("sess"), secret.expires_at),
             }
         )

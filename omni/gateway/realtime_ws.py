@@ -3,7 +3,9 @@
 All call logic lives in `RealtimeSession`; this module only moves JSON text between the
 socket and the session, encodes reply audio as delta events, and turns refusals into
 errors a client can read:
-- a missing or wrong key: HTTP 401 before the upgrade (nothing is accepted, no model work);
+- a missing, wrong, altered or expired key: HTTP 401 before the upgrade (nothing is
+  accepted, no model work); a client secret that has opened all its sessions, the same
+  (a session is counted only once the other checks below have passed);
 - no engine yet, the session cap reached, or the server draining for a shutdown: the socket
   is accepted just long enough to send an `error` event (browsers cannot read a refused
   handshake), then closed with 1013 ("try again later").
@@ -20,8 +22,8 @@ from fastapi import WebSocket
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
 from omni.engine.api import EngineError
-from omni.gateway.auth import BETA_SUBPROTOCOL, bearer_token, subprotocol_key
-from omni.gateway.state import SHUTTING_DOWN, Gateway, openai_error
+from omni.gateway.auth import BETA_SUBPROTOCOL, Denied, bearer_token, subprotocol_key
+from omni.gateway.state import SHUTTING_DOWN, Gateway
 from omni.logs import bind_session
 from omni.session.errors import RealtimeError
 from omni.session.outputs import AudioOut, Closed
@@ -36,13 +38,8 @@ async def realtime_endpoint(websocket: WebSocket) -> None:
     gateway: Gateway = websocket.app.state.gateway
     offered: list[str] = list(websocket.scope.get("subprotocols", []))
     grant = gateway.keys.check(bearer_token(websocket.headers) or subprotocol_key(offered))
-    if grant is None:
-        gateway.metrics.connections_refused.labels("auth").inc()
-        await websocket.send_denial_response(
-            openai_error(
-                401, "invalid_api_key", "missing or invalid API key (Authorization: Bearer <key>)"
-            )
-        )
+    if isinstance(grant, Denied):
+        await websocket.send_denial_response(gateway.refuse_key(grant))
         return
     if gateway.draining:
         gateway.metrics.connections_refused.labels("draining").inc()
@@ -69,6 +66,10 @@ async def realtime_endpoint(websocket: WebSocket) -> None:
             "session_limit_reached",
             f"the server is at its limit of {limit} sessions",
         )
+        return
+    if used_up := gateway.keys.use(grant):  # counted only once the session is sure to open
+        gateway.release_slot()
+        await websocket.send_denial_response(gateway.refuse_key(used_up))
         return
     try:
         beta = (

@@ -11,7 +11,7 @@ from contextlib import AbstractAsyncContextManager
 from fastapi.responses import JSONResponse
 
 from omni.engine.api import Engine
-from omni.gateway.auth import KeyStore
+from omni.gateway.auth import Denied, KeyStore
 from omni.metrics import Metrics
 from omni.session.errors import RealtimeError
 from omni.session.session import RealtimeSession
@@ -30,7 +30,7 @@ class Gateway:
     def __init__(self, settings: Settings, engine: Engine | None) -> None:
         self.settings = settings
         self.metrics = Metrics()
-        self.keys = KeyStore(settings.api_keys)
+        self.keys = KeyStore(settings.api_keys, settings.client_secret_key)
         self.engine = engine
         self.engine_error: str | None = None
         self.sessions: set[RealtimeSession] = set()
@@ -51,6 +51,11 @@ class Gateway:
 
     def release_slot(self) -> None:
         self._slots -= 1
+
+    def refuse_key(self, denied: Denied) -> JSONResponse:
+        """The 401 for a key that did not check out, counted."""
+        self.metrics.connections_refused.labels("auth").inc()
+        return openai_error(401, "invalid_api_key", denied.message)
 
     async def run_engine(self, factory: EngineFactory, stop: asyncio.Event) -> None:
         """Enter the factory, serve with its engine until `stop`, then let it shut down."""

@@ -6,7 +6,8 @@
     GET    /v1/realtime/calls/config   what a call page needs first: ICE servers, voices
 
 Keys are checked as for the WebSocket (a static key, or an `ek_` client secret whose session
-config the call starts with). Each call is one aiortc peer connection and one
+config the call starts with). Only the caller who placed a call (its key or client secret, or
+the key that minted that secret) may act on it; anyone else is told it does not exist (404). Each call is one aiortc peer connection and one
 `RealtimeSession`: events travel as JSON on the data channel the caller opens, labelled
 `oai-events`; the caller's microphone and camera or screen go in through inbound.py; the
 reply is played on a paced track (playout.py) that the session clears on barge-in.
@@ -45,7 +46,7 @@ from fastapi.staticfiles import StaticFiles
 from prometheus_client import Counter
 
 from omni.engine.api import VOICES, EngineError
-from omni.gateway.auth import Grant, bearer_token
+from omni.gateway.auth import Denied, Grant, bearer_token
 from omni.gateway.inbound import MicReader, read_video
 from omni.gateway.playout import ReplyAudioTrack
 from omni.gateway.state import Gateway, openai_error
@@ -151,6 +152,10 @@ class Call:
             raise OfferError(f"no answer to this offer: {exc or type(exc).__name__}") from exc
         self._start_tasks(self.session)
         return self.pc.localDescription.sdp
+
+    def owned_by(self, grant: Grant) -> bool:
+        """Whether `grant` placed this call (or minted the client secret that did)."""
+        return grant.may_manage(self._grant)
 
     def _start_tasks(self, session: RealtimeSession) -> None:
         settings = session.settings
@@ -314,11 +319,8 @@ class Calls:
 
     def _check(self, request: Request) -> Grant | JSONResponse:
         grant = self.gateway.keys.check(bearer_token(request.headers))
-        if grant is None:
-            self.gateway.metrics.connections_refused.labels("auth").inc()
-            return openai_error(
-                401, "invalid_api_key", "missing or invalid API key (Authorization: Bearer <key>)"
-            )
+        if isinstance(grant, Denied):
+            return self.gateway.refuse_key(grant)
         return grant
 
     async def config(self, request: Request) -> JSONResponse:
@@ -364,6 +366,9 @@ class Calls:
             return _unavailable(
                 "session_limit_reached", f"the server is at its limit of {limit} sessions"
             )
+        if used_up := gateway.keys.use(grant):  # counted only once the call is sure to start
+            gateway.release_slot()
+            return gateway.refuse_key(used_up)
         pc = RTCPeerConnection(RTCConfiguration(iceServers=ice_servers(gateway.settings)))
         call = Call(gateway, pc, grant, request.query_params.get("model"), self.gaps)
         try:
@@ -393,7 +398,7 @@ class Calls:
             return grant
         call_id = request.path_params["call_id"]
         call = self.calls.get(call_id)
-        if call is None:
+        if call is None or not call.owned_by(grant):  # someone else's call: not even "exists"
             return openai_error(404, "call_not_found", f"no call {call_id!r} (it may have ended)")
         await call.close("client_hung_up")
         return Response(status_code=204)
