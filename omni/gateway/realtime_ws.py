@@ -21,7 +21,7 @@ import json
 from fastapi import WebSocket
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
-from omni.engine.api import EngineError
+from omni.engine.api import EngineCapacityError, EngineError
 from omni.gateway.auth import BETA_SUBPROTOCOL, Denied, bearer_token, subprotocol_key
 from omni.gateway.state import SHUTTING_DOWN, Gateway
 from omni.logs import bind_session
@@ -88,10 +88,11 @@ async def realtime_endpoint(websocket: WebSocket) -> None:
         try:
             await session.start()
         except EngineError as exc:
-            await _send(
-                websocket, RealtimeError("engine_error", str(exc), type="server_error").to_event()
-            )
-            await websocket.close(INTERNAL_ERROR)
+            # at capacity: the model's KV memory is reserved by other calls; try again later
+            full = isinstance(exc, EngineCapacityError)
+            code = "server_at_capacity" if full else "engine_error"
+            await _send(websocket, RealtimeError(code, str(exc), type="server_error").to_event())
+            await websocket.close(TRY_AGAIN_LATER if full else INTERNAL_ERROR)
             return
         gateway.sessions.add(session)
         try:

@@ -45,7 +45,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import Counter
 
-from omni.engine.api import VOICES, EngineError
+from omni.engine.api import VOICES, EngineCapacityError, EngineError
 from omni.gateway.auth import Denied, Grant, bearer_token
 from omni.gateway.inbound import MicReader, read_video
 from omni.gateway.playout import ReplyAudioTrack
@@ -378,6 +378,8 @@ class Calls:
             await call.close("refused")
             if isinstance(exc, OfferError):
                 return openai_error(400, "invalid_sdp", str(exc))
+            if isinstance(exc, EngineCapacityError):
+                return openai_error(503, "server_at_capacity", str(exc))
             if isinstance(exc, EngineError):
                 return openai_error(500, "engine_error", str(exc))
             raise
