@@ -8,9 +8,13 @@ Four properties random initialisation does not give:
   hidden state is its input token's embedding, and the tied lm_head picks that token again, so
   every prompt (all end in "assistant\\n") was answered "\\n\\n\\n...". The thinker's and the
   talker's language models, the audio and vision encoders and the thinker-to-talker projection
-  get the std the real widths have, 1/sqrt(fan_in): attention over the context then shapes
-  every step, replies vary with the text, audio and images, and the talker's codes follow the
-  thinker's hidden states from the first code on.
+  get the std the real widths have, 1/sqrt(fan_in). That alone leaves attention nearly
+  uniform (scores of std 1): every position averages the whole context, a long block of
+  similar tokens (an audio clip, the system prompt) drowns the rest, and replies fall into a
+  loop of one or two tokens. Trained models attend sharply; queries and keys scaled by QK_GAIN
+  give scores of std 4, so each step attends to the few tokens its own content picks. Replies
+  then vary with the text, audio and images, run past 60 tokens without an eos, and the
+  talker's codes differ from the first code on when the thinker's reply differs.
 - A reply must never hold a placeholder (<|AUDIO|>, <|IMAGE|>, <|VIDEO|>): in the next turn it
   would count as a slot for encoder features that don't exist, and generate() fails. Their
   rows of the tied embedding are zero, so they score 0 where thousands of tokens score above
@@ -38,6 +42,7 @@ SPEAKERS = {"Chelsie": 151872, "Ethan": 151870}  # speaker -> its bos token in t
 X_VECTOR_DIM = 192
 REFERENCE_MEL_FRAMES = 400
 TARGET_RMS = 0.2  # of full scale, before BigVGAN's clamp to [-1, 1]
+QK_GAIN = 2.0  # on queries and keys: attention scores of std 4 instead of 1
 
 
 def make_speakers(generator: torch.Generator, mel_dim: int = 80) -> dict[str, dict]:
@@ -69,6 +74,14 @@ def init_variance_preserving(module: nn.Module, generator: torch.Generator) -> N
     for part in module.modules():
         if (fan_in := _fan_in(part)) is not None:
             part.weight.normal_(0.0, 1.0 / math.sqrt(fan_in), generator=generator)
+
+
+@torch.no_grad()
+def sharpen_attention(language_model: nn.Module) -> None:
+    """Scale every layer's query and key projections by QK_GAIN (their biases are zero)."""
+    for layer in language_model.layers:
+        layer.self_attn.q_proj.weight *= QK_GAIN
+        layer.self_attn.k_proj.weight *= QK_GAIN
 
 
 @torch.no_grad()
@@ -118,5 +131,7 @@ def shape_weights(model: Qwen2_5OmniForConditionalGeneration, seed: int) -> dict
     for part in (thinker.language_model, thinker.audio_tower, thinker.visual, talker.model):
         init_variance_preserving(part, generator)
     init_variance_preserving(talker.thinker_to_talker_proj, generator)
+    sharpen_attention(thinker.language_model)
+    sharpen_attention(talker.model)
     silence_placeholders(model)
     return speakers
