@@ -300,19 +300,34 @@ def test_tiny_checkpoint_loads_like_a_real_one(
     assert full_model.token2wav.dtype == torch.float32
 
 
+def _logits_of_random_states(head: torch.nn.Linear, n: int = 4096) -> torch.Tensor:
+    """`head` applied to n random hidden states, from tiny to huge."""
+    generator = torch.Generator().manual_seed(0)
+    scales = torch.logspace(-3, 3, n).unsqueeze(1)
+    hidden = torch.randn(n, head.in_features, generator=generator) * scales
+    with torch.no_grad():
+        return head(hidden)
+
+
 def test_codec_head_never_prefers_codes_the_vocoder_cannot_take(
     full_model: Qwen2_5OmniForConditionalGeneration,
 ) -> None:
-    head = full_model.talker.codec_head
-    generator = torch.Generator().manual_seed(0)
-    scales = torch.logspace(-3, 3, 4096).unsqueeze(1)  # tiny to huge hidden states
-    hidden = torch.randn(4096, head.in_features, generator=generator) * scales
-    with torch.no_grad():
-        logits = head(hidden)
+    logits = _logits_of_random_states(full_model.talker.codec_head)
     assert int(logits.argmax(-1).max()) < VOCODER_CODES
     assert int(logits.topk(40, dim=-1).indices.max()) < VOCODER_CODES
     # the invalid codes, eos 8294 and pad 8292 among them, score exactly zero
     assert torch.count_nonzero(logits[:, VOCODER_CODES:]) == 0
+
+
+def test_lm_head_never_prefers_a_placeholder(
+    full_model: Qwen2_5OmniForConditionalGeneration,
+) -> None:
+    """<|AUDIO|>, <|IMAGE|> or <|VIDEO|> in a reply would be a feature slot in the next turn."""
+    config = full_model.config.thinker_config
+    placeholders = [config.audio_token_index, config.image_token_index, config.video_token_index]
+    logits = _logits_of_random_states(full_model.thinker.lm_head, n=256)
+    assert torch.count_nonzero(logits[:, placeholders]) == 0
+    assert set(logits.topk(40, dim=-1).indices.flatten().tolist()).isdisjoint(placeholders)
 
 
 def test_transformers_generate_runs_the_tiny_talker_to_its_limit(

@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 # Bump whenever the tiny checkpoint's contents change, so caches rebuild.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MARKER_FILE = "omni_tiny.json"
 
 
