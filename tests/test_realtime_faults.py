@@ -27,7 +27,11 @@ async def faulty_engine() -> AsyncIterator[Engine]:
 def user_text(text: str) -> dict:
     return {
         "type": "conversation.item.create",
-        "item": {"type": "message", "role": "user", "content": [{"type": "input_text", "text": text}]},
+        "item": {
+            "type": "message",
+            "role": "user",
+            "content": [{"type": "input_text", "text": text}],
+        },
     }
 
 

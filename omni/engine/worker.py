@@ -120,7 +120,9 @@ PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 
 def exit_with_parent(name: str) -> None:
     """Ask the kernel to SIGKILL this process when its parent dies (Linux), then check that
-    the parent did not die before the request was made."""
+    the parent did not die before the request was made. The kernel's parent is the thread
+    that started the worker: the engine's event loop thread, which lives as long as the engine.
+    """
     if sys.platform.startswith("linux"):
         libc = ctypes.CDLL(None, use_errno=True)
         if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
@@ -148,9 +150,10 @@ class _WorkerName(logging.Filter):
 
 
 def configure_worker(name: str, device: str) -> None:
-    """Logging, death with the parent, no autograd, and on CPU one torch thread per worker: the thinker and talker
-    run side by side, and OpenMP threads competing for the same cores slow small ops by
-    100x (measured: a tiny conv1d took 0.3 ms with 1 thread, 43 ms with 2 on a busy 2-core box)."""
+    """Logging, death with the parent, no autograd, and on CPU one torch thread per worker:
+    the thinker and talker run side by side, and OpenMP threads competing for the same cores
+    slow small ops by 100x (measured: a tiny conv1d took 0.3 ms with 1 thread, 43 ms with 2
+    on a busy 2-core box)."""
     from omni.logs import configure_logging  # the service's text or JSON format
 
     configure_logging(os.environ.get("OMNI_LOG_LEVEL", "INFO"), os.environ.get("OMNI_LOG_FORMAT", "text"))  # type: ignore[arg-type]
