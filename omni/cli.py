@@ -106,6 +106,7 @@ def _serve(args: argparse.Namespace) -> int:
         max_frame_side=settings.engine_max_frame_side,
         start_timeout_s=settings.engine_start_timeout_seconds,
         heartbeat_timeout_s=settings.engine_heartbeat_timeout_seconds,
+        replay_max_bytes=int(settings.engine_replay_max_mb * 1e6),
         vocoder_solver=settings.vocoder_solver,
         kv_slots=settings.max_sessions,
         max_context_tokens=settings.max_context_tokens,

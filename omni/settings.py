@@ -83,6 +83,13 @@ class Settings(BaseSettings):
     engine_heartbeat_timeout_seconds: float = Field(
         30.0, gt=0, description="A worker silent this long is taken as hung and restarted."
     )
+    engine_replay_max_mb: float = Field(
+        32.0,
+        gt=0,
+        description="Per session, the most input and reply a worker restart can replay to "
+        "rebuild the conversation (MB; audio is 0.064 MB/s, a 448 px frame 0.6 MB); over it, "
+        "the oldest turns are dropped.",
+    )
     engine_max_frame_side: int = Field(
         448, ge=28, description="Longest side, in pixels, of video frames the thinker patches."
     )

@@ -9,7 +9,7 @@ Audio in is mono float32 at 16 kHz (the thinker's rate); audio out is mono int16
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
@@ -27,6 +27,9 @@ class SessionOptions:
     voice: str = "Chelsie"
     # extra system text; the model's own speech system prompt always comes first
     instructions: str | None = None
+    # problems found outside the session's calls (input the model could not use, a worker
+    # restart), pushed as they are found; None: only logged
+    on_error: Callable[[str], Awaitable[None]] | None = None
 
 
 @dataclass

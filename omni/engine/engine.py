@@ -4,10 +4,16 @@ It starts and supervises both workers, forwards session input to the thinker, an
 workers' messages back into `TextDelta` / `AudioChunk` / `ReplyDone` events for the session
 layer. One reader task routes every incoming message to the reply it belongs to.
 
-A worker that dies (its process sentinel) or stops beating (a hung model step) is noticed by
-the supervisor task: every reply in flight ends with a `failed` ReplyDone naming the worker,
-both workers are restarted (the talker's context rows mirror the thinker's cache, so they
-restart together) and the sessions are reopened with an empty conversation.
+A worker that dies (its process sentinel wakes the supervisor) or stops beating (a hung
+model step) is noticed by the supervisor task: every reply in flight ends with a `failed`
+ReplyDone naming the worker, every session hears of it through its `on_error`, and both
+workers are restarted (the talker's context rows mirror the thinker's cache, so they restart
+together). Each session's conversation is then rebuilt from its replay log (replay.py).
+Input that arrives while the workers restart goes into the log and reaches the new workers
+with the rest; a reply asked for meanwhile is refused.
+
+Each reply's queue is bounded (REPLY_QUEUE_MAX): the reader task must never wait, so a
+reply whose consumer stopped reading is cancelled in the workers and ends failed.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ import multiprocessing
 import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -28,6 +34,7 @@ import zmq.asyncio
 
 from omni.engine import protocol as p
 from omni.engine import talker_worker, thinker_worker
+from omni.engine.replay import ReplayLog
 from omni.engine.api import (
     SAMPLES_PER_CODE,
     AudioChunk,
@@ -45,6 +52,10 @@ from omni.engine.worker import Addresses, WorkerConfig
 log = logging.getLogger(__name__)
 
 WORKERS = {"thinker": thinker_worker.main, "talker": talker_worker.main}
+# Messages a reply may have waiting for its consumer. A consumer that reads keeps a few here
+# (each takes microseconds to handle; a GPU makes ~100 tokens/s); a whole default reply,
+# 1024 text deltas and its audio in 0.5-1 s chunks, would nearly fill it even if nobody read.
+REPLY_QUEUE_MAX = 1024
 
 
 @dataclass
@@ -60,6 +71,7 @@ class EngineConfig:
     vocoder_solver: str = "auto"
     start_timeout_s: float = 900.0  # loading a 7B checkpoint can take minutes
     heartbeat_timeout_s: float = 30.0  # no beat for this long while alive: the worker hangs
+    replay_max_bytes: int = 32_000_000  # per session: what a restart can rebuild (replay.py)
     allow_faults: bool = False  # tests: accept InjectFault messages
     # batching: every model step runs all sessions with work in one forward
     kv_slots: int = 16  # sessions admitted (each worker reserves KV memory for this many)
@@ -70,21 +82,37 @@ class EngineConfig:
     cuda_graphs: bool = True  # decode-only steps as CUDA graphs, on CUDA devices only
 
 
-class _WorkerLost(Exception):
-    pass
+class _ReplyEnded(Exception):
+    """The reply ends failed without its workers' Done messages (a worker lost, an overflow)."""
 
 
 @dataclass
 class _Reply:
     session: str
+    # no maxsize: `deliver` bounds it, and the one `end` always fits behind it
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)
+    ended: bool = False
+
+    def deliver(self, msg: p.Msg) -> bool:
+        """Queue a worker message; False when the queue is full (nothing was queued)."""
+        if self.ended:
+            return True  # the consumer will stop at the end already queued
+        if self.queue.qsize() >= REPLY_QUEUE_MAX:
+            return False
+        self.queue.put_nowait(msg)
+        return True
+
+    def end(self, reason: str) -> None:
+        if not self.ended:
+            self.ended = True
+            self.queue.put_nowait(_ReplyEnded(reason))
 
 
 @dataclass
 class _Session:
     options: SessionOptions
+    replay: ReplayLog
     reply: str | None = None
-    errors: list[str] = field(default_factory=list)
 
 
 class OmniEngine:
@@ -106,7 +134,10 @@ class OmniEngine:
         self._replies: dict[str, _Reply] = {}
         self._results: dict[str, asyncio.Future[int]] = {}
         self._tasks: list[asyncio.Task] = []
+        self._notices: set[asyncio.Task] = set()  # on_error calls still running
+        self._worker_exited = asyncio.Event()  # set from a dead worker's sentinel
         self._restart_lock = asyncio.Lock()
+        self._restarting = False
         self.restarts = 0
         self.ready = False
 
@@ -134,7 +165,9 @@ class OmniEngine:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._tasks = []
-        self._kill_workers()
+        for notice in list(self._notices):
+            notice.cancel()
+        await self._kill_workers()
         if self._ctx is not None:
             self._ctx.destroy(linger=0)  # never wait on messages for workers that are gone
             self._ctx = None
@@ -161,6 +194,8 @@ class OmniEngine:
             )
             proc = spawn.Process(target=target, args=(cfg,), name=f"omni-{name}", daemon=True)
             proc.start()
+            # the sentinel turns readable when the process ends: wake the supervisor now
+            asyncio.get_running_loop().add_reader(proc.sentinel, self._on_exit, proc.sentinel)
             self._procs[name] = proc
         deadline = time.monotonic() + self.config.start_timeout_s
         for name in WORKERS:
@@ -173,20 +208,35 @@ class OmniEngine:
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(self._ready[name].wait(), 0.2)
             self._last_beat[name] = time.monotonic()
-        self.ready = True
+        self.ready, self._restarting = True, False
         for session_id, session in self._sessions.items():
-            self._send("thinker", p.OpenSession(session_id, session.options.instructions))
+            self._rebuild(session_id, session)
 
-    def _kill_workers(self) -> None:
+    def _rebuild(self, session_id: str, session: _Session) -> None:
+        """Send the new thinker a session's conversation again (the talker follows its rows)."""
+        self._send("thinker", p.OpenSession(session_id, session.options.instructions))
+        for data in session.replay.messages():
+            self._out["thinker"].send(data)
+
+    def _on_exit(self, sentinel: int) -> None:
+        asyncio.get_running_loop().remove_reader(sentinel)  # readable from now on: once is enough
+        self._worker_exited.set()
+
+    async def _kill_workers(self) -> None:
+        loop = asyncio.get_running_loop()
         for proc in self._procs.values():
+            loop.remove_reader(proc.sentinel)
             if proc.is_alive():
                 proc.kill()
-            proc.join(timeout=10)
+            await asyncio.to_thread(proc.join, 10)  # SIGKILLed: quick, but never on the loop
         self._procs.clear()
 
     async def _supervise(self) -> None:
         while True:
-            await asyncio.sleep(0.25)
+            # beats are checked every 0.25 s; a process that exits wakes this at once
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._worker_exited.wait(), 0.25)
+            self._worker_exited.clear()
             if not self.ready:
                 continue
             reason = self._failure()
@@ -212,18 +262,24 @@ class OmniEngine:
         async with self._restart_lock:
             log.error("%s; restarting the workers", reason)
             self.ready = False
+            self._restarting = True
             self.restarts += 1
-            lost = f"{reason}; the workers were restarted and this conversation's context was lost"
+            # sessions hear it first, so their error comes before the failed reply's end
+            for session in self._sessions.values():
+                notice = f"{reason}; the workers are restarting and will rebuild this conversation"
+                if session.replay.dropped_turns:
+                    notice += f" without its {session.replay.dropped_turns} oldest turn(s)"
+                if session.reply is not None:
+                    notice += "; the reply in progress failed"
+                self._notify(session, notice)
+            failed = f"{reason}; this reply failed and the workers are restarting"
             for reply in self._replies.values():
-                reply.queue.put_nowait(_WorkerLost(lost))
+                reply.end(failed)
             for future in self._results.values():
                 if not future.done():
-                    future.set_exception(EngineError(lost))
-            for session in self._sessions.values():
-                if session.reply is None:  # a reply in flight reports it itself
-                    session.errors.append(lost)
-            self._kill_workers()
-            await self._start_workers()
+                    future.set_exception(EngineError(f"{reason}; the workers are restarting"))
+            await self._kill_workers()
+            await self._start_workers()  # raises: the supervisor tries again
 
     # -- sessions -------------------------------------------------------------------------
 
@@ -235,40 +291,49 @@ class OmniEngine:
             raise EngineCapacityError(
                 f"the model is at capacity: all {self.config.kv_slots} KV memory slots are in use"
             )
-        self._sessions[session_id] = _Session(options)
+        replay = ReplayLog(session_id, options.instructions, self.config.replay_max_bytes)
+        self._sessions[session_id] = _Session(options, replay)
         self._send("thinker", p.OpenSession(session_id, options.instructions))
 
     async def close_session(self, session_id: str) -> None:
         session = self._sessions.pop(session_id, None)
-        if session is None:
+        if session is None or not self.ready:  # restarting: the new workers never hear of it
             return
         if session.reply is not None:
-            await self.cancel(session_id)
+            for name in WORKERS:
+                self._send(name, p.Cancel(session_id, session.reply))
         self._send("thinker", p.CloseSession(session_id))  # the thinker relays it to the talker
 
     async def append_audio(self, session_id: str, pcm: np.ndarray) -> None:
-        self._session(session_id)
-        self._send("thinker", p.AppendAudio(session_id, p.Array.of(np.asarray(pcm, np.float32))))
+        pcm = np.asarray(pcm, np.float32)
+        self._add_input(session_id, lambda: p.AppendAudio(session_id, p.Array.of(pcm)))
 
     async def append_video_frame(self, session_id: str, rgb: np.ndarray) -> None:
-        self._session(session_id)
-        self._send("thinker", p.AppendFrame(session_id, p.Array.of(_rgb(rgb))))
+        self._add_input(session_id, lambda: p.AppendFrame(session_id, p.Array.of(_rgb(rgb))))
 
     async def add_image(self, session_id: str, rgb: np.ndarray) -> None:
-        self._session(session_id)
-        self._send("thinker", p.AddImage(session_id, p.Array.of(_rgb(rgb))))
+        self._add_input(session_id, lambda: p.AddImage(session_id, p.Array.of(_rgb(rgb))))
 
     async def add_text(self, session_id: str, text: str) -> None:
-        self._session(session_id)
-        self._send("thinker", p.AddText(session_id, text))
+        self._add_input(session_id, lambda: p.AddText(session_id, text))
 
     async def clear_user_turn(self, session_id: str) -> None:
-        self._session(session_id)
-        self._send("thinker", p.ClearTurn(session_id))
+        self._session(session_id, restarting_ok=True).replay.clear_turn()
+        if self.ready:
+            self._send("thinker", p.ClearTurn(session_id))
+
+    def _add_input(self, session_id: str, message: Callable[[], p.Msg]) -> None:
+        """Log the input for a rebuild, and send it unless the workers are restarting (then
+        the rebuild brings it)."""
+        session = self._session(session_id, restarting_ok=True)
+        data = p.encode(message())
+        session.replay.add_input(data)
+        if self.ready:
+            self._out["thinker"].send(data)
 
     async def cancel(self, session_id: str) -> None:
-        session = self._session(session_id)
-        if session.reply is not None:
+        session = self._session(session_id, restarting_ok=True)
+        if session.reply is not None and self.ready:  # a restart ends the reply itself
             for name in WORKERS:
                 self._send(name, p.Cancel(session_id, session.reply))
 
@@ -281,9 +346,13 @@ class OmniEngine:
         self._results[request] = future
         try:
             self._send("thinker", p.Truncate(session_id, request, max(0, audio_ms) // 20))
-            return await asyncio.wait_for(future, timeout=30)
+            kept = await asyncio.wait_for(future, timeout=30)
         finally:
             self._results.pop(request, None)
+        session = self._sessions.get(session_id)
+        if session is not None:
+            session.replay.truncated(kept)
+        return kept
 
     async def respond(self, session_id: str, options: ReplyOptions) -> AsyncIterator[EngineEvent]:
         session = self._session(session_id)
@@ -292,6 +361,7 @@ class OmniEngine:
         reply_id = uuid.uuid4().hex
         state = self._replies[reply_id] = _Reply(session_id)
         session.reply = reply_id
+        session.replay.reply_started(reply_id, options.instructions)
         voice = options.voice or session.options.voice
         max_codes = options.max_codec_tokens or self.config.max_codec_tokens
         started = time.perf_counter()
@@ -356,11 +426,11 @@ class OmniEngine:
                         audio_samples, codes = msg.audio_samples, msg.codes
                     case p.WorkerError():
                         error = msg.message  # the worker also ends the reply with a Done
-                    case _WorkerLost():
+                    case _ReplyEnded():
                         error, waiting = str(msg), set()
                         statuses["thinker"] = "failed"
         finally:
-            if waiting:  # the consumer stopped early: stop the workers too
+            if waiting and self.ready:  # the consumer stopped early: stop the workers too
                 for name in WORKERS:
                     self._send(name, p.Cancel(session_id, reply_id))
             self._replies.pop(reply_id, None)
@@ -377,14 +447,20 @@ class OmniEngine:
             status, text, text_tokens, audio_samples, timings, input_tokens, error, token_ids, codes
         )
 
-    def pop_errors(self, session_id: str) -> list[str]:
-        """Problems found after a call returned (input the thinker could not use, a worker
-        restart that lost the conversation), oldest first."""
-        session = self._sessions.get(session_id)
-        if session is None:
-            return []
-        errors, session.errors = session.errors, []
-        return errors
+    def _notify(self, session: _Session, message: str) -> None:
+        """A problem found outside the session's calls (input the thinker could not use, a
+        worker restart): pushed to its `on_error` in a task of its own, so a slow handler
+        never holds up the reader or the supervisor."""
+        if session.options.on_error is None:
+            return
+        notice = asyncio.create_task(session.options.on_error(message))
+        self._notices.add(notice)
+        notice.add_done_callback(self._notice_done)
+
+    def _notice_done(self, notice: asyncio.Task) -> None:
+        self._notices.discard(notice)
+        if not notice.cancelled() and notice.exception() is not None:
+            log.error("a session's on_error failed", exc_info=notice.exception())
 
     def inject_fault(self, worker: str, kind: str, after_steps: int = 0) -> None:
         """Tests only (EngineConfig.allow_faults): make a worker crash or hang mid-work."""
@@ -399,8 +475,9 @@ class OmniEngine:
             raise EngineError("the model workers are not running (starting or restarting)")
         self._out[worker].send(p.encode(msg))
 
-    def _session(self, session_id: str) -> _Session:
-        self._check_ready()
+    def _session(self, session_id: str, restarting_ok: bool = False) -> _Session:
+        if not (restarting_ok and self._restarting):
+            self._check_ready()
         session = self._sessions.get(session_id)
         if session is None:
             raise EngineError(f"no open session {session_id}")
@@ -430,14 +507,32 @@ class OmniEngine:
                     if future is not None and not future.done():
                         future.set_result(msg.value)
                 case _:
-                    reply = self._replies.get(getattr(msg, "reply", None) or "")
-                    if reply is not None:
-                        reply.queue.put_nowait(msg)
-                    elif isinstance(msg, p.WorkerError):
-                        log.error("%s worker: %s (session %s)", msg.worker, msg.message, msg.session)
-                        session = self._sessions.get(msg.session or "")
-                        if session is not None:
-                            session.errors.append(msg.message)
+                    self._route(msg)
+
+    def _route(self, msg: p.Msg) -> None:
+        """A reply's message to its consumer (and its tokens to the session's replay log);
+        an error outside any reply to its session's `on_error`."""
+        session = self._sessions.get(getattr(msg, "session", None) or "")
+        if session is not None:
+            match msg:
+                case p.TextOut():
+                    session.replay.reply_tokens(msg.reply, msg.token_ids)
+                case p.ThinkerDone():
+                    session.replay.reply_finished(msg.reply, msg.token_ids[: msg.text_tokens])
+        reply_id = getattr(msg, "reply", None) or ""
+        reply = self._replies.get(reply_id)
+        if reply is not None:
+            if not reply.deliver(msg):
+                log.error("reply %s: %d messages unread; cancelling it", reply_id, REPLY_QUEUE_MAX)
+                for name in WORKERS:
+                    self._send(name, p.Cancel(reply.session, reply_id))
+                reply.end(
+                    f"the reply was cancelled: its reader left {REPLY_QUEUE_MAX} messages unread"
+                )
+        elif isinstance(msg, p.WorkerError):
+            log.error("%s worker: %s (session %s)", msg.worker, msg.message, msg.session)
+            if session is not None:
+                self._notify(session, f"the {msg.worker} worker: {msg.message}")
 
 
 @contextlib.asynccontextmanager

@@ -108,6 +108,14 @@ class Truncate(Msg):
     keep_tokens: int
 
 
+class AddReply(Msg):
+    """A past reply, teacher-forced: the engine rebuilds a conversation on restarted workers."""
+
+    session: str
+    token_ids: list[int]  # what the reply kept (after truncation), no end token
+    instructions: str | None = None  # as Respond's: None keeps the session's
+
+
 class InjectFault(Msg):  # tests only; ignored unless the worker was started with faults allowed
     kind: str  # "crash" | "hang"
     after_steps: int = 0
@@ -240,6 +248,7 @@ Message = Union[
     Respond,
     Cancel,
     Truncate,
+    AddReply,
     InjectFault,
     Rows,
     TalkerStart,

@@ -384,6 +384,20 @@ class ThinkerConversation:
         self.pending.clear()
         self.tokens.truncate(self.cached)
 
+    # -- rebuilding a conversation on a restarted worker ---------------------------------
+
+    def add_reply(self, tokens: list[int], system_prompt: str | None = None) -> None:
+        """A past reply, teacher-forced: close the user turn as `end_turn` does, then leave the
+        conversation as a finished reply that kept `tokens` would (truncatable, its end still
+        to come as the tail), so a replayed conversation has the original's tokens.
+        """
+        self.end_turn(system_prompt)
+        self.last_reply_start = len(self.tokens)
+        self.last_reply_tokens = list(tokens)
+        if tokens:
+            self._prefill_text(tokens)
+        self.tail = [self.ids.im_end, self.ids.newline]
+
     # -- internals ------------------------------------------------------------------------
 
     def _system_turn(self, text: str) -> list[int]:

@@ -124,6 +124,9 @@ class ThinkerWorker:
             case p.Truncate():
                 kept = self.conv(msg.session).truncate_reply(msg.keep_tokens)
                 self.io.send("frontend", p.Result(msg.request, kept))
+            case p.AddReply():  # the engine rebuilding a conversation after a restart
+                system = None if msg.instructions is None else system_prompt(msg.instructions)
+                self.conv(msg.session).add_reply(msg.token_ids, system)
             case _:
                 raise ValueError(f"thinker got an unexpected {type(msg).__name__}")
 

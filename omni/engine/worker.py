@@ -4,12 +4,20 @@ Each worker owns one model stage and runs a single-threaded loop: drain incoming
 then do one unit of model work (a decode step, a codec step, a prefill), then repeat. It
 never blocks on a socket while it has work, so a cancel is seen within one step. It beats
 every second from that same loop, so the front end can tell a hung model from a busy one.
+
+A worker dies with the front end: a front end that was SIGKILLed must not leave workers
+holding the model (and a GPU's memory). On Linux the kernel kills them (PR_SET_PDEATHSIG);
+elsewhere, and as a second line, the loop checks once a second that the parent still lives.
 """
 
 from __future__ import annotations
 
+import ctypes
 import logging
+import multiprocessing
 import os
+import signal
+import sys
 import time
 from dataclasses import dataclass
 
@@ -64,6 +72,7 @@ class WorkerIO:
         self.fault: p.InjectFault | None = None
         self.steps = 0
         self._last_beat = 0.0
+        self._parent = multiprocessing.parent_process()  # None: not started by an engine
 
     def receive(self, timeout_ms: int) -> list[p.Msg]:
         """Everything waiting now, or the first message within `timeout_ms`."""
@@ -93,6 +102,8 @@ class WorkerIO:
         now = time.monotonic()
         if now - self._last_beat >= 1.0:
             self._last_beat = now
+            if self._parent is not None and not self._parent.is_alive():
+                _exit_orphaned(self.name)
             self.send("frontend", p.Heartbeat(self.name, kv or {}))
 
     def count_step(self) -> None:
@@ -111,6 +122,28 @@ class WorkerIO:
         self.ctx.destroy(linger=1000)
 
 
+PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+
+
+def exit_with_parent(name: str) -> None:
+    """Ask the kernel to SIGKILL this process when its parent dies (Linux), then check that
+    the parent did not die before the request was made. The kernel's parent is the thread
+    that started the worker: the engine's event loop thread, which lives as long as the engine.
+    """
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+            log.warning("%s: prctl(PR_SET_PDEATHSIG) failed (errno %d)", name, ctypes.get_errno())
+    parent = multiprocessing.parent_process()
+    if parent is not None and not parent.is_alive():
+        _exit_orphaned(name)
+
+
+def _exit_orphaned(name: str) -> None:
+    log.error("%s: the engine front end is gone; exiting", name)
+    os._exit(1)  # nothing to flush: every result went to the front end, which is gone
+
+
 class _WorkerName(logging.Filter):
     """Tags every record with the worker it came from (`worker` in JSON logs)."""
 
@@ -124,13 +157,15 @@ class _WorkerName(logging.Filter):
 
 
 def configure_worker(name: str, device: str) -> None:
-    """Logging, no autograd, and on CPU one torch thread per worker: the thinker and talker
-    run side by side, and OpenMP threads competing for the same cores slow small ops by
-    100x (measured: a tiny conv1d took 0.3 ms with 1 thread, 43 ms with 2 on a busy 2-core box)."""
+    """Logging, death with the parent, no autograd, and on CPU one torch thread per worker:
+    the thinker and talker run side by side, and OpenMP threads competing for the same cores
+    slow small ops by 100x (measured: a tiny conv1d took 0.3 ms with 1 thread, 43 ms with 2
+    on a busy 2-core box)."""
     from omni.logs import configure_logging  # the service's text or JSON format
 
     configure_logging(os.environ.get("OMNI_LOG_LEVEL", "INFO"), os.environ.get("OMNI_LOG_FORMAT", "text"))  # type: ignore[arg-type]
     logging.getLogger().handlers[0].addFilter(_WorkerName(name))
+    exit_with_parent(name)  # first, before minutes of model loading
     torch.set_grad_enabled(False)
     if device.startswith("cuda"):  # TF32 for the fp32 parts (Token2Wav): ~bf16 speed, fp32 range
         torch.backends.cuda.matmul.allow_tf32 = True

@@ -100,9 +100,12 @@ class RealtimeSession:
 
     async def start(self) -> None:
         """Open the engine's conversation and say session.created. Raises EngineError."""
-        await self.engine.open_session(
-            self.id, SessionOptions(voice=self.config.voice, instructions=self.config.instructions)
+        options = SessionOptions(
+            voice=self.config.voice,
+            instructions=self.config.instructions,
+            on_error=self._engine_problem,
         )
+        await self.engine.open_session(self.id, options)
         self._started = True
         self.metrics.sessions_total.inc()
         self.metrics.sessions_active.inc()
@@ -127,6 +130,12 @@ class RealtimeSession:
             except Exception:  # closing must finish; the engine logs its side
                 log.exception("session %s: engine close_session failed", self.id)
         self.outbox.put_nowait(Closed(reason))
+
+    async def _engine_problem(self, message: str) -> None:
+        """The engine found a problem outside this session's calls: a worker restart (a reply
+        in progress failed; the conversation is rebuilt), input the model could not use."""
+        if not self.closed:
+            await self.emit_error(RealtimeError("engine_error", message, type="server_error"))
 
     async def _expire(self) -> None:
         await asyncio.sleep(self.settings.max_session_seconds)
