@@ -106,6 +106,7 @@ def build_random_part(
         torch.manual_seed(seed)
         with torch.device(device):
             model = cls._from_config(config, dtype=dtype)
+    model.to(device)  # a no-op, but for any buffer __init__ made on the CPU regardless
     codec_head = getattr(model, "codec_head", None)
     if codec_head is not None:
         _restrict_codec_head(codec_head, seed)
