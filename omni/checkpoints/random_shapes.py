@@ -42,29 +42,35 @@ THINKER_HIDDEN_7B = 3584
 MROPE_7B = {"rope_type": "default", "rope_theta": 1_000_000.0, "mrope_section": [16, 24, 24]}
 
 
+# token ids the tiny config sets beyond transformers' defaults (the real checkpoint's)
+THINKER_IDS = (
+    "vision_start_token_id",
+    "vision_end_token_id",
+    "vision_token_id",
+    "bos_token_id",
+    "eos_token_id",
+    "pad_token_id",
+)
+TEXT_IDS = ("pad_token_id", "eos_token_id")
+
+
 def qwen_omni_7b_config() -> Qwen2_5OmniConfig:
     """Qwen2.5-Omni-7B's config: transformers' defaults are the 7B's except the values below
     (the real config.json's): the untied LM head, TMRoPE sections, the ViT's width and the
-    talker's sizes. The DiT and BigVGAN defaults are the real ones."""
+    talker's sizes; the token ids are the tiny config's. The DiT and BigVGAN defaults are
+    the real ones."""
+    tiny = tiny_config("tiny").thinker_config
     config = Qwen2_5OmniConfig(
         thinker_config={
             "text_config": {
                 "rope_parameters": MROPE_7B,
                 "tie_word_embeddings": False,
                 "sliding_window": 32768,
-                "pad_token_id": 151643,
-                "eos_token_id": 151645,
+                **{name: getattr(tiny.text_config, name) for name in TEXT_IDS},
             },
             "vision_config": {"hidden_size": 1280},
             "tie_word_embeddings": False,
-            # not declared by Qwen2_5OmniThinkerConfig, but in the real config and read by
-            # the thinker's get_rope_index
-            "vision_start_token_id": 151652,
-            "vision_end_token_id": 151653,
-            "vision_token_id": 151654,
-            "bos_token_id": 151644,
-            "eos_token_id": 151645,
-            "pad_token_id": 151643,
+            **{name: getattr(tiny, name) for name in THINKER_IDS},
         },
         talker_config={**TALKER_7B, "embedding_size": THINKER_HIDDEN_7B},
         token2wav_config={},
