@@ -128,7 +128,7 @@ def test_tuple_outputs_are_cut_row_wise():
 
 def test_graphs_need_cuda():
     with pytest.raises(ValueError):
-        DecodeGraphs(SlotAttentionStep(), max_batch=4, pad_slot=SLOTS, device="cpu", use_graphs=True)
+        DecodeGraphs(SlotAttentionStep(), 4, pad_slot=SLOTS, device="cpu", use_graphs=True)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
