@@ -195,6 +195,8 @@ async def _run_mode(
             for start, spread in (("together", 0.0), ("staggered", stagger_s)):
                 wall, replies = await _pass(engine, sessions, spread, options)
                 results.append(PassResult(mode, start, wall, replies))
+                # a line per run as it ends: what is measured survives a run cut short
+                print(f"  {sessions} session(s), {mode}, {start}: {_line(results[-1].summary())}")
     return results
 
 
@@ -287,6 +289,14 @@ def run_sessions(
         Path(args.json).write_text(json.dumps(written, indent=2))
         print(f"wrote {args.json}")
     return 0 if all(r["matches_reference"] for r in results) else 1
+
+
+def _line(summary: dict) -> str:
+    audio = summary["first_audio_ms"]
+    return (
+        f"{summary['codec_tokens_per_s']:.1f} codec tok/s, first audio p50 {audio['p50']:.0f} ms "
+        f"p95 {audio['p95']:.0f} ms, RTF p95 {summary['rtf_p95']:.2f}"
+    )
 
 
 def _format(rows: list[tuple[str, ...]]) -> list[str]:
