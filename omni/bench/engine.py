@@ -23,7 +23,6 @@ from pathlib import Path
 import torch
 
 from omni.bench.reference import ReferenceConversation
-from omni.bench.sessions import run_sessions
 from omni.checkpoints.loader import resolve_model
 from omni.engine.api import SAMPLES_PER_CODE, ReplyDone, ReplyOptions, SessionOptions
 from omni.engine.engine import EngineConfig, _dtype_for, resolve_devices, running_engine
@@ -131,6 +130,8 @@ def run(args: argparse.Namespace) -> int:
     # the reference runs in the thinker's dtype, as the engine picks it
     dtype = getattr(torch, _dtype_for(args.dtype, thinker_device))
     if args.sessions:
+        from omni.bench.sessions import run_sessions  # here: it uses this module's WARMUP
+
         return run_sessions(args, resolved, config, dtype, text_tokens)
     print(f"model {resolved.name}: {text_tokens} text tokens, {args.codec_tokens} codec tokens "
           f"({args.codec_tokens * SAMPLES_PER_CODE / 24000:.2f} s of speech), greedy")

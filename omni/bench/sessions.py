@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from omni.bench.engine import WARMUP
 from omni.bench.reference import ReferenceConversation, ReferenceReply
 from omni.checkpoints.loader import ResolvedModel
 from omni.engine.api import (
@@ -60,7 +61,6 @@ QUESTIONS = (
 )
 MODES = {"batched": None, "unbatched": 1}  # mode -> max_batch (None: the engine's default)
 STARTS = ("together", "staggered")
-WARMUP = dict(max_text_tokens=4, max_codec_tokens=24)
 
 
 def question(session: int) -> str:
@@ -136,7 +136,7 @@ STAGES: dict[str, tuple[str, Callable[[SessionReply], float | None]]] = {
         "Token2Wav: first code to first audio (codes for one chunk + its decode)",
         lambda r: _minus(r.done.timings.first_audio_ms, r.done.timings.first_codec_ms),
     ),
-    "speech_ms_per_code": ("talker steps + Token2Wav, overlapped, per code", _tail_per_code),
+    "tail_ms_per_code": ("talker steps + Token2Wav, overlapped, per code", _tail_per_code),
 }
 
 
@@ -196,7 +196,8 @@ async def _run_mode(
                 wall, replies = await _pass(engine, sessions, spread, options)
                 results.append(PassResult(mode, start, wall, replies))
                 # a line per run as it ends: what is measured survives a run cut short
-                print(f"  {sessions} session(s), {mode}, {start}: {_line(results[-1].summary())}")
+                line = f"  {sessions} session(s), {mode}, {start}: {_line(results[-1].summary())}"
+                print(line, flush=True)
     return results
 
 
@@ -270,7 +271,8 @@ def run_sessions(
     print(
         f"model {resolved.name}: sessions {' '.join(map(str, counts))}, each {text_tokens} text "
         f"tokens and {args.codec_tokens} codec tokens, greedy; batched and unbatched "
-        f"(max_batch=1), started together and spread over {args.stagger_s:g} s"
+        f"(max_batch=1), started together and spread over {args.stagger_s:g} s",
+        flush=True,
     )
     runs: list[PassResult] = []
     for mode, max_batch in MODES.items():
