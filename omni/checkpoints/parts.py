@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from transformers import (
     PreTrainedModel,
     Qwen2_5OmniConfig,
@@ -26,7 +27,6 @@ from transformers import (
     Qwen2_5OmniThinkerForConditionalGeneration,
     Qwen2_5OmniToken2WavModel,
 )
-from safetensors import safe_open
 from transformers.utils import check_torch_load_is_safe
 
 from omni.checkpoints.processor import load_processor
