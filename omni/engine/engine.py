@@ -53,7 +53,6 @@ class EngineConfig:
     talker_device: str = "cpu"
     dtype: str = "auto"  # bfloat16 on CUDA, float32 on CPU
     max_codec_tokens: int = 4096  # per reply, unless ReplyOptions says otherwise
-    max_batch: int = 16  # most sessions per batched forward; 1: one session per forward
     max_frame_side: int = 448
     # Token2Wav's ODE solver: rk4 (transformers) or euler (4x fewer DiT passes, Qwen's own
     # streaming choice); auto: rk4 on GPU, euler on CPU, where rk4 can't keep up in real time
