@@ -6,7 +6,8 @@ the same length on both paths (the end tokens are suppressed until N tokens, and
 the cap). For each path: time to the first text token, to the first audio sample, in total,
 and the real-time factor (compute time / speech duration); and whether the streamed tokens
 equal the reference's. The engine runs first and is stopped before the reference loads, so
-the two never compete for the CPU or GPU.
+the two never compete for the CPU or GPU. `--sessions N ...` runs N concurrent sessions
+instead, batched and unbatched (sessions.py).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import torch
 from omni.bench.reference import ReferenceConversation
 from omni.checkpoints.loader import resolve_model
 from omni.engine.api import SAMPLES_PER_CODE, ReplyDone, ReplyOptions, SessionOptions
-from omni.engine.engine import EngineConfig, resolve_devices, running_engine
+from omni.engine.engine import EngineConfig, _dtype_for, resolve_devices, running_engine
 
 log = logging.getLogger(__name__)
 
@@ -84,14 +85,11 @@ async def _streaming(config: EngineConfig, text_tokens: int, codec_tokens: int) 
     return result, done
 
 
-def _reference(path: Path, device: str, text_tokens: int, codec_tokens: int):
-    from transformers import Qwen2_5OmniForConditionalGeneration
-
+def _reference(path: Path, device: str, dtype: torch.dtype, text_tokens: int, codec_tokens: int):
+    from omni.checkpoints.parts import load_whole
     from omni.checkpoints.processor import load_processor
 
-    model = Qwen2_5OmniForConditionalGeneration.from_pretrained(
-        path, dtype=torch.bfloat16 if device.startswith("cuda") else torch.float32, device_map=device
-    ).eval()
+    model = load_whole(path, device, dtype)
     processor = load_processor(path)
     for warm, lengths in ((True, WARMUP), (False, None)):
         conv = ReferenceConversation(model, processor)
@@ -122,16 +120,25 @@ def run(args: argparse.Namespace) -> int:
         model_path=str(resolved.path),
         thinker_device=thinker_device,
         talker_device=talker_device,
+        dtype=args.dtype,
         max_codec_tokens=args.codec_tokens,
         vocoder_solver=args.vocoder_solver,
         start_timeout_s=1800,
         heartbeat_timeout_s=600,  # real-size shapes on a CPU take long steps
     )
     text_tokens = args.text_tokens or max(1, args.codec_tokens // 5)
+    # the reference runs in the thinker's dtype, as the engine picks it
+    dtype = getattr(torch, _dtype_for(args.dtype, thinker_device))
+    if args.sessions:
+        from omni.bench.sessions import run_sessions  # here: it uses this module's WARMUP
+
+        return run_sessions(args, resolved, config, dtype, text_tokens)
     print(f"model {resolved.name}: {text_tokens} text tokens, {args.codec_tokens} codec tokens "
           f"({args.codec_tokens * SAMPLES_PER_CODE / 24000:.2f} s of speech), greedy")
     streaming, done = asyncio.run(_streaming(config, text_tokens, args.codec_tokens))
-    reference, reply = _reference(resolved.path, thinker_device, text_tokens, args.codec_tokens)
+    reference, reply = _reference(
+        resolved.path, thinker_device, dtype, text_tokens, args.codec_tokens
+    )
     matches = done.text_token_ids == reply.text_ids and done.codec_tokens == reply.codes
     bench = EngineBench(
         model=resolved.name,
@@ -174,5 +181,25 @@ def add_engine_command(actions: argparse._SubParsersAction) -> None:
         help="Token2Wav ODE solver for the streaming path (default rk4, the reference's own)",
     )
     bench.add_argument("--threads", type=int, help="torch threads per process on CPU (default 1)")
+    bench.add_argument(
+        "--dtype",
+        default="auto",
+        choices=("auto", "bfloat16", "float16", "float32"),
+        help="weights dtype of the engine and the reference (auto: bfloat16 on GPU, else float32)",
+    )
+    bench.add_argument(
+        "--sessions",
+        type=int,
+        nargs="+",
+        metavar="N",
+        help="instead: N concurrent sessions, each its own question, batched vs unbatched "
+        "(max_batch=1), started together and staggered; one table per N",
+    )
+    bench.add_argument(
+        "--stagger-s",
+        type=float,
+        default=1.0,
+        help="with --sessions: the staggered runs' start times spread over this long (default 1)",
+    )
     bench.add_argument("--json", help="also write the results to this JSON file")
     bench.set_defaults(run=run)

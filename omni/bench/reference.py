@@ -139,6 +139,8 @@ class ReferenceConversation:
             kwargs["thinker_pixel_values_videos"] = torch.cat(m.video_pixels)
             kwargs["video_grid_thw"] = torch.cat(m.video_grids)
             kwargs["video_second_per_grid"] = torch.full((len(m.video_grids),), 2 / FPS)
+        # generate() keeps everything on its inputs' device: the model's, e.g. a GPU
+        kwargs = {name: value.to(self.model.device) for name, value in kwargs.items()}
         codes: list[list[int]] = []
         hook = self.model.token2wav.register_forward_pre_hook(
             lambda _mod, args, _kw: codes.append(args[0][0].tolist()), with_kwargs=True
@@ -163,7 +165,7 @@ class ReferenceConversation:
         total_ms = (time.perf_counter() - started) * 1000
         first_ms = ((self._first_token_at or time.perf_counter()) - started) * 1000
         text_ids = sequences[0, input_ids.shape[1] :].tolist()
-        return ReferenceReply(text_ids, codes[0] if codes else [], wav.float().numpy(), first_ms, total_ms)
+        return ReferenceReply(text_ids, codes[0] if codes else [], wav.float().cpu().numpy(), first_ms, total_ms)
 
     # -- helpers --------------------------------------------------------------------------
 

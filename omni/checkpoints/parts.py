@@ -5,6 +5,9 @@ from the sub-config and reads only its own tensors (`thinker.*`, or `talker.*` a
 `token2wav.*`). transformers' `from_pretrained` with an explicit config and state dict does
 the rest (key renaming, tied weights, buffers), so the result equals the corresponding
 submodule of `Qwen2_5OmniForConditionalGeneration.from_pretrained`.
+
+A random-shapes checkpoint (random_shapes.py) has no tensors: each part is built from its
+config on the device, from the checkpoint's fixed seed, so every process gets the same weights.
 """
 
 from __future__ import annotations
@@ -14,9 +17,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from transformers import (
     PreTrainedModel,
     Qwen2_5OmniConfig,
+    Qwen2_5OmniForConditionalGeneration,
     Qwen2_5OmniProcessor,
     Qwen2_5OmniTalkerForConditionalGeneration,
     Qwen2_5OmniThinkerForConditionalGeneration,
@@ -25,9 +30,15 @@ from transformers import (
 from transformers.utils import check_torch_load_is_safe
 
 from omni.checkpoints.processor import load_processor
-from omni.checkpoints.weights import read_part
+from omni.checkpoints.random_shapes import (
+    build_random_part,
+    is_random_checkpoint,
+    random_embedding_rows,
+)
+from omni.checkpoints.weights import read_part, weight_map
 
 SPEAKERS_FILE = "spk_dict.pt"
+THINKER_EMBEDDINGS = "thinker.model.embed_tokens.weight"
 
 
 @dataclass
@@ -55,6 +66,8 @@ def _load(
     device: str | torch.device,
     dtype: torch.dtype | None,
 ) -> Any:
+    if is_random_checkpoint(checkpoint):
+        return build_random_part(cls, config, checkpoint, prefix, device, dtype or torch.float32)
     state = read_part(checkpoint, prefix, device)
     return cls.from_pretrained(
         None, config=config, state_dict=state, dtype=dtype or "auto", device_map=device
@@ -76,6 +89,19 @@ def load_thinker(
         dtype,
     )
     return ThinkerParts(model=model, processor=load_processor(path))
+
+
+def load_thinker_embedding_rows(
+    path: str | Path, ids: list[int], device: str | torch.device, dtype: torch.dtype
+) -> torch.Tensor:
+    """Rows `ids` of the thinker's token embeddings, (len(ids), E), without loading the thinker
+    (the talker consumes a few: speaker bos, text eos and pad)."""
+    path = Path(path)
+    if is_random_checkpoint(path):
+        return random_embedding_rows(path, ids).to(device, dtype)
+    with safe_open(path / weight_map(path)[THINKER_EMBEDDINGS], framework="pt") as f:
+        table = f.get_slice(THINKER_EMBEDDINGS)
+        return torch.cat([table[i : i + 1] for i in ids]).to(device, dtype)
 
 
 def load_speakers(path: str | Path) -> dict[str, dict[str, Any]]:
@@ -106,3 +132,23 @@ def load_talker(
         torch.float32,
     )
     return TalkerParts(talker=talker, token2wav=token2wav, speakers=load_speakers(path))
+
+
+def load_whole(
+    path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+) -> Qwen2_5OmniForConditionalGeneration:
+    """The whole model, for transformers' own generate() (the benchmarks' reference). A
+    random-shapes checkpoint is assembled from the parts built as the workers build them."""
+    path = Path(path)
+    if not is_random_checkpoint(path):
+        return Qwen2_5OmniForConditionalGeneration.from_pretrained(
+            path, dtype=dtype or "auto", device_map=device
+        ).eval()
+    config = Qwen2_5OmniConfig.from_pretrained(path)
+    with torch.device("meta"):  # a shell: its parts are replaced below
+        whole = Qwen2_5OmniForConditionalGeneration._from_config(config)
+    talker = load_talker(path, device, dtype)
+    whole.thinker = load_thinker(path, device, dtype).model
+    whole.talker, whole.token2wav = talker.talker, talker.token2wav
+    whole.speaker_map = talker.speakers
+    return whole.eval()

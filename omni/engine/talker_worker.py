@@ -12,13 +12,8 @@ import logging
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
-from pathlib import Path
-
 import numpy as np
 import torch
-from safetensors import safe_open
-
-from omni.checkpoints.weights import weight_map
 
 from omni.engine import protocol as p
 from omni.engine.kv_memory import KVSlots
@@ -221,14 +216,13 @@ class TalkerWorker:
 def special_embeds(path: str, talker: torch.nn.Module, speakers: dict) -> SpecialEmbeds:
     """The few thinker embedding rows the talker consumes (speaker bos, text eos and pad),
     read from the checkpoint without loading the thinker."""
+    from omni.checkpoints.parts import load_thinker_embedding_rows
+
     config = talker.config
     wanted = {name: int(s["bos_token"]) for name, s in speakers.items()}
     wanted |= {"<eos>": config.tts_text_end_token_id, "<pad>": config.tts_text_pad_token_id}
-    table = "thinker.model.embed_tokens.weight"
-    shard = Path(path) / weight_map(Path(path))[table]
-    with safe_open(shard, framework="pt") as f:
-        rows = f.get_slice(table)
-        embeds = {k: rows[i : i + 1][0].to(talker.device, talker.dtype) for k, i in wanted.items()}
+    rows = load_thinker_embedding_rows(path, list(wanted.values()), talker.device, talker.dtype)
+    embeds = dict(zip(wanted, rows))
     eos, pad = embeds.pop("<eos>"), embeds.pop("<pad>")
     return SpecialEmbeds(speaker_bos=embeds, text_eos=eos, text_pad=pad)
 

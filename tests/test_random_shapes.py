@@ -1,0 +1,110 @@
+"""Random weights at real shapes, built on the device (omni/checkpoints/random_shapes.py).
+
+The 7B config is checked on the meta device (its parameter count is the published 10.7 B);
+the loaders and the engine are run on CPU at the tiny shapes (`--shape tiny`): each part is
+built from the checkpoint's seed in each process, so the workers and the reference agree.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+import torch
+from transformers import Qwen2_5OmniForConditionalGeneration
+
+from omni.bench.reference import ReferenceConversation
+from omni.checkpoints.loader import resolve_model
+from omni.checkpoints.parts import (
+    load_talker,
+    load_thinker,
+    load_thinker_embedding_rows,
+    load_whole,
+)
+from omni.checkpoints.processor import load_processor
+from omni.checkpoints.random_shapes import (
+    MARKER_FILE,
+    is_random_checkpoint,
+    qwen_omni_7b_config,
+    write_random_checkpoint,
+)
+from omni.checkpoints.tiny_weights import SPEAKERS, VOCODER_CODES
+from omni.engine.api import SAMPLES_PER_CODE, ReplyDone, ReplyOptions, SessionOptions
+from omni.engine.engine import EngineConfig, running_engine
+
+LENGTHS = dict(max_text_tokens=4, min_text_tokens=4, max_codec_tokens=24, min_codec_tokens=24)
+
+
+@pytest.fixture(scope="module")
+def random_tiny(tmp_path_factory):
+    return write_random_checkpoint(tmp_path_factory.mktemp("random") / "tiny", shape="tiny")
+
+
+def test_7b_config_has_the_real_shapes():
+    config = qwen_omni_7b_config()
+    text = config.thinker_config.text_config
+    assert (text.hidden_size, text.num_hidden_layers, text.intermediate_size) == (3584, 28, 18944)
+    assert (text.num_attention_heads, text.num_key_value_heads, text.vocab_size) == (28, 4, 152064)
+    assert text.rope_parameters["mrope_section"] == [16, 24, 24]
+    assert config.thinker_config.vision_config.hidden_size == 1280
+    talker = config.talker_config
+    assert (talker.hidden_size, talker.num_hidden_layers, talker.embedding_size) == (896, 24, 3584)
+    with torch.device("meta"):
+        model = Qwen2_5OmniForConditionalGeneration._from_config(config)
+    params = sum(p.numel() for p in model.parameters())
+    assert 10.6e9 < params < 10.9e9  # Qwen2.5-Omni-7B: 10.7 B parameters in all
+
+
+def test_checkpoint_is_a_config_and_no_weights(random_tiny, tmp_path):
+    names = {p.name for p in random_tiny.iterdir()}
+    assert {"config.json", "spk_dict.pt", "preprocessor_config.json", MARKER_FILE} <= names
+    assert not any(name.endswith(".safetensors") for name in names)
+    assert json.loads((random_tiny / MARKER_FILE).read_text())["shape"] == "tiny"
+    assert is_random_checkpoint(random_tiny)
+    assert resolve_model(str(random_tiny)).path == random_tiny
+    with pytest.raises(FileExistsError):
+        write_random_checkpoint(random_tiny, shape="tiny")  # no overwrite asked
+    (tmp_path / "other").write_text("not a checkpoint")
+    with pytest.raises(FileExistsError):
+        write_random_checkpoint(tmp_path, shape="tiny", overwrite=True)
+    with pytest.raises(ValueError):
+        write_random_checkpoint(tmp_path / "new", shape="70b")
+
+
+def test_loaders_build_the_same_weights_every_time(random_tiny):
+    thinker = load_thinker(random_tiny, "cpu", torch.float32).model
+    first = thinker.state_dict()
+    again = load_thinker(random_tiny, "cpu", torch.float32).model.state_dict()
+    assert first.keys() == again.keys()
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    embeddings = thinker.get_input_embeddings().weight
+    assert embeddings.std() > 0.01  # initialised, not zeros
+
+    talker = load_talker(random_tiny, "cpu", torch.bfloat16)
+    assert talker.talker.dtype == torch.bfloat16 and talker.token2wav.dtype == torch.float32
+    head = talker.talker.codec_head.weight
+    assert not head[VOCODER_CODES:].any() and head[:VOCODER_CODES].any()
+    ids = [*SPEAKERS.values(), 151861, 151859]
+    rows = load_thinker_embedding_rows(random_tiny, ids, "cpu", torch.float32)
+    assert torch.equal(rows, embeddings[ids])
+
+
+def test_engine_replies_as_generate_does(random_tiny):
+    async def reply() -> ReplyDone:
+        async with running_engine(EngineConfig(model_path=str(random_tiny))) as engine:
+            await engine.open_session("s", SessionOptions())
+            await engine.add_text("s", "Hello there, random model!")
+            events = [e async for e in engine.respond("s", ReplyOptions(greedy=True, **LENGTHS))]
+        return events[-1]
+
+    done = asyncio.run(reply())
+    assert done.status == "completed", done.error
+    assert len(done.codec_tokens) == 24 and max(done.codec_tokens) < VOCODER_CODES
+    assert done.audio_samples == 24 * SAMPLES_PER_CODE
+
+    reference = ReferenceConversation(load_whole(random_tiny), load_processor(random_tiny))
+    reference.user_turn(text="Hello there, random model!")
+    expected = reference.generate(**LENGTHS)
+    assert done.text_token_ids == expected.text_ids
+    assert done.codec_tokens == expected.codes
