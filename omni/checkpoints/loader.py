@@ -17,6 +17,7 @@ from pathlib import Path
 from omni.checkpoints.errors import CheckpointError
 from omni.checkpoints.hub import cached_snapshot, fetch_snapshot
 from omni.checkpoints.presets import Preset, find_preset, load_presets
+from omni.checkpoints.random_shapes import is_random_checkpoint
 from omni.checkpoints.tiny_cache import is_tiny_checkpoint
 
 log = logging.getLogger(__name__)
@@ -52,7 +53,7 @@ def _tiny_preset() -> Preset:
 
 def _resolved(spec: str, path: Path, name: str, preset: Preset | None) -> ResolvedModel:
     _check_checkpoint(path)
-    is_tiny = is_tiny_checkpoint(path)
+    is_tiny = is_tiny_checkpoint(path) or is_random_checkpoint(path)
     if preset is None and is_tiny:
         preset = _tiny_preset()
     limit = preset.max_codec_tokens if preset else DEFAULT_MAX_CODEC_TOKENS
