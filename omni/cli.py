@@ -107,6 +107,8 @@ def _serve(args: argparse.Namespace) -> int:
         start_timeout_s=settings.engine_start_timeout_seconds,
         heartbeat_timeout_s=settings.engine_heartbeat_timeout_seconds,
         vocoder_solver=settings.vocoder_solver,
+        vocoder_steps=settings.vocoder_steps,
+        vocoder_first_chunk_steps=settings.vocoder_first_chunk_steps,
     )
     logging.getLogger("omni").info(
         "model %s (%s); thinker on %s, talker on %s", resolved.name, resolved.path, thinker_device, talker_device

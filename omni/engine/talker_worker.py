@@ -1,9 +1,10 @@
 """The talker process: the talker LM and streaming Token2Wav for every session.
 
 Loop: drain messages (context rows from the thinker, reply starts, cancels), then one codec
-step for each reply whose next reply part has arrived, feeding codes to the session's
-streaming vocoder and sending finished audio to the front end. When no reply can step, it
-prefills waiting context rows, so the next reply starts from a warm cache.
+step for each reply whose next reply part has arrived, adding its code to the reply's
+Token2Wav stream, then one batched Token2Wav decode over every reply with a chunk ready,
+sending the audio to the front end. When no reply can step, it prefills waiting context
+rows, so the next reply starts from a warm cache.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from omni.checkpoints.weights import weight_map
 from omni.engine import protocol as p
 from omni.engine.talker import SpecialEmbeds, TalkerConversation
 from omni.engine.thinker import ContextRows
-from omni.engine.token2wav import StreamingToken2Wav, Token2WavOptions
+from omni.engine.token2wav import Token2WavBatch, Token2WavOptions, Token2WavStream
 from omni.engine.worker import WorkerConfig, WorkerIO, configure_worker
 
 log = logging.getLogger(__name__)
@@ -34,7 +35,7 @@ class _Speaking:
     """A reply whose speech is being produced."""
 
     reply: str
-    vocoder: StreamingToken2Wav
+    vocoder: Token2WavStream
     samples: int = 0
     codes: list[int] = field(default_factory=list)
 
@@ -45,10 +46,14 @@ class TalkerWorker:
 
         parts = load_talker(cfg.model_path, cfg.device, getattr(torch, cfg.dtype))
         self.model = parts.talker.eval()
-        self.token2wav = parts.token2wav.eval()
         self.speakers = parts.speakers
         self.special = special_embeds(cfg.model_path, self.model, self.speakers)
-        self.vocoder_options = Token2WavOptions(solver=cfg.vocoder_solver)  # type: ignore[arg-type]
+        options = Token2WavOptions(
+            solver=cfg.vocoder_solver,  # type: ignore[arg-type]
+            num_steps=cfg.vocoder_steps,
+            first_chunk_steps=cfg.vocoder_first_chunk_steps,
+        )
+        self.token2wav = Token2WavBatch(parts.token2wav.eval(), options)
         a = cfg.addresses
         self.io = WorkerIO("talker", a.talker, {"frontend": a.frontend}, cfg.allow_faults)
         self.sessions: dict[str, TalkerConversation] = {}
@@ -59,12 +64,16 @@ class TalkerWorker:
     def run(self) -> None:
         self.io.send("frontend", p.Ready("talker", {"device": str(self.model.device)}))
         while True:
-            busy = any(self.sessions[s].can_step() for s in self.speaking)
+            busy = any(
+                self.sessions[s].can_step() or r.vocoder.has_ready_chunk
+                for s, r in self.speaking.items()
+            )
             for msg in self.io.receive(0 if busy else 20):
                 self.handle(msg)
             stepped = False
             for session_id in list(self.speaking):
                 stepped |= self.codec_step(session_id)
+            stepped |= self.vocode_ready()
             if not stepped:
                 self.prefill_one()
             self.io.beat()
@@ -140,9 +149,7 @@ class TalkerWorker:
             noise.manual_seed(msg.seed)
         else:
             noise.seed()
-        vocoder = StreamingToken2Wav(
-            self.token2wav, speaker["cond"], speaker["ref_mel"], self.vocoder_options, noise
-        )
+        vocoder = self.token2wav.stream(speaker["cond"], speaker["ref_mel"], noise)
         self.speaking[msg.session] = _Speaking(msg.reply, vocoder)
 
     # -- model work -----------------------------------------------------------------------
@@ -159,16 +166,35 @@ class TalkerWorker:
                 if not speaking.codes:
                     self.io.send("frontend", p.CodeOut(session_id, speaking.reply))
                 speaking.codes.append(code)
-                self.send_audio(session_id, speaking, speaking.vocoder.push([code]))
+                speaking.vocoder.add([code])
             assert conv.reply is not None
-            if conv.reply.done:
-                self.send_audio(session_id, speaking, speaking.vocoder.finish())
-                self.stop(session_id, "completed")
+            if conv.reply.done:  # the last chunk comes with the next vocode_ready()
+                speaking.vocoder.finish()
         except Exception as exc:
             log.exception("talker: codec step failed")
             self.io.send("frontend", p.WorkerError("talker", str(exc), session_id, speaking.reply))
             self.stop(session_id, "failed")
         return True
+
+    def vocode_ready(self) -> bool:
+        """One batched Token2Wav decode: a chunk for each reply that has one ready. Replies
+        whose audio is all out are completed."""
+        ids = list(self.speaking)
+        try:
+            audio = self.token2wav.decode_ready([self.speaking[s].vocoder for s in ids])
+        except Exception as exc:  # one decode for all: each of its replies failed
+            log.exception("talker: Token2Wav decode failed")
+            for s in ids:
+                self.io.send("frontend", p.WorkerError("talker", str(exc), s, self.speaking[s].reply))
+                self.stop(s, "failed")
+            return True
+        for session_id, chunk in zip(ids, audio):
+            speaking = self.speaking[session_id]
+            if chunk is not None:
+                self.send_audio(session_id, speaking, [chunk])
+            if speaking.vocoder.done:
+                self.stop(session_id, "completed")
+        return any(chunk is not None for chunk in audio)
 
     def send_audio(self, session_id: str, speaking: _Speaking, chunks: list[np.ndarray]) -> None:
         for chunk in chunks:
@@ -177,8 +203,7 @@ class TalkerWorker:
             speaking.samples += pcm.size
 
     def stop(self, session_id: str, status: str) -> None:
-        speaking = self.speaking.pop(session_id)
-        speaking.vocoder.reset()
+        speaking = self.speaking.pop(session_id)  # its Token2Wav stream goes with it
         conv = self.sessions.get(session_id)
         if conv is not None:
             conv.end_reply()

@@ -39,6 +39,8 @@ class WorkerConfig:
     allow_faults: bool = False
     max_frame_side: int = 448
     vocoder_solver: str = "rk4"
+    vocoder_steps: int = 10  # ODE time points per chunk
+    vocoder_first_chunk_steps: int | None = None  # None: vocoder_steps
 
 
 class WorkerIO:
