@@ -106,9 +106,9 @@ def _serve(args: argparse.Namespace) -> int:
         max_frame_side=settings.engine_max_frame_side,
         start_timeout_s=settings.engine_start_timeout_seconds,
         heartbeat_timeout_s=settings.engine_heartbeat_timeout_seconds,
-        vocoder_solver=settings.vocoder_solver,
         vocoder_steps=settings.vocoder_steps,
         vocoder_first_chunk_steps=settings.vocoder_first_chunk_steps,
+        vocoder_solver=settings.vocoder_solver,
     )
     logging.getLogger("omni").info(
         "model %s (%s); thinker on %s, talker on %s", resolved.name, resolved.path, thinker_device, talker_device

@@ -86,11 +86,6 @@ class Settings(BaseSettings):
     engine_max_frame_side: int = Field(
         448, ge=28, description="Longest side, in pixels, of video frames the thinker patches."
     )
-    vocoder_solver: Literal["auto", "rk4", "euler"] = Field(
-        "auto",
-        description="Token2Wav ODE solver: rk4 as transformers (4 DiT passes per step), "
-        "euler as Qwen's streaming code (1); auto is rk4 on GPU, euler on CPU.",
-    )
     vocoder_steps: int = Field(
         10,
         ge=2,
@@ -104,6 +99,11 @@ class Settings(BaseSettings):
         le=100,
         description="ODE time points for a reply's first chunk only (fewer: sooner first "
         "audio); default: as `vocoder_steps`.",
+    )
+    vocoder_solver: Literal["auto", "rk4", "euler"] = Field(
+        "auto",
+        description="Token2Wav ODE solver: rk4 as transformers (36 DiT passes per chunk), "
+        "euler as Qwen's streaming code (9); auto is rk4 on GPU, euler on CPU.",
     )
 
     # -- auth

@@ -318,7 +318,8 @@ def test_batched_decode_equals_each_stream_decoded_alone(
         assert [len(a) for a in ours] == [len(a) for a in reference]
         audio, expected = np.concatenate(ours), np.concatenate(reference)
         assert audio.shape == (n * SAMPLES_PER_CODE,)
-        np.testing.assert_allclose(audio, expected, rtol=0, atol=BATCH_ATOL * np.abs(expected).max())
+        atol = BATCH_ATOL * np.abs(expected).max()
+        np.testing.assert_allclose(audio, expected, rtol=0, atol=atol)
 
 
 @pytest.mark.parametrize(("solver", "passes"), [("rk4", [8, 20, 20]), ("euler", [2, 5, 5])])

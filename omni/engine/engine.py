@@ -147,9 +147,9 @@ class OmniEngine:
                 addresses=self.addresses,
                 allow_faults=self.config.allow_faults,
                 max_frame_side=self.config.max_frame_side,
-                vocoder_solver=_solver_for(self.config.vocoder_solver, self.config.talker_device),
                 vocoder_steps=self.config.vocoder_steps,
                 vocoder_first_chunk_steps=self.config.vocoder_first_chunk_steps,
+                vocoder_solver=_solver_for(self.config.vocoder_solver, self.config.talker_device),
             )
             proc = spawn.Process(target=target, args=(cfg,), name=f"omni-{name}", daemon=True)
             proc.start()

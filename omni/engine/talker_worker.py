@@ -179,22 +179,22 @@ class TalkerWorker:
     def vocode_ready(self) -> bool:
         """One batched Token2Wav decode: a chunk for each reply that has one ready. Replies
         whose audio is all out are completed."""
-        ids = list(self.speaking)
+        ready = [s for s, speaking in self.speaking.items() if speaking.vocoder.has_ready_chunk]
         try:
-            audio = self.token2wav.decode_ready([self.speaking[s].vocoder for s in ids])
+            audio = self.token2wav.decode_ready([self.speaking[s].vocoder for s in ready])
         except Exception as exc:  # one decode for all: each of its replies failed
             log.exception("talker: Token2Wav decode failed")
-            for s in ids:
-                self.io.send("frontend", p.WorkerError("talker", str(exc), s, self.speaking[s].reply))
-                self.stop(s, "failed")
+            for session_id in ready:
+                reply = self.speaking[session_id].reply
+                self.io.send("frontend", p.WorkerError("talker", str(exc), session_id, reply))
+                self.stop(session_id, "failed")
             return True
-        for session_id, chunk in zip(ids, audio):
-            speaking = self.speaking[session_id]
-            if chunk is not None:
-                self.send_audio(session_id, speaking, [chunk])
-            if speaking.vocoder.done:
-                self.stop(session_id, "completed")
-        return any(chunk is not None for chunk in audio)
+        for session_id, chunk in zip(ready, audio):
+            assert chunk is not None  # every stream passed had a chunk ready
+            self.send_audio(session_id, self.speaking[session_id], [chunk])
+        for session_id in [s for s, speaking in self.speaking.items() if speaking.vocoder.done]:
+            self.stop(session_id, "completed")
+        return bool(ready)
 
     def send_audio(self, session_id: str, speaking: _Speaking, chunks: list[np.ndarray]) -> None:
         for chunk in chunks:

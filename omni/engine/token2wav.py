@@ -76,15 +76,9 @@ class Token2WavOptions:
     def __post_init__(self) -> None:
         if self.solver not in SOLVERS:
             raise ValueError(f"unknown ODE solver {self.solver!r}; choose one of {SOLVERS}")
-        for name in ("num_steps", "first_chunk_steps"):
-            steps = getattr(self, name)
-            if steps is None and name == "first_chunk_steps":
-                continue
-            if not isinstance(steps, int) or isinstance(steps, bool) or steps < 2:
-                raise ValueError(
-                    f"{name} must be an integer of at least 2 ODE time points (one solver "
-                    f"step), got {steps!r}"
-                )
+        _check_steps("num_steps", self.num_steps)
+        if self.first_chunk_steps is not None:
+            _check_steps("first_chunk_steps", self.first_chunk_steps)
         if self.guidance_scale < 0:
             raise ValueError(f"guidance_scale must be >= 0, got {self.guidance_scale}")
         if not self.chunk_codes or any(c <= 0 for c in self.chunk_codes):
@@ -379,6 +373,14 @@ class Token2WavStream:
             block = torch.randn(1, self.batch.block, self.batch.mel_dim, generator=self._generator)
             self._noise = torch.cat([self._noise, block], dim=1)
         return self._noise
+
+
+def _check_steps(name: str, steps: object) -> None:
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 2:
+        raise ValueError(
+            f"{name} must be an integer of at least 2 ODE time points (one solver step), "
+            f"got {steps!r}"
+        )
 
 
 def _group(rows: Iterable[int], key: Callable[[int], Hashable]) -> list[list[int]]:

@@ -38,9 +38,9 @@ class WorkerConfig:
     addresses: Addresses
     allow_faults: bool = False
     max_frame_side: int = 448
-    vocoder_solver: str = "rk4"
     vocoder_steps: int = 10  # ODE time points per chunk
     vocoder_first_chunk_steps: int | None = None  # None: vocoder_steps
+    vocoder_solver: str = "rk4"
 
 
 class WorkerIO:
