@@ -57,6 +57,14 @@ VOCODER_CONTEXT = 24
 SOLVERS = ("rk4", "euler")
 
 
+def _check_steps(name: str, steps: object) -> None:
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 2:
+        raise ValueError(
+            f"{name} must be an integer of at least 2 ODE time points (one solver step), "
+            f"got {steps!r}"
+        )
+
+
 @dataclass(frozen=True)
 class Token2WavOptions:
     # "rk4" is transformers' solver (4 DiT calls per step); "euler" is what Qwen's streaming
@@ -373,14 +381,6 @@ class Token2WavStream:
             block = torch.randn(1, self.batch.block, self.batch.mel_dim, generator=self._generator)
             self._noise = torch.cat([self._noise, block], dim=1)
         return self._noise
-
-
-def _check_steps(name: str, steps: object) -> None:
-    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 2:
-        raise ValueError(
-            f"{name} must be an integer of at least 2 ODE time points (one solver step), "
-            f"got {steps!r}"
-        )
 
 
 def _group(rows: Iterable[int], key: Callable[[int], Hashable]) -> list[list[int]]:
