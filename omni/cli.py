@@ -104,10 +104,10 @@ def _serve(args: argparse.Namespace) -> int:
         dtype=settings.dtype,
         max_codec_tokens=resolved.max_codec_tokens,
         max_frame_side=settings.engine_max_frame_side,
-        start_timeout_s=settings.engine_start_timeout_seconds,
-        heartbeat_timeout_s=settings.engine_heartbeat_timeout_seconds,
         vocoder_steps=settings.vocoder_steps,
         vocoder_first_chunk_steps=settings.vocoder_first_chunk_steps,
+        start_timeout_s=settings.engine_start_timeout_seconds,
+        heartbeat_timeout_s=settings.engine_heartbeat_timeout_seconds,
         vocoder_solver=settings.vocoder_solver,
     )
     logging.getLogger("omni").info(
