@@ -104,6 +104,8 @@ def _serve(args: argparse.Namespace) -> int:
         dtype=settings.dtype,
         max_codec_tokens=resolved.max_codec_tokens,
         max_frame_side=settings.engine_max_frame_side,
+        vocoder_steps=settings.vocoder_steps,
+        vocoder_first_chunk_steps=settings.vocoder_first_chunk_steps,
         start_timeout_s=settings.engine_start_timeout_seconds,
         heartbeat_timeout_s=settings.engine_heartbeat_timeout_seconds,
         replay_max_bytes=int(settings.engine_replay_max_mb * 1e6),

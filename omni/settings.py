@@ -93,6 +93,20 @@ class Settings(BaseSettings):
     engine_max_frame_side: int = Field(
         448, ge=28, description="Longest side, in pixels, of video frames the thinker patches."
     )
+    vocoder_steps: int = Field(
+        10,
+        ge=2,
+        le=100,
+        description="Token2Wav ODE time points per chunk, as transformers' num_steps (10: 9 "
+        "solver steps, so 36 DiT passes with rk4, 9 with euler).",
+    )
+    vocoder_first_chunk_steps: int | None = Field(
+        None,
+        ge=2,
+        le=100,
+        description="ODE time points for a reply's first chunk only (fewer: sooner first "
+        "audio); default: as `vocoder_steps`.",
+    )
     vocoder_solver: Literal["auto", "rk4", "euler"] = Field(
         "auto",
         description="Token2Wav ODE solver: rk4 as transformers (36 DiT passes per chunk), "

@@ -69,6 +69,10 @@ class EngineConfig:
     # Token2Wav's ODE solver: rk4 (transformers) or euler (4x fewer DiT passes, Qwen's own
     # streaming choice); auto: rk4 on GPU, euler on CPU, where rk4 can't keep up in real time
     vocoder_solver: str = "auto"
+    # ODE time points per chunk (transformers' num_steps), and for a reply's first chunk
+    # (None: the same); fewer first-chunk steps give sooner first audio
+    vocoder_steps: int = 10
+    vocoder_first_chunk_steps: int | None = None
     start_timeout_s: float = 900.0  # loading a 7B checkpoint can take minutes
     heartbeat_timeout_s: float = 30.0  # no beat for this long while alive: the worker hangs
     replay_max_bytes: int = 32_000_000  # per session: what a restart can rebuild (replay.py)
@@ -184,6 +188,8 @@ class OmniEngine:
                 addresses=self.addresses,
                 allow_faults=self.config.allow_faults,
                 max_frame_side=self.config.max_frame_side,
+                vocoder_steps=self.config.vocoder_steps,
+                vocoder_first_chunk_steps=self.config.vocoder_first_chunk_steps,
                 vocoder_solver=_solver_for(self.config.vocoder_solver, self.config.talker_device),
                 kv_slots=self.config.kv_slots,
                 max_context_tokens=self.config.max_context_tokens,

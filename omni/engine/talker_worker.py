@@ -3,7 +3,8 @@
 Loop: drain messages (context rows from the thinker, reply starts, cancels), then one batched
 step (TalkerStage): the codec step of every reply whose next reply part has arrived, and
 chunks of waiting context rows (so the next reply starts from a warm cache), in one forward;
-the codes go to each session's streaming vocoder and finished audio to the front end.
+the codes go to each reply's Token2Wav stream; then one batched Token2Wav decode over every
+reply with a chunk ready sends the audio to the front end.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from omni.engine import protocol as p
 from omni.engine.kv_memory import KVSlots
 from omni.engine.scheduler import StepScheduler
 from omni.engine.talker import SpecialEmbeds, TalkerConversation, TalkerStage
-from omni.engine.token2wav import StreamingToken2Wav, Token2WavOptions
+from omni.engine.token2wav import Token2WavBatch, Token2WavOptions, Token2WavStream
 from omni.engine.worker import WorkerConfig, WorkerIO, configure_worker
 
 log = logging.getLogger(__name__)
@@ -30,7 +31,7 @@ class _Speaking:
     """A reply whose speech is being produced."""
 
     reply: str
-    vocoder: StreamingToken2Wav
+    vocoder: Token2WavStream
     samples: int = 0
     codes: list[int] = field(default_factory=list)
 
@@ -42,10 +43,14 @@ class TalkerWorker:
         parts = load_talker(cfg.model_path, cfg.device, getattr(torch, cfg.dtype))
         self.model = parts.talker.eval()
         self.model.set_attn_implementation(cfg.attn_implementation)
-        self.token2wav = parts.token2wav.eval()
         self.speakers = parts.speakers
         self.special = special_embeds(cfg.model_path, self.model, self.speakers)
-        self.vocoder_options = Token2WavOptions(solver=cfg.vocoder_solver)  # type: ignore[arg-type]
+        options = Token2WavOptions(
+            solver=cfg.vocoder_solver,  # type: ignore[arg-type]
+            num_steps=cfg.vocoder_steps,
+            first_chunk_steps=cfg.vocoder_first_chunk_steps,
+        )
+        self.token2wav = Token2WavBatch(parts.token2wav.eval(), options)
         a = cfg.addresses
         self.io = WorkerIO("talker", a.talker, {"frontend": a.frontend}, cfg.allow_faults)
         self.kv = KVSlots.for_model(
@@ -67,9 +72,11 @@ class TalkerWorker:
         self.io.send("frontend", p.Ready("talker", {"device": str(self.model.device)}))
         while True:
             busy = any(c.can_step() or c.context_waiting() for c in self.sessions.values())
+            busy = busy or any(r.vocoder.has_ready_chunk for r in self.speaking.values())
             for msg in self.io.receive(0 if busy else 20):
                 self.handle(msg)
             self.step()
+            self.vocode_ready()
             self.io.beat(self.kv.stats())
 
     # -- messages -------------------------------------------------------------------------
@@ -150,9 +157,7 @@ class TalkerWorker:
             noise.manual_seed(msg.seed)
         else:
             noise.seed()
-        vocoder = StreamingToken2Wav(
-            self.token2wav, speaker["cond"], speaker["ref_mel"], self.vocoder_options, noise
-        )
+        vocoder = self.token2wav.stream(speaker["cond"], speaker["ref_mel"], noise)
         self.speaking[msg.session] = _Speaking(msg.reply, vocoder)
 
     # -- model work -----------------------------------------------------------------------
@@ -186,14 +191,33 @@ class TalkerWorker:
                 if not speaking.codes:
                     self.io.send("frontend", p.CodeOut(session_id, speaking.reply))
                 speaking.codes.append(code)
-                self.send_audio(session_id, speaking, speaking.vocoder.push([code]))
-            if conv.reply.done:
-                self.send_audio(session_id, speaking, speaking.vocoder.finish())
-                self.stop(session_id, "completed")
+                speaking.vocoder.add([code])
+            if conv.reply.done:  # the last chunk comes with the next vocode_ready()
+                speaking.vocoder.finish()
+                conv.end_reply()  # the cache goes back to the context now: prefill may go on
         except Exception as exc:
             log.exception("talker: vocoder failed")
             self.io.send("frontend", p.WorkerError("talker", str(exc), session_id, speaking.reply))
             self.stop(session_id, "failed")
+
+    def vocode_ready(self) -> None:
+        """One batched Token2Wav decode: a chunk for each reply that has one ready. Replies
+        whose audio is all out are completed."""
+        ready = [s for s, speaking in self.speaking.items() if speaking.vocoder.has_ready_chunk]
+        try:
+            audio = self.token2wav.decode_ready([self.speaking[s].vocoder for s in ready])
+        except Exception as exc:  # one decode for all: each of its replies failed
+            log.exception("talker: Token2Wav decode failed")
+            for session_id in ready:
+                reply = self.speaking[session_id].reply
+                self.io.send("frontend", p.WorkerError("talker", str(exc), session_id, reply))
+                self.stop(session_id, "failed")
+            return
+        for session_id, chunk in zip(ready, audio):
+            assert chunk is not None  # every stream passed had a chunk ready
+            self.send_audio(session_id, self.speaking[session_id], [chunk])
+        for session_id in [s for s, speaking in self.speaking.items() if speaking.vocoder.done]:
+            self.stop(session_id, "completed")
 
     def send_audio(self, session_id: str, speaking: _Speaking, chunks: list[np.ndarray]) -> None:
         for chunk in chunks:
@@ -202,8 +226,7 @@ class TalkerWorker:
             speaking.samples += pcm.size
 
     def stop(self, session_id: str, status: str) -> None:
-        speaking = self.speaking.pop(session_id)
-        speaking.vocoder.reset()
+        speaking = self.speaking.pop(session_id)  # its Token2Wav stream goes with it
         conv = self.sessions.get(session_id)
         if conv is not None:
             conv.end_reply()

@@ -46,6 +46,8 @@ class WorkerConfig:
     addresses: Addresses
     allow_faults: bool = False
     max_frame_side: int = 448
+    vocoder_steps: int = 10  # ODE time points per chunk
+    vocoder_first_chunk_steps: int | None = None  # None: vocoder_steps
     vocoder_solver: str = "rk4"
     # batching (omni/engine/scheduler.py, kv_memory.py)
     kv_slots: int = 16  # sessions each worker holds KV memory for
