@@ -63,6 +63,8 @@ class TalkerWorker:
         )
         scheduler = StepScheduler(cfg.step_token_budget, cfg.max_batch)
         self.stage = TalkerStage(self.model, self.kv, scheduler, cfg.cuda_graphs)
+        self.max_batch = cfg.max_batch
+        self._vocode_turn = 0
         self.sessions: dict[str, TalkerConversation] = {}
         self.speaking: dict[str, _Speaking] = {}
         # replies cancelled before their TalkerStart arrived (front end and thinker race)
@@ -204,6 +206,11 @@ class TalkerWorker:
         """One batched Token2Wav decode: a chunk for each reply that has one ready. Replies
         whose audio is all out are completed."""
         ready = [s for s, speaking in self.speaking.items() if speaking.vocoder.has_ready_chunk]
+        # at most max_batch replies per decode, taking turns (max_batch=1: one at a time)
+        self._vocode_turn += 1
+        if len(ready) > self.max_batch:
+            k = self._vocode_turn % len(ready)
+            ready = (ready[k:] + ready[:k])[: self.max_batch]
         try:
             audio = self.token2wav.decode_ready([self.speaking[s].vocoder for s in ready])
         except Exception as exc:  # one decode for all: each of its replies failed
