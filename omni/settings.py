@@ -60,13 +60,13 @@ class Settings(BaseSettings):
     # -- engine
     device: str = Field(
         "auto",
-        description="Torch device for both workers: auto (first GPU(s), else CPU), cpu, cuda, "
+        description="Torch device for the model workers: auto (first GPU(s), else CPU), cpu, cuda, "
         "cuda:N.",
     )
     talker_device: str | None = Field(
         None,
-        description="A separate device for the talker (e.g. cuda:1); default: as chosen by "
-        "`device`.",
+        description="A separate device for the talker and the vocoder (e.g. cuda:1); default: "
+        "as chosen by `device`.",
     )
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
         "auto", description="Weights dtype: auto is bfloat16 on GPU, float32 on CPU."

@@ -109,29 +109,35 @@ def load_speakers(path: str | Path) -> dict[str, dict[str, Any]]:
     return torch.load(Path(path) / SPEAKERS_FILE, weights_only=True)
 
 
+def load_talker_lm(
+    path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+) -> Qwen2_5OmniTalkerForConditionalGeneration:
+    """The talker LM alone (in `dtype`, None: as stored): what the talker process runs."""
+    path = Path(path)
+    config = Qwen2_5OmniConfig.from_pretrained(path)
+    return _load(
+        Qwen2_5OmniTalkerForConditionalGeneration, config.talker_config, path, "talker.", device, dtype
+    )
+
+
+def load_token2wav(path: str | Path, device: str | torch.device = "cpu") -> Qwen2_5OmniToken2WavModel:
+    """Token2Wav (DiT + BigVGAN) alone, in float32 as transformers runs it: the vocoder process."""
+    path = Path(path)
+    config = Qwen2_5OmniConfig.from_pretrained(path)
+    return _load(
+        Qwen2_5OmniToken2WavModel, config.token2wav_config, path, "token2wav.", device, torch.float32
+    )
+
+
 def load_talker(
     path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
 ) -> TalkerParts:
     """The talker (in `dtype`, None: as stored), Token2Wav (float32) and the voices."""
-    path = Path(path)
-    config = Qwen2_5OmniConfig.from_pretrained(path)
-    talker = _load(
-        Qwen2_5OmniTalkerForConditionalGeneration,
-        config.talker_config,
-        path,
-        "talker.",
-        device,
-        dtype,
+    return TalkerParts(
+        talker=load_talker_lm(path, device, dtype),
+        token2wav=load_token2wav(path, device),
+        speakers=load_speakers(path),
     )
-    token2wav = _load(
-        Qwen2_5OmniToken2WavModel,
-        config.token2wav_config,
-        path,
-        "token2wav.",
-        device,
-        torch.float32,
-    )
-    return TalkerParts(talker=talker, token2wav=token2wav, speakers=load_speakers(path))
 
 
 def load_whole(

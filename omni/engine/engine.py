@@ -1,12 +1,12 @@
-"""OmniEngine: the asyncio face of the thinker and talker worker processes.
+"""OmniEngine: the asyncio face of the thinker, talker and vocoder worker processes.
 
-It starts and supervises both workers, forwards session input to the thinker, and turns the
+It starts and supervises the workers, forwards session input to the thinker, and turns the
 workers' messages back into `TextDelta` / `AudioChunk` / `ReplyDone` events for the session
 layer. One reader task routes every incoming message to the reply it belongs to.
 
 A worker that dies (its process sentinel wakes the supervisor) or stops beating (a hung
 model step) is noticed by the supervisor task: every reply in flight ends with a `failed`
-ReplyDone naming the worker, every session hears of it through its `on_error`, and both
+ReplyDone naming the worker, every session hears of it through its `on_error`, and all
 workers are restarted (the talker's context rows mirror the thinker's cache, so they restart
 together). Each session's conversation is then rebuilt from its replay log (replay.py).
 Input that arrives while the workers restart goes into the log and reaches the new workers
@@ -33,7 +33,7 @@ import zmq
 import zmq.asyncio
 
 from omni.engine import protocol as p
-from omni.engine import talker_worker, thinker_worker
+from omni.engine import talker_worker, thinker_worker, vocoder_worker
 from omni.engine.replay import ReplayLog
 from omni.engine.api import (
     SAMPLES_PER_CODE,
@@ -51,7 +51,11 @@ from omni.engine.worker import Addresses, WorkerConfig
 
 log = logging.getLogger(__name__)
 
-WORKERS = {"thinker": thinker_worker.main, "talker": talker_worker.main}
+WORKERS = {
+    "thinker": thinker_worker.main,
+    "talker": talker_worker.main,
+    "vocoder": vocoder_worker.main,
+}
 # Messages a reply may have waiting for its consumer. A consumer that reads keeps a few here
 # (each takes microseconds to handle; a GPU makes ~100 tokens/s); a whole default reply,
 # 1024 text deltas and its audio in 0.5-1 s chunks, would nearly fill it even if nobody read.
@@ -127,6 +131,7 @@ class OmniEngine:
         self.addresses = Addresses(
             thinker=f"ipc://{self._dir}/thinker",
             talker=f"ipc://{self._dir}/talker",
+            vocoder=f"ipc://{self._dir}/vocoder",
             frontend=f"ipc://{self._dir}/frontend",
         )
         self._ctx: zmq.asyncio.Context | None = None
@@ -180,7 +185,8 @@ class OmniEngine:
         spawn = multiprocessing.get_context("spawn")
         for name, target in WORKERS.items():
             self._ready[name] = asyncio.Event()
-            device = getattr(self.config, f"{name}_device")
+            # Token2Wav runs beside the talker LM, on its device
+            device = self.config.thinker_device if name == "thinker" else self.config.talker_device
             cfg = WorkerConfig(
                 model_path=self.config.model_path,
                 device=device,
@@ -377,7 +383,7 @@ class OmniEngine:
         codes: list[int] = []
         statuses: dict[str, str] = {}
         error: str | None = None
-        waiting = {"thinker", "talker"} if options.output_audio else {"thinker"}
+        waiting = {"thinker", "talker", "vocoder"} if options.output_audio else {"thinker"}
         self._send(
             "thinker",
             p.Respond(
@@ -417,7 +423,7 @@ class OmniEngine:
                         input_tokens, timings.prefill_ms = msg.input_tokens, msg.prefill_ms
                         token_ids = msg.token_ids
                         if not msg.talker_started:
-                            waiting.discard("talker")
+                            waiting -= {"talker", "vocoder"}
                     case p.CodeOut():
                         timings.first_codec_ms = ms()
                     case p.AudioOut():
@@ -429,7 +435,13 @@ class OmniEngine:
                     case p.TalkerDone():
                         waiting.discard("talker")
                         statuses["talker"] = msg.status
-                        audio_samples, codes = msg.audio_samples, msg.codes
+                        codes = msg.codes
+                        if not msg.vocoder_started:
+                            waiting.discard("vocoder")
+                    case p.VocoderDone():
+                        waiting.discard("vocoder")
+                        statuses["vocoder"] = msg.status
+                        audio_samples = msg.audio_samples
                     case p.WorkerError():
                         error = msg.message  # the worker also ends the reply with a Done
                     case _ReplyEnded():
@@ -554,7 +566,8 @@ async def running_engine(config: EngineConfig) -> AsyncIterator[OmniEngine]:
 
 def resolve_devices(device: str = "auto", talker_device: str | None = None) -> tuple[str, str]:
     """(thinker, talker) devices. auto: the first two GPUs when there are two, else one, else
-    CPU; another device: both workers on it; `talker_device` puts the talker elsewhere."""
+    CPU; another device: every worker on it; `talker_device` puts the talker and the vocoder
+    elsewhere."""
     import torch
 
     if device != "auto":

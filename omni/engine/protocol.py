@@ -165,6 +165,32 @@ class TalkerStart(Msg):
     seed: int | None = None
 
 
+# -- talker -> vocoder ----------------------------------------------------------------------
+
+
+class VocoderStart(Msg):
+    session: str
+    reply: str
+    voice: str
+    seed: int | None = None  # of the Token2Wav noise; None: fresh
+
+
+class Codes(Msg):
+    """Codec tokens of a reply, in order, as the talker's steps produce them."""
+
+    session: str
+    reply: str
+    codes: list[int]
+
+
+class CodesEnd(Msg):
+    """No more codes: `completed` (decode the rest) or `cancelled`/`failed` (drop it)."""
+
+    session: str
+    reply: str
+    status: str
+
+
 class TextEnd(Msg):
     session: str
     reply: str
@@ -222,6 +248,13 @@ class TalkerDone(Msg):
     reply: str
     status: str
     codes: list[int]
+    vocoder_started: bool = False  # False: no VocoderDone will follow
+
+
+class VocoderDone(Msg):
+    session: str
+    reply: str
+    status: str
     audio_samples: int
 
 
@@ -260,6 +293,10 @@ Message = Union[
     CodeOut,
     AudioOut,
     TalkerDone,
+    VocoderStart,
+    Codes,
+    CodesEnd,
+    VocoderDone,
     Result,
     WorkerError,
 ]

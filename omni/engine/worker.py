@@ -35,6 +35,7 @@ class Addresses:
 
     thinker: str
     talker: str
+    vocoder: str
     frontend: str
 
 

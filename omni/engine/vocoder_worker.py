@@ -1,0 +1,167 @@
+"""The vocoder process: streaming Token2Wav for every reply being spoken.
+
+The talker sends each reply's codes as its steps produce them (VocoderStart, Codes, CodesEnd).
+Each loop the worker drains them, then decodes, in one batch, a chunk of every reply that has
+one ready (at most `max_batch`, taking turns; omni/engine/token2wav.py) and sends the audio to
+the front end. A stage of its own, so Token2Wav's DiT and BigVGAN run beside the talker LM
+instead of between its codec steps: on a GPU the two overlap, on a CPU they use two cores
+(Token2Wav costs as much as the rest of the speech path together there).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from omni.engine import protocol as p
+from omni.engine.token2wav import Token2WavBatch, Token2WavOptions, Token2WavStream
+from omni.engine.worker import WorkerConfig, WorkerIO, configure_worker
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Voicing:
+    """A reply whose codes are being turned into audio."""
+
+    reply: str
+    stream: Token2WavStream
+    samples: int = 0
+
+
+class VocoderWorker:
+    def __init__(self, cfg: WorkerConfig) -> None:
+        from omni.checkpoints.parts import load_speakers, load_token2wav
+
+        options = Token2WavOptions(
+            solver=cfg.vocoder_solver,  # type: ignore[arg-type]
+            num_steps=cfg.vocoder_steps,
+            first_chunk_steps=cfg.vocoder_first_chunk_steps,
+        )
+        self.token2wav = Token2WavBatch(load_token2wav(cfg.model_path, cfg.device).eval(), options)
+        self.speakers = load_speakers(cfg.model_path)
+        self.device = cfg.device
+        a = cfg.addresses
+        self.io = WorkerIO("vocoder", a.vocoder, {"frontend": a.frontend}, cfg.allow_faults)
+        self.max_batch = cfg.max_batch
+        self.voicing: dict[str, _Voicing] = {}  # by session
+        # replies cancelled before their VocoderStart arrived (front end and talker race)
+        self.cancelled: OrderedDict[str, None] = OrderedDict()
+        self._turn = 0
+
+    def run(self) -> None:
+        self.io.send("frontend", p.Ready("vocoder", {"device": self.device}))
+        while True:
+            busy = any(v.stream.has_ready_chunk for v in self.voicing.values())
+            for msg in self.io.receive(0 if busy else 20):
+                self.handle(msg)
+            self.vocode_ready()
+            self.io.beat()
+
+    # -- messages -------------------------------------------------------------------------
+
+    def handle(self, msg: p.Msg) -> None:
+        try:
+            self._handle(msg)
+        except Exception as exc:
+            log.exception("vocoder: %s failed", type(msg).__name__)
+            session, reply = getattr(msg, "session", None), getattr(msg, "reply", None)
+            self.io.send("frontend", p.WorkerError("vocoder", f"{type(exc).__name__}: {exc}", session, reply))
+            voicing = self.voicing.get(session or "")
+            if session is not None and voicing is not None and voicing.reply == reply:
+                self.stop(session, "failed")
+            elif isinstance(msg, p.VocoderStart):
+                self.io.send("frontend", p.VocoderDone(msg.session, msg.reply, "failed", 0))
+
+    def _handle(self, msg: p.Msg) -> None:
+        match msg:
+            case p.VocoderStart():
+                self.start(msg)
+            case p.Codes():
+                voicing = self.voicing.get(msg.session)
+                if voicing is not None and voicing.reply == msg.reply:
+                    voicing.stream.add(msg.codes)
+            case p.CodesEnd():
+                voicing = self.voicing.get(msg.session)
+                if voicing is None or voicing.reply != msg.reply:
+                    return
+                if msg.status == "completed":
+                    voicing.stream.finish()  # the last chunk comes with a coming decode
+                else:
+                    self.stop(msg.session, msg.status)
+            case p.Cancel():
+                voicing = self.voicing.get(msg.session)
+                if voicing is not None and voicing.reply == msg.reply:
+                    self.stop(msg.session, "cancelled")
+                else:
+                    self.cancelled[msg.reply] = None
+                    while len(self.cancelled) > 1024:
+                        self.cancelled.popitem(last=False)
+            case p.CloseSession():
+                self.voicing.pop(msg.session, None)
+            case _:
+                raise ValueError(f"vocoder got an unexpected {type(msg).__name__}")
+
+    def start(self, msg: p.VocoderStart) -> None:
+        if msg.reply in self.cancelled:
+            del self.cancelled[msg.reply]
+            self.io.send("frontend", p.VocoderDone(msg.session, msg.reply, "cancelled", 0))
+            return
+        speaker = self.speakers.get(msg.voice)
+        if speaker is None:
+            raise ValueError(f"unknown voice {msg.voice!r}; available: {sorted(self.speakers)}")
+        if msg.session in self.voicing:
+            self.stop(msg.session, "cancelled")
+        noise = torch.Generator()
+        if msg.seed is not None:
+            noise.manual_seed(msg.seed)
+        else:
+            noise.seed()
+        stream = self.token2wav.stream(speaker["cond"], speaker["ref_mel"], noise)
+        self.voicing[msg.session] = _Voicing(msg.reply, stream)
+
+    # -- model work -----------------------------------------------------------------------
+
+    def vocode_ready(self) -> None:
+        """One batched Token2Wav decode: a chunk for each reply that has one ready (at most
+        max_batch, taking turns). Replies whose audio is all out are completed."""
+        ready = [s for s, v in self.voicing.items() if v.stream.has_ready_chunk]
+        if not ready:
+            return
+        self._turn += 1
+        if len(ready) > self.max_batch:
+            k = self._turn % len(ready)
+            ready = (ready[k:] + ready[:k])[: self.max_batch]
+        try:
+            audio = self.token2wav.decode_ready([self.voicing[s].stream for s in ready])
+        except Exception as exc:  # one decode for all: each of its replies failed
+            log.exception("vocoder: Token2Wav decode failed")
+            for session_id in ready:
+                reply = self.voicing[session_id].reply
+                self.io.send("frontend", p.WorkerError("vocoder", str(exc), session_id, reply))
+                self.stop(session_id, "failed")
+            return
+        self.io.count_step()
+        for session_id, chunk in zip(ready, audio):
+            assert chunk is not None  # every stream passed had a chunk ready
+            self.send_audio(session_id, self.voicing[session_id], chunk)
+        for session_id in [s for s, v in self.voicing.items() if v.stream.done]:
+            self.stop(session_id, "completed")
+
+    def send_audio(self, session_id: str, voicing: _Voicing, chunk: np.ndarray) -> None:
+        pcm = np.clip(np.round(chunk * 32767.0), -32768, 32767).astype(np.int16)
+        self.io.send("frontend", p.AudioOut(session_id, voicing.reply, p.Array.of(pcm), voicing.samples))
+        voicing.samples += pcm.size
+
+    def stop(self, session_id: str, status: str) -> None:
+        voicing = self.voicing.pop(session_id)  # its Token2Wav stream goes with it
+        self.io.send("frontend", p.VocoderDone(session_id, voicing.reply, status, voicing.samples))
+
+
+def main(cfg: WorkerConfig) -> None:
+    configure_worker("vocoder", cfg.device)
+    VocoderWorker(cfg).run()
