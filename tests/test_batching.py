@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pytest
 import torch
+from engine_helpers import thinker_conversation
 from transformers import Qwen2_5OmniForConditionalGeneration
 
 from omni.bench.reference import ReferenceConversation
@@ -30,8 +31,7 @@ from omni.engine.kv_memory import KVSlots
 from omni.engine.scheduler import StepScheduler
 from omni.engine.talker import TalkerConversation, TalkerStage
 from omni.engine.talker_worker import special_embeds
-from omni.engine.thinker import SPEECH_SYSTEM_PROMPT, ThinkerConversation, ThinkerStage
-from omni.engine.thinker_worker import token_ids
+from omni.engine.thinker import ThinkerConversation, ThinkerStage
 
 TEXT, CODES = 8, 20
 BUDGET = 48  # small, so long inputs take several steps of prefill beside the decodes
@@ -89,7 +89,6 @@ def run(
     """Run sessions (start step, turn) to the end of their speech; one trace per session.
     `graphs`: decode-only steps take the CUDA-graph path (eager here, same static shapes)."""
     model, processor, special = tiny
-    tok = processor.tokenizer
     text_config = model.thinker.config.text_config
     kv = KVSlots.for_model(text_config, slots, 2048, "cpu", torch.float32, scratch_slot=graphs)
     talker_kv = KVSlots.for_model(model.talker.config, slots, 2048, "cpu", torch.float32, scratch_slot=graphs)
@@ -107,16 +106,7 @@ def run(
             i = waiting.pop(0)
             turn = sessions[i][1]
             talker = RecordingTalker(model.talker, special, talker_kv)
-            conv = ThinkerConversation(
-                model.thinker,
-                token_ids(tok, model.thinker.generation_config.eos_token_id),
-                processor.feature_extractor,
-                processor.image_processor.to_dict(),
-                SPEECH_SYSTEM_PROMPT,
-                lambda text: tok.encode(text, add_special_tokens=False),
-                talker.add_rows,
-                kv,
-            )
+            conv = thinker_conversation(model.thinker, processor, talker.add_rows, kv)
             if "image" in turn:
                 conv.add_image(turn["image"])
             if "audio" in turn:

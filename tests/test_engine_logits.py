@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from engine_helpers import thinker_conversation
 from transformers import Qwen2_5OmniForConditionalGeneration
 
 from omni.bench.reference import ReferenceConversation
@@ -21,8 +22,7 @@ from omni.engine.kv_memory import KVSlots
 from omni.engine.scheduler import StepScheduler
 from omni.engine.talker import TalkerConversation, TalkerStage
 from omni.engine.talker_worker import special_embeds
-from omni.engine.thinker import SPEECH_SYSTEM_PROMPT, ThinkerConversation, ThinkerStage
-from omni.engine.thinker_worker import token_ids
+from omni.engine.thinker import ThinkerStage
 
 TEXT, CODES = 8, 24
 
@@ -45,7 +45,6 @@ def test_every_step_matches_generate(tiny_checkpoint):
     torch.set_grad_enabled(False)
     model = Qwen2_5OmniForConditionalGeneration.from_pretrained(tiny_checkpoint).eval()
     processor = load_processor(tiny_checkpoint)
-    tok = processor.tokenizer
     thinker_logits, talker_logits = Recorder(model.thinker.lm_head), Recorder(model.talker.codec_head)
     scheduler = StepScheduler(token_budget=512, max_rows=4)
     kv = KVSlots.for_model(model.thinker.config.text_config, 1, 4096, "cpu", torch.float32)
@@ -57,16 +56,7 @@ def test_every_step_matches_generate(tiny_checkpoint):
         special_embeds(str(tiny_checkpoint), model.talker, load_speakers(tiny_checkpoint)),
         talker_kv,
     )
-    conv = ThinkerConversation(
-        model.thinker,
-        token_ids(tok, model.thinker.generation_config.eos_token_id),
-        processor.feature_extractor,
-        processor.image_processor.to_dict(),
-        SPEECH_SYSTEM_PROMPT,
-        lambda text: tok.encode(text, add_special_tokens=False),
-        talker.add_rows,
-        kv,
-    )
+    conv = thinker_conversation(model.thinker, processor, talker.add_rows, kv)
     thinkers, talkers = {"s": conv}, {"s": talker}
     reference = ReferenceConversation(model, processor)
     rng = np.random.default_rng(0)

@@ -9,16 +9,14 @@ each reply's codes go to the vocoder process, which turns them into audio.
 from __future__ import annotations
 
 import logging
-from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import torch
 
 from omni.engine import protocol as p
-from omni.engine.kv_memory import KVSlots
 from omni.engine.scheduler import StepScheduler
 from omni.engine.talker import SpecialEmbeds, TalkerConversation, TalkerStage
-from omni.engine.worker import WorkerConfig, WorkerIO, configure_worker
+from omni.engine.worker import EarlyCancels, WorkerConfig, WorkerIO, configure_worker, kv_store
 
 log = logging.getLogger(__name__)
 
@@ -42,20 +40,13 @@ class TalkerWorker:
         a = cfg.addresses
         outputs = {"frontend": a.frontend, "vocoder": a.vocoder}
         self.io = WorkerIO("talker", a.talker, outputs, cfg.allow_faults)
-        self.kv = KVSlots.for_model(
-            self.model.config,
-            cfg.kv_slots,
-            cfg.max_context_tokens,
-            self.model.device,
-            self.model.dtype,
-            scratch_slot=cfg.cuda_graphs,
-        )
+        self.kv = kv_store(self.model.config, cfg, self.model)
         scheduler = StepScheduler(cfg.step_token_budget, cfg.max_batch)
         self.stage = TalkerStage(self.model, self.kv, scheduler, cfg.cuda_graphs)
         self.sessions: dict[str, TalkerConversation] = {}
         self.speaking: dict[str, _Speaking] = {}
         # replies cancelled before their TalkerStart arrived (front end and thinker race)
-        self.cancelled: OrderedDict[str, None] = OrderedDict()
+        self.cancelled = EarlyCancels()
 
     def run(self) -> None:
         self.io.send("frontend", p.Ready("talker", {"device": str(self.model.device)}))
@@ -103,9 +94,7 @@ class TalkerWorker:
                 if speaking is not None and speaking.reply == msg.reply:
                     self.stop(msg.session, "cancelled")
                 else:
-                    self.cancelled[msg.reply] = None
-                    while len(self.cancelled) > 1024:
-                        self.cancelled.popitem(last=False)
+                    self.cancelled.add(msg.reply)
             case _:
                 raise ValueError(f"talker got an unexpected {type(msg).__name__}")
 
@@ -118,8 +107,7 @@ class TalkerWorker:
         return conv
 
     def start(self, msg: p.TalkerStart) -> None:
-        if msg.reply in self.cancelled:
-            del self.cancelled[msg.reply]
+        if self.cancelled.take(msg.reply):
             self.io.send("frontend", p.TalkerDone(msg.session, msg.reply, "cancelled", []))
             return
         conv = self.conversation(msg.session)

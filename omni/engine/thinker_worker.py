@@ -16,10 +16,9 @@ from dataclasses import dataclass, field
 import torch
 
 from omni.engine import protocol as p
-from omni.engine.kv_memory import KVSlots
 from omni.engine.scheduler import StepScheduler
 from omni.engine.thinker import SPEECH_SYSTEM_PROMPT, ThinkerConversation, ThinkerStage, TokenIds
-from omni.engine.worker import WorkerConfig, WorkerIO, configure_worker
+from omni.engine.worker import WorkerConfig, WorkerIO, configure_worker, kv_store
 
 log = logging.getLogger(__name__)
 
@@ -52,14 +51,7 @@ class ThinkerWorker:
         self.io = WorkerIO(
             "thinker", a.thinker, {"frontend": a.frontend, "talker": a.talker}, cfg.allow_faults
         )
-        self.kv = KVSlots.for_model(
-            self.model.config.text_config,
-            cfg.kv_slots,
-            cfg.max_context_tokens,
-            self.model.device,
-            self.model.dtype,
-            scratch_slot=cfg.cuda_graphs,
-        )
+        self.kv = kv_store(self.model.config.text_config, cfg, self.model)
         scheduler = StepScheduler(cfg.step_token_budget, cfg.max_batch)
         self.stage = ThinkerStage(self.model, self.kv, scheduler, cfg.cuda_graphs)
         self.sessions: dict[str, ThinkerConversation] = {}

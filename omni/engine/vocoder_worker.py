@@ -11,7 +11,6 @@ instead of between its codec steps: on a GPU the two overlap, on a CPU they use 
 from __future__ import annotations
 
 import logging
-from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,7 +18,7 @@ import torch
 
 from omni.engine import protocol as p
 from omni.engine.token2wav import Token2WavBatch, Token2WavOptions, Token2WavStream
-from omni.engine.worker import WorkerConfig, WorkerIO, configure_worker
+from omni.engine.worker import EarlyCancels, WorkerConfig, WorkerIO, configure_worker
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +49,7 @@ class VocoderWorker:
         self.max_batch = cfg.max_batch
         self.voicing: dict[str, _Voicing] = {}  # by session
         # replies cancelled before their VocoderStart arrived (front end and talker race)
-        self.cancelled: OrderedDict[str, None] = OrderedDict()
+        self.cancelled = EarlyCancels()
         self._turn = 0
 
     def run(self) -> None:
@@ -98,17 +97,14 @@ class VocoderWorker:
                 if voicing is not None and voicing.reply == msg.reply:
                     self.stop(msg.session, "cancelled")
                 else:
-                    self.cancelled[msg.reply] = None
-                    while len(self.cancelled) > 1024:
-                        self.cancelled.popitem(last=False)
+                    self.cancelled.add(msg.reply)
             case p.CloseSession():
                 self.voicing.pop(msg.session, None)
             case _:
                 raise ValueError(f"vocoder got an unexpected {type(msg).__name__}")
 
     def start(self, msg: p.VocoderStart) -> None:
-        if msg.reply in self.cancelled:
-            del self.cancelled[msg.reply]
+        if self.cancelled.take(msg.reply):
             self.io.send("frontend", p.VocoderDone(msg.session, msg.reply, "cancelled", 0))
             return
         speaker = self.speakers.get(msg.voice)

@@ -19,12 +19,14 @@ import os
 import signal
 import sys
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
 import zmq
 
 from omni.engine import protocol as p
+from omni.engine.kv_memory import KVSlots
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +59,28 @@ class WorkerConfig:
     max_batch: int = 16  # sessions in one forward; 1 turns batching off
     attn_implementation: str = "sdpa"
     cuda_graphs: bool = False  # decode-only steps as CUDA graphs (the engine sets it on CUDA)
+
+
+class EarlyCancels:
+    """Replies cancelled before their start reached this worker (the front end's Cancel and
+    the previous stage's start travel on different sockets). Bounded: the oldest are
+    forgotten, since a start arrives within moments of its cancel or never."""
+
+    def __init__(self, limit: int = 1024) -> None:
+        self._replies: OrderedDict[str, None] = OrderedDict()
+        self._limit = limit
+
+    def add(self, reply: str) -> None:
+        self._replies[reply] = None
+        while len(self._replies) > self._limit:
+            self._replies.popitem(last=False)
+
+    def take(self, reply: str) -> bool:
+        """True (and forgotten) if `reply` was cancelled early."""
+        if reply not in self._replies:
+            return False
+        del self._replies[reply]
+        return True
 
 
 class WorkerIO:
@@ -145,6 +169,14 @@ def exit_with_parent(name: str) -> None:
 def _exit_orphaned(name: str) -> None:
     log.error("%s: the engine front end is gone; exiting", name)
     os._exit(1)  # nothing to flush: every result went to the front end, which is gone
+
+
+def kv_store(model_config, cfg: WorkerConfig, model: torch.nn.Module) -> KVSlots:
+    """The stage's KV memory: a slot per admitted session (and a scratch slot for the padding
+    rows of CUDA-graph decode batches)."""
+    return KVSlots.for_model(
+        model_config, cfg.kv_slots, cfg.max_context_tokens, model.device, model.dtype, cfg.cuda_graphs
+    )
 
 
 class _WorkerName(logging.Filter):
