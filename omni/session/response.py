@@ -29,7 +29,7 @@ from omni.engine.api import (
     ReplyOptions,
     TextDelta,
 )
-from omni.session.audio_input import parse_beta_format, parse_ga_format
+from omni.session.wire_audio import parse_beta_format, parse_ga_format
 from omni.session.client_events import ResponseIn
 from omni.session.config import (
     Modality,
