@@ -52,23 +52,31 @@ class _LimitedH11(H11Protocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
-        self._head_bytes = 0
+        self._head_bytes = 0  # of the request head being received
+        self._head_tail = b""  # its last bytes, for an end of head split across reads
         self._head_timer: asyncio.TimerHandle | None = None
         self._arm_head_timer()
 
     def data_received(self, data: bytes) -> None:
+        if self.conn.their_state is h11.IDLE:
+            # measured here, before h11 sees it: h11 caps only heads it has not parsed yet
+            seen = self._head_tail + data
+            end = seen.find(b"\r\n\r\n")
+            size = self._head_bytes + (
+                end + 4 - len(self._head_tail) if end >= 0 else len(data)
+            )
+            if size > self.max_head_bytes:
+                self._refuse(
+                    431,
+                    "header_too_large",
+                    f"the request head is over the {self.max_head_bytes}-byte limit",
+                )
+                return
+            self._head_bytes, self._head_tail = size, seen[-3:]
         super().data_received(data)
         if self.conn.their_state is not h11.IDLE:  # a whole head arrived
-            self._head_bytes = 0
+            self._head_bytes, self._head_tail = 0, b""
             self._disarm_head_timer()
-            return
-        self._head_bytes += len(data)
-        if self._head_bytes > self.max_head_bytes:
-            self._refuse(
-                431,
-                "header_too_large",
-                f"the request head is over the {self.max_head_bytes}-byte limit",
-            )
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
