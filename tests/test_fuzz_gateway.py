@@ -30,7 +30,7 @@ STEP_TIMEOUT = 20.0  # one input's answer; far above what any takes, so a hang f
 # messages per WebSocket example, and examples per suite: about 1,000 inputs by default
 MESSAGES = 8
 DEFAULT = {"ws": 120, "sdp": 150, "http": 300}
-SLOW = {"ws": 1200, "sdp": 1500, "http": 3000}
+SLOW = {"ws": 1500, "sdp": 1500, "http": 3000}
 
 
 class ServerThread:

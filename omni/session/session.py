@@ -4,7 +4,8 @@ Transports feed it and drain it (see outputs.py):
 - `handle_message(text)` for each JSON client event (WebSocket, or a WebRTC data channel);
 - `push_audio(pcm)` / `push_video_frame(rgb)` for media a transport decoded itself (WebRTC:
   16 kHz float32 mic audio, RGB camera frames); WebSocket appends end up in the same place;
-- read `outbox` and send what comes out; call `close()` when the peer goes away.
+- read `outbox` and send what comes out; call `close()` when the peer goes away. The outbox
+  is bounded (outbox.py): a client that stops reading ends its session.
 
 Its parts: `InputAudioBuffer` (the input buffer and server VAD), `EngineQueue` (engine calls one
 at a time, in event order; only `engine.cancel` goes around it, so barge-in lands within one
