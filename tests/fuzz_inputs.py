@@ -32,7 +32,8 @@ json_leaf = (
 )
 json_value = st.recursive(
     json_leaf,
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    lambda inner: st.lists(inner, max_size=4)
+    | st.dictionaries(st.text(max_size=8), inner, max_size=4),
     max_leaves=12,
 )
 # field names the events and sessions know, so random values land where they are checked
@@ -179,6 +180,19 @@ ws_messages = st.one_of(
 
 # -- SDP
 
+def _transport(mid: int) -> list[str]:
+    """A media section's ICE and DTLS lines, as Chromium repeats them in each."""
+    return [
+        "c=IN IP4 0.0.0.0",
+        "a=ice-ufrag:Ab3d",
+        "a=ice-pwd:0123456789abcdefghijklmn",
+        "a=ice-options:trickle",
+        "a=fingerprint:sha-256 " + ":".join(["AB"] * 32),
+        "a=setup:actpass",
+        f"a=mid:{mid}",
+    ]
+
+
 CHROMIUM_LIKE_OFFER = "\r\n".join([
     "v=0",
     "o=- 4611731400430051336 2 IN IP4 127.0.0.1",
@@ -188,14 +202,8 @@ CHROMIUM_LIKE_OFFER = "\r\n".join([
     "a=extmap-allow-mixed",
     "a=msid-semantic: WMS stream",
     "m=audio 9 UDP/TLS/RTP/SAVPF 111 63 9 0 8 13 110 126",
-    "c=IN IP4 0.0.0.0",
+    *_transport(0),
     "a=rtcp:9 IN IP4 0.0.0.0",
-    "a=ice-ufrag:Ab3d",
-    "a=ice-pwd:0123456789abcdefghijklmn",
-    "a=ice-options:trickle",
-    "a=fingerprint:sha-256 " + ":".join(["AB"] * 32),
-    "a=setup:actpass",
-    "a=mid:0",
     "a=extmap:1 urn:ietf:params:rtp-hdrext:ssrc-audio-level",
     "a=sendrecv",
     "a=msid:stream track-audio",
@@ -213,14 +221,8 @@ CHROMIUM_LIKE_OFFER = "\r\n".join([
     "a=rtpmap:126 telephone-event/8000",
     "a=ssrc:1001 cname:caller",
     "m=video 9 UDP/TLS/RTP/SAVPF 96 97 102",
-    "c=IN IP4 0.0.0.0",
+    *_transport(1),
     "a=rtcp:9 IN IP4 0.0.0.0",
-    "a=ice-ufrag:Ab3d",
-    "a=ice-pwd:0123456789abcdefghijklmn",
-    "a=ice-options:trickle",
-    "a=fingerprint:sha-256 " + ":".join(["AB"] * 32),
-    "a=setup:actpass",
-    "a=mid:1",
     "a=sendrecv",
     "a=rtcp-mux",
     "a=rtcp-rsize",
@@ -235,13 +237,7 @@ CHROMIUM_LIKE_OFFER = "\r\n".join([
     "a=ssrc:2001 cname:caller",
     "a=ssrc:2002 cname:caller",
     "m=application 9 UDP/DTLS/SCTP webrtc-datachannel",
-    "c=IN IP4 0.0.0.0",
-    "a=ice-ufrag:Ab3d",
-    "a=ice-pwd:0123456789abcdefghijklmn",
-    "a=ice-options:trickle",
-    "a=fingerprint:sha-256 " + ":".join(["AB"] * 32),
-    "a=setup:actpass",
-    "a=mid:2",
+    *_transport(2),
     "a=sctp-port:5000",
     "a=max-message-size:262144",
     "",

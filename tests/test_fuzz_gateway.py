@@ -162,8 +162,14 @@ def one_connection(served: ServerThread, http: httpx.Client, messages: list[str]
     healthy(http)
 
 
-def fuzz_ws(served: ServerThread, http: httpx.Client, count: int) -> None:
-    @examples(count)
+SIZES = [pytest.param(DEFAULT, id="default"), pytest.param(SLOW, id="long", marks=pytest.mark.slow)]
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_fuzz_websocket_events(
+    served: ServerThread, http: httpx.Client, size: dict[str, int]
+) -> None:
+    @examples(size["ws"])
     @given(st.lists(ws_messages, min_size=1, max_size=MESSAGES))
     def run(messages: list[str]) -> None:
         one_connection(served, http, messages)
@@ -172,22 +178,14 @@ def fuzz_ws(served: ServerThread, http: httpx.Client, count: int) -> None:
     all_released(served, http)
 
 
-def test_fuzz_websocket_events(served: ServerThread, http: httpx.Client) -> None:
-    fuzz_ws(served, http, DEFAULT["ws"])
-
-
-@pytest.mark.slow
-def test_fuzz_websocket_events_long(served: ServerThread, http: httpx.Client) -> None:
-    fuzz_ws(served, http, SLOW["ws"])
-
-
 # -- SDP offers
 
 
-def post_offer(served: ServerThread, http: httpx.Client, offer: str) -> None:
+def post_offer(http: httpx.Client, offer: str) -> None:
     headers = {**AUTH, "Content-Type": "application/sdp"}
-    reply = http.post("/v1/realtime/calls", content=offer.encode("utf-8", "replace"),
-                      headers=headers)
+    reply = http.post(
+        "/v1/realtime/calls", content=offer.encode("utf-8", "replace"), headers=headers
+    )
     assert reply.status_code in (201, 400, 413), (reply.status_code, reply.text[:300])
     if reply.status_code == 201:
         assert reply.text.startswith("v=0")
@@ -196,37 +194,31 @@ def post_offer(served: ServerThread, http: httpx.Client, offer: str) -> None:
         assert reply.json()["error"]["code"] in ("invalid_sdp", "request_too_large")
 
 
-def fuzz_sdp(served: ServerThread, http: httpx.Client, offers: list[str], count: int) -> None:
-    @examples(count)
+@pytest.mark.parametrize("size", SIZES)
+def test_fuzz_sdp_offers(
+    served: ServerThread, http: httpx.Client, offers: list[str], size: dict[str, int]
+) -> None:
+    @examples(size["sdp"])
     @given(sdp_offers(offers))
     def run(offer: str) -> None:
-        post_offer(served, http, offer)
+        post_offer(http, offer)
 
     run()
     healthy(http)
     all_released(served, http)
 
 
-def test_fuzz_sdp_offers(served: ServerThread, http: httpx.Client, offers: list[str]) -> None:
-    fuzz_sdp(served, http, offers, DEFAULT["sdp"])
-
-
-@pytest.mark.slow
-def test_fuzz_sdp_offers_long(
-    served: ServerThread, http: httpx.Client, offers: list[str]
-) -> None:
-    fuzz_sdp(served, http, offers, SLOW["sdp"])
-
-
 # -- HTTP requests to every route
 
 
-def fuzz_http(served: ServerThread, http: httpx.Client, count: int) -> None:
-    @examples(count)
+@pytest.mark.parametrize("size", SIZES)
+def test_fuzz_http_requests(served: ServerThread, http: httpx.Client, size: dict[str, int]) -> None:
+    @examples(size["http"])
     @given(http_requests)
     def run(request: Any) -> None:
-        reply = http.request(request.method, request.path, headers=request.headers,
-                             content=request.body)
+        reply = http.request(
+            request.method, request.path, headers=request.headers, content=request.body
+        )
         assert reply.status_code < 500, (request, reply.status_code, reply.text[:300])
         location = reply.headers.get("location", "")
         if reply.status_code == 201 and location.startswith("/v1/realtime/calls/"):
@@ -235,12 +227,3 @@ def fuzz_http(served: ServerThread, http: httpx.Client, count: int) -> None:
     run()
     healthy(http)
     all_released(served, http)
-
-
-def test_fuzz_http_requests(served: ServerThread, http: httpx.Client) -> None:
-    fuzz_http(served, http, DEFAULT["http"])
-
-
-@pytest.mark.slow
-def test_fuzz_http_requests_long(served: ServerThread, http: httpx.Client) -> None:
-    fuzz_http(served, http, SLOW["http"])

@@ -149,13 +149,16 @@ async def test_a_turn_holds_at_most_its_media_budget() -> None:
 async def test_large_images_are_kept_at_the_pixel_cap() -> None:
     async with running_server(fake_engine, image_max_pixels=100_000) as server, server.ws() as ws:
         await recv_until(ws, "session.created")
+        image = data_url(image_bytes(2000, 1000))
         item = {"type": "message", "role": "user",
-                "content": [{"type": "input_image", "image_url": data_url(image_bytes(2000, 1000))}]}
+                "content": [{"type": "input_image", "image_url": image}]}
         await send_event(ws, {"type": "conversation.item.create", "item": item})
         await recv_until(ws, "conversation.item.done")
-        await send_event(ws, {"type": "response.create", "response": {"output_modalities": ["text"]}})
+        text_only = {"output_modalities": ["text"]}
+        await send_event(ws, {"type": "response.create", "response": text_only})
         await recv_until(ws, "response.done")
-        (width, height), = server.engine.conversation().history[-1][0].images  # type: ignore[attr-defined]
+        engine: FakeEngine = server.engine  # type: ignore[assignment]
+        ((width, height),) = engine.conversation().history[-1][0].images
         assert width * height <= 100_000 and abs(width - 2 * height) <= 1
 
 
@@ -286,8 +289,10 @@ async def test_http_head_and_body_limits() -> None:
         assert reply.startswith(b"HTTP/1.1 413") and b"request_too_large" in reply
         # a chunked body is read only up to the cap
         chunk = b"a" * 70_000
-        chunked = (b"POST /v1/realtime/calls HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
-                   b"Content-Type: application/sdp\r\n\r\n" + b"%x\r\n" % len(chunk) + chunk + b"\r\n")
+        chunked = (
+            b"POST /v1/realtime/calls HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+            b"Content-Type: application/sdp\r\n\r\n" + b"%x\r\n" % len(chunk) + chunk + b"\r\n"
+        )
         assert (await exchange(port, chunked)).startswith(b"HTTP/1.1 413")
         # a body that stops halfway
         slow = (b"POST /v1/realtime/client_secrets HTTP/1.1\r\nHost: x\r\n"

@@ -10,6 +10,12 @@ import pytest
 from realtime_helpers import image_bytes
 
 from omni.engine.resample import ulaw_encode
+from omni.session.client_events import ResponseIn, SessionIn, parse_client_event
+from omni.session.config import SessionConfig, session_shape
+from omni.session.errors import RealtimeError
+from omni.session.images import decode_base64_image, decode_image_url
+from omni.session.response import ReplyPlan
+from omni.session.shape import to_beta
 from omni.session.wire_audio import (
     PCM16K,
     PCM24K,
@@ -18,12 +24,6 @@ from omni.session.wire_audio import (
     b64decode,
     decode_clip,
 )
-from omni.session.client_events import ResponseIn, SessionIn, parse_client_event
-from omni.session.config import SessionConfig, session_shape
-from omni.session.errors import RealtimeError
-from omni.session.images import decode_base64_image, decode_image_url
-from omni.session.response import ReplyPlan
-from omni.session.shape import to_beta
 from omni.settings import Settings
 
 

@@ -15,7 +15,6 @@ from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 from omni.engine.api import OUTPUT_SAMPLE_RATE, VOICES
-from omni.session.wire_audio import PCM24K, AudioFormat, parse_beta_format, parse_ga_format
 from omni.session.client_events import (
     BETA_SESSION_FIELDS,
     GA_SESSION_FIELDS,
@@ -25,6 +24,7 @@ from omni.session.client_events import (
     TurnDetectionIn,
 )
 from omni.session.errors import RealtimeError, quoted
+from omni.session.wire_audio import PCM24K, AudioFormat, parse_beta_format, parse_ga_format
 from omni.settings import Settings
 
 Shape = Literal["ga", "beta"]

@@ -22,11 +22,11 @@ from typing import Protocol
 import numpy as np
 
 from omni.engine.api import INPUT_SAMPLE_RATE
-from omni.session.wire_audio import AudioDecoder, AudioFormat
 from omni.session.config import TurnDetection
 from omni.session.engine_queue import EngineQueue, TurnInput
 from omni.session.errors import RealtimeError, new_id
 from omni.session.vad import WINDOW, SpeechDetector, VadEvent
+from omni.session.wire_audio import AudioDecoder, AudioFormat
 
 
 def ms(samples: int) -> int:

@@ -30,19 +30,19 @@ from omni.engine.api import OUTPUT_SAMPLE_RATE, Engine, EngineError, SessionOpti
 from omni.logs import bind_response
 from omni.metrics import Metrics
 from omni.session import client_events as ce
-from omni.session.wire_audio import b64decode, b64encode_pcm16
 from omni.session.config import SessionConfig, Shape, session_shape
 from omni.session.conversation import Conversation, Item
 from omni.session.engine_queue import EngineQueue, TurnInput
 from omni.session.errors import RealtimeError, new_id, quoted
 from omni.session.images import decode_base64_image
+from omni.session.input_buffer import InputAudioBuffer
 from omni.session.offload import OFFLOAD_BYTES, off_loop
 from omni.session.outbox import CLIENT_NOT_READING, Outbox
-from omni.session.input_buffer import InputAudioBuffer
 from omni.session.outputs import AudioOut, Closed, Playout
 from omni.session.response import ReplyPlan, Response
 from omni.session.shape import to_beta
 from omni.session.user_content import user_content
+from omni.session.wire_audio import b64decode, b64encode_pcm16
 from omni.settings import Settings
 
 log = logging.getLogger(__name__)

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from omni.session.wire_audio import AudioFormat, b64decode, decode_clip
 from omni.session.client_events import ItemIn
 from omni.session.engine_queue import TurnInput
 from omni.session.errors import RealtimeError
 from omni.session.images import decode_image_url
+from omni.session.wire_audio import AudioFormat, b64decode, decode_clip
 
 _PAYLOAD = {"input_text": "text", "input_image": "image_url", "input_audio": "audio"}
 
