@@ -84,6 +84,14 @@ async def test_deep_huge_and_non_finite_json_get_errors_and_the_session_goes_on(
         assert error["code"] == "unknown_event" and len(json.dumps(error)) < 1000
         assert error["event_id"] is None  # too long to echo
         await still_answers(ws)
+        # a model name in the URL is echoed in every session object: bounded too
+        with pytest.raises(websockets.ConnectionClosed) as closed:
+            async with websockets.connect(
+                server.ws_url + "m" * 5000, additional_headers=AUTH
+            ) as long_name:
+                assert (await recv_event(long_name))["error"]["param"] == "model"
+                await recv_event(long_name)
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == 1008
 
 
 async def test_numbers_as_strings_are_refused_in_client_secrets() -> None:

@@ -28,6 +28,7 @@ from omni.gateway.auth import BETA_SUBPROTOCOL, bearer_token, subprotocol_key
 from omni.gateway.http_limits import ABORT_EXTENSION
 from omni.gateway.state import SHUTTING_DOWN, Gateway, openai_error
 from omni.logs import bind_session
+from omni.session.client_events import MAX_MODEL_NAME
 from omni.session.errors import RealtimeError
 from omni.session.outbox import CLIENT_NOT_READING
 from omni.session.outputs import AudioOut, Closed
@@ -68,6 +69,13 @@ async def realtime_endpoint(websocket: WebSocket) -> None:
             websocket, offered, "server_not_ready", "the model is still loading; try again shortly"
         )
         return
+    model = websocket.query_params.get("model")
+    if model is not None and len(model) > MAX_MODEL_NAME:
+        await websocket.accept(_subprotocol(offered))
+        message = f"the model name is over {MAX_MODEL_NAME} characters"
+        await _send(websocket, RealtimeError("invalid_value", message, param="model").to_event())
+        await websocket.close(POLICY_VIOLATION, message)
+        return
     if not gateway.take_slot():
         gateway.metrics.connections_refused.labels("session_limit").inc()
         limit = gateway.settings.max_sessions
@@ -86,7 +94,7 @@ async def realtime_endpoint(websocket: WebSocket) -> None:
             engine,
             gateway.settings,
             gateway.metrics,
-            model=websocket.query_params.get("model"),
+            model=model,
             shape="beta" if beta else "ga",
             initial=grant.session,
         )

@@ -56,6 +56,7 @@ from omni.gateway.inbound import MicReader, read_video
 from omni.gateway.playout import ReplyAudioTrack
 from omni.gateway.state import Gateway, openai_error
 from omni.gateway.turn import ice_servers_for_client
+from omni.session.client_events import MAX_MODEL_NAME
 from omni.session.errors import RealtimeError, new_id, quoted
 from omni.session.outputs import AudioOut, Closed
 from omni.session.session import RealtimeSession
@@ -384,6 +385,10 @@ class Calls:
             offer = body.decode()
         except UnicodeDecodeError:
             return openai_error(400, "invalid_sdp", "the SDP offer is not UTF-8 text")
+        model = request.query_params.get("model")
+        if model is not None and len(model) > MAX_MODEL_NAME:
+            message = f"the model name is over {MAX_MODEL_NAME} characters"
+            return openai_error(400, "invalid_value", message, "model")
         if gateway.engine is None:
             gateway.metrics.connections_refused.labels("not_ready").inc()
             return _unavailable("server_not_ready", "the model is still loading; try again shortly")
@@ -394,7 +399,7 @@ class Calls:
                 "session_limit_reached", f"the server is at its limit of {limit} sessions"
             )
         pc = RTCPeerConnection(RTCConfiguration(iceServers=ice_servers(gateway.settings)))
-        call = Call(gateway, pc, grant, request.query_params.get("model"), self.gaps)
+        call = Call(gateway, pc, grant, model, self.gaps)
         try:
             answer = await call.negotiate(offer)
         except BaseException as exc:  # whatever went wrong, nothing of the call is left

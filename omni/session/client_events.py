@@ -25,6 +25,7 @@ from omni.session.errors import QUOTE_LIMIT, RealtimeError, quoted
 
 Modality = Literal["text", "audio"]
 MAX_EVENT_ID = 128  # longer client event ids are not echoed back
+MAX_MODEL_NAME = 256  # a model name is echoed in every session object
 # a JSON string, quotes and escapes included (the unrolled form: no backtracking)
 _JSON_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
 _OPEN = (ord("["), ord("{"))
@@ -73,7 +74,7 @@ class SessionIn(_Model):
     """Every session field either shape may send; `model_fields_set` tells what was sent."""
 
     type: Literal["realtime"] | None = None
-    model: str | None = Field(None, max_length=256)
+    model: str | None = Field(None, max_length=MAX_MODEL_NAME)
     instructions: str | None = None
     output_modalities: list[Modality] | None = Field(None, min_length=1)
     audio: AudioIn | None = None
