@@ -19,9 +19,12 @@ has sent no media for `call_idle_timeout_seconds` (a peer that vanished without 
 Offers are client input like any other: whatever aiortc makes of an unusual one (no audio,
 BUNDLE or not, missing or repeated mids, odd codecs), a failure to answer it is a 400 with
 aiortc's reason, never a 500, and tearing down a half-made call never fails twice
-(`Call.close` is idempotent and finishes every step even when one of them raises). No public STUN server is contacted unless configured: aiortc adds Google's when
-given no list, so it always gets one. Configured STUN/TURN servers (with fresh TURN REST credentials, turn.py) go both to pages and
-to the server's own ICE agent, minted per page load and per call since they expire.
+(`Call.close` is idempotent and finishes every step even when one of them raises).
+
+No public STUN server is contacted unless configured: aiortc adds Google's when given no
+list, so it always gets one. Configured STUN/TURN servers (with fresh TURN REST credentials,
+turn.py) go both to pages and to the server's own ICE agent, minted per page load and per
+call since they expire.
 """
 
 from __future__ import annotations
