@@ -175,6 +175,45 @@ class Settings(BaseSettings):
     max_buffered_audio_seconds: float = Field(
         120.0, gt=0, description="Most uncommitted user audio a session holds; more is refused."
     )
+    max_json_depth: int = Field(
+        32, ge=4, le=1000, description="Deepest nesting of arrays/objects in a client event."
+    )
+    max_outbox_bytes: int = Field(
+        16 * 1024 * 1024,
+        ge=64 * 1024,
+        description="Server events a session may hold for a client that is not reading; past "
+        "this the session is closed (client_not_reading).",
+    )
+    max_client_lag_seconds: float = Field(
+        10.0,
+        gt=0,
+        description="Longest a server event may wait for a client that is not reading before "
+        "the session is closed (client_not_reading).",
+    )
+    max_engine_calls: int = Field(
+        1024,
+        ge=16,
+        description="Engine calls a session may have waiting (a stalled model); client events "
+        "and media beyond it are refused.",
+    )
+    max_turn_input_bytes: int = Field(
+        128 * 1024 * 1024,
+        ge=1024 * 1024,
+        description="Raw media (audio, frames, images) one pending user turn may hold; more is "
+        "refused until the turn is answered or cleared.",
+    )
+    image_max_pixels: int = Field(
+        1280 * 28 * 28,
+        ge=28 * 28,
+        description="Client images are scaled down (aspect kept) to at most this many pixels "
+        "(Qwen's recommended max_pixels).",
+    )
+    decode_threads: int = Field(
+        2,
+        ge=1,
+        description="Threads that parse large client events and decode images, off the event "
+        "loop; calls beyond them wait their turn.",
+    )
 
     # -- turn detection defaults (OpenAI's server_vad defaults)
     vad_threshold: float = Field(
@@ -217,6 +256,42 @@ class Settings(BaseSettings):
     )
     call_idle_timeout_seconds: float = Field(
         20.0, gt=0, description="A call whose caller sent no media for this long is hung up."
+    )
+    call_connect_timeout_seconds: float = Field(
+        30.0,
+        gt=0,
+        description="A call not connected (ICE + DTLS) this long after its answer is hung up, "
+        "whatever its offer holds.",
+    )
+    max_playout_seconds: float = Field(
+        120.0,
+        gt=0,
+        description="Reply audio a call's outbound track may have queued; audio beyond it is "
+        "dropped (an error event says so).",
+    )
+
+    # -- HTTP (checked before a request body is read)
+    max_request_body_bytes: int = Field(
+        64 * 1024,
+        ge=1024,
+        description="Largest HTTP request body (SDP offers, client_secrets); more gets 413.",
+    )
+    max_header_bytes: int = Field(
+        16 * 1024,
+        ge=1024,
+        description="Largest HTTP request head (request line and headers); more gets 431.",
+    )
+    max_header_count: int = Field(
+        100, ge=8, description="Most HTTP request headers; more gets 431."
+    )
+    http_header_timeout_seconds: float = Field(
+        10.0,
+        gt=0,
+        description="A connection that has not sent a whole request head (an HTTP request or a "
+        "WebSocket handshake) this long is closed with 408.",
+    )
+    http_body_timeout_seconds: float = Field(
+        10.0, gt=0, description="A request body not received in full this long gets 408."
     )
 
     # -- operations

@@ -10,7 +10,13 @@ import pytest
 from realtime_helpers import image_bytes
 
 from omni.engine.resample import ulaw_encode
-from omni.session.audio_input import (
+from omni.session.client_events import ResponseIn, SessionIn, parse_client_event
+from omni.session.config import SessionConfig, session_shape
+from omni.session.errors import RealtimeError
+from omni.session.images import decode_base64_image, decode_image_url
+from omni.session.response import ReplyPlan
+from omni.session.shape import to_beta
+from omni.session.wire_audio import (
     PCM16K,
     PCM24K,
     AudioDecoder,
@@ -18,12 +24,6 @@ from omni.session.audio_input import (
     b64decode,
     decode_clip,
 )
-from omni.session.client_events import ResponseIn, SessionIn, parse_client_event
-from omni.session.config import SessionConfig, session_shape
-from omni.session.errors import RealtimeError
-from omni.session.images import decode_image, decode_image_url
-from omni.session.response import ReplyPlan
-from omni.session.shape import to_beta
 from omni.settings import Settings
 
 
@@ -273,9 +273,21 @@ def test_bad_audio_is_named() -> None:
 
 
 def test_images_decode_or_are_refused() -> None:
-    assert decode_image(image_bytes(64, 48), "image").shape == (48, 64, 3)
+    px = 1_000_000
+    jpeg = base64.b64encode(image_bytes(64, 48)).decode()
+    assert decode_base64_image(jpeg, "image", px).shape == (48, 64, 3)
     png = base64.b64encode(image_bytes(10, 20, "PNG")).decode()
-    assert decode_image_url(f"data:image/png;base64,{png}", "p").shape == (20, 10, 3)
-    assert error_of(decode_image, b"GIF89a-not-really", "image").code == "invalid_image"
-    assert error_of(decode_image_url, "https://example.com/cat.jpg", "p").code == "invalid_value"
-    assert error_of(decode_image_url, "data:image/png,rawbytes", "p").code == "invalid_value"
+    assert decode_image_url(f"data:image/png;base64,{png}", "p", px).shape == (20, 10, 3)
+    gif = base64.b64encode(b"GIF89a-not-really").decode()
+    assert error_of(decode_base64_image, gif, "image", px).code == "invalid_image"
+    assert error_of(decode_image_url, "https://example.com/cat.jpg", "p", px).code == "invalid_value"
+    assert error_of(decode_image_url, "data:image/png,rawbytes", "p", px).code == "invalid_value"
+
+
+def test_large_images_are_scaled_to_the_pixel_cap() -> None:
+    big = base64.b64encode(image_bytes(4000, 3000)).decode()  # JPEG: decoded at reduced scale
+    rgb = decode_base64_image(big, "image", 1280 * 28 * 28)
+    assert rgb.shape[0] * rgb.shape[1] <= 1280 * 28 * 28
+    assert abs(rgb.shape[1] / rgb.shape[0] - 4 / 3) < 0.01
+    wide = base64.b64encode(image_bytes(3000, 100, "PNG")).decode()
+    assert decode_base64_image(wide, "image", 30_000).shape == (31, 948, 3)

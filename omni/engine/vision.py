@@ -15,29 +15,27 @@ from __future__ import annotations
 import base64
 import binascii
 import functools
-import io
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
-from transformers.image_transforms import convert_to_rgb, resize
+from transformers.image_transforms import resize
 from transformers.image_utils import ChannelDimension
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
     Qwen2VLImageProcessorPil,
     smart_resize,
 )
 
+# decoding is shared with the gateway, which must not import transformers
+from omni.media.images import MAX_DECODED_PIXELS, decode_image
+
 # Qwen2.5-Omni processor's videos_kwargs: 128..768 merged tokens' worth of pixels per frame
 VIDEO_MIN_PIXELS = 128 * 28 * 28
 VIDEO_MAX_PIXELS = 768 * 28 * 28
 # longest side of a camera frame before smart_resize: a 448x448 pair is 256 thinker tokens
 DEFAULT_FRAME_MAX_SIDE = 448
-# decoded images above this are refused before their pixels are decompressed
-MAX_DECODED_PIXELS = 40_000_000
-_DECODABLE_FORMATS = ("JPEG", "PNG", "WEBP")
 
 _IMAGE_KWARGS = frozenset(
     Qwen2VLImageProcessorPil.valid_kwargs.__optional_keys__
@@ -166,24 +164,6 @@ class VideoPatcher:
 def _check_rgb(rgb: np.ndarray) -> None:
     if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
         raise ValueError(f"expected a uint8 HxWx3 RGB array, got {rgb.dtype} {rgb.shape}")
-
-
-def decode_image(data: bytes, max_pixels: int = MAX_DECODED_PIXELS) -> np.ndarray:
-    """JPEG, PNG or WebP bytes to uint8 HxWx3 RGB, upright (EXIF orientation applied).
-
-    The pixel count is read from the header and checked before decoding, so a small file that
-    claims a huge image (a decompression bomb) is refused without allocating it. Transparency
-    is composited on white, as transformers' convert_to_rgb does.
-    """
-    try:
-        with Image.open(io.BytesIO(data), formats=_DECODABLE_FORMATS) as img:
-            width, height = img.size
-            if width * height > max_pixels:
-                raise ValueError(f"image is {width}x{height}, above {max_pixels} pixels")
-            upright = ImageOps.exif_transpose(img)
-            return convert_to_rgb(upright, return_numpy=True)
-    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as e:
-        raise ValueError(f"cannot decode image: {e}") from e
 
 
 def decode_image_base64(text: str, max_pixels: int = MAX_DECODED_PIXELS) -> np.ndarray:

@@ -25,12 +25,13 @@ from typing import Literal
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from omni.engine.api import Engine
 from omni.gateway import realtime_ws, webrtc
 from omni.gateway.auth import MAX_SECRET_SESSIONS, Denied, SecretTooLarge, bearer_token
+from omni.gateway.http_limits import RequestLimits
 from omni.gateway.state import SHUTTING_DOWN, EngineFactory, Gateway, openai_error
 from omni.session.client_events import SessionIn, validation_error
 from omni.session.config import SessionConfig
@@ -39,13 +40,17 @@ from omni.settings import Settings
 
 
 class ExpiresAfter(BaseModel):
+    model_config = ConfigDict(strict=True)
+
     anchor: Literal["created_at"] = "created_at"
     seconds: int = Field(ge=10, le=7200)
 
 
 class ClientSecretRequest(BaseModel):
-    """POST /v1/realtime/client_secrets, as OpenAI takes it, plus `max_sessions`: how many
+    """POST /v1/realtime/client_secrets, as OpenAI takes it (strict types, as events), plus `max_sessions`: how many
     sessions the secret may open (on each replica; see auth.py)."""
+
+    model_config = ConfigDict(strict=True)
 
     expires_after: ExpiresAfter | None = None
     session: SessionIn | None = None
@@ -108,6 +113,7 @@ def create_app(
     app = FastAPI(title="omni realtime", lifespan=lifespan)
     app.state.gateway = gateway
     app.add_middleware(RefuseWhenDraining, gateway=gateway)
+    app.add_middleware(RequestLimits, settings=settings)  # outermost: before any body is read
 
     @app.get("/healthz")
     async def healthz() -> JSONResponse:

@@ -11,6 +11,11 @@ at once, so the next frame, at most 20 ms later, is silence, and reports how far
 got, counted in samples handed to the encoder, so the session truncates the reply to that.
 The track also says when it starts and stops playing a response, as OpenAI's WebRTC
 `output_audio_buffer.started` / `.stopped` events.
+
+The queue is bounded: the engine makes audio faster than real time, so a long reply piles
+up ahead of the clock. Past `max_queued_seconds` the newest audio is dropped (what is queued
+still plays, the caller hears the reply up to there) and one `playout_full` error event per
+item says so; truncation stays exact, since it counts only samples actually played.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ from av import AudioFrame
 
 from omni.engine.api import OUTPUT_SAMPLE_RATE
 from omni.engine.resample import StreamResampler
-from omni.session.errors import new_id
+from omni.session.errors import RealtimeError, new_id
 from omni.session.outputs import AudioOut, Played
 
 RATE = 48_000  # Opus's rate: the encoder takes it without resampling again
@@ -69,11 +74,15 @@ class ReplyAudioTrack(MediaStreamTrack):
         self,
         on_event: Callable[[dict[str, Any]], None],
         on_gap: Callable[[], None] = lambda: None,
+        max_queued_seconds: float = 120.0,
     ) -> None:
         super().__init__()
         self._on_event = on_event
         self._on_gap = on_gap
         self._chunks: deque[tuple[_Item, np.ndarray]] = deque()
+        self._queued = 0  # 48 kHz samples in _chunks
+        self.max_queued = int(max_queued_seconds * RATE)
+        self._overflowed: str | None = None  # the item whose audio was cut, said once
         self._writing: _Item | None = None  # the item new audio belongs to
         self._playing: _Item | None = None  # started and not yet played out
         self._cleared: str | None = None  # audio still in flight for this item is dropped
@@ -108,6 +117,7 @@ class ReplyAudioTrack(MediaStreamTrack):
         if self._writing is not None:
             self._cleared = self._writing.item_id
         self._chunks.clear()
+        self._queued = 0
         self._writing = self._playing = None
         if item is None:
             return None
@@ -119,8 +129,18 @@ class ReplyAudioTrack(MediaStreamTrack):
         self._writing = None
 
     def _queue(self, item: _Item, pcm: np.ndarray) -> None:
-        if len(pcm):
-            self._chunks.append((item, pcm))
+        if not len(pcm):
+            return
+        if self._queued + len(pcm) > self.max_queued:
+            if self._overflowed != item.item_id:
+                self._overflowed = item.item_id
+                limit = self.max_queued / RATE
+                message = f"over {limit:g} s of reply audio is queued to play; the rest is dropped"
+                error = RealtimeError("playout_full", message, type="server_error")
+                self._on_event(error.to_event())
+            return
+        self._queued += len(pcm)
+        self._chunks.append((item, pcm))
 
     # -- pulled by aiortc's sender
 
@@ -136,6 +156,7 @@ class ReplyAudioTrack(MediaStreamTrack):
 
     def stop(self) -> None:
         self._chunks.clear()
+        self._queued = 0
         self._writing = self._playing = None
         super().stop()
 
@@ -166,6 +187,7 @@ class ReplyAudioTrack(MediaStreamTrack):
             n = min(FRAME - filled, len(pcm))
             out[filled : filled + n] = pcm[:n]
             filled += n
+            self._queued -= n
             item.played += n
             if n == len(pcm):
                 self._chunks.popleft()

@@ -10,7 +10,11 @@ errors a client can read:
   is accepted just long enough to send an `error` event (browsers cannot read a refused
   handshake), then closed with 1013 ("try again later").
 A call ended by a shutdown gets a `server_shutting_down` error, then a 1001 ("going away")
-close. Log lines from the session's tasks carry its id (`omni.logs.bind_session`).
+close. A client that stops reading (its session's outbox overflowed, or one send waited
+`max_client_lag_seconds`) gets a `client_not_reading` error if it can still take one, then
+1008 ("policy violation"); if even the close cannot be written, the connection is aborted,
+since a polite close would wait behind the unread data forever. Log lines from the
+session's tasks carry its id (`omni.logs.bind_session`).
 """
 
 from __future__ import annotations
@@ -23,13 +27,18 @@ from starlette.websockets import WebSocketDisconnect, WebSocketState
 
 from omni.engine.api import EngineCapacityError, EngineError
 from omni.gateway.auth import BETA_SUBPROTOCOL, Denied, bearer_token, subprotocol_key
-from omni.gateway.state import SHUTTING_DOWN, Gateway
+from omni.gateway.http_limits import ABORT_EXTENSION
+from omni.gateway.state import SHUTTING_DOWN, Gateway, openai_error
 from omni.logs import bind_session
+from omni.session.client_events import MAX_MODEL_NAME
 from omni.session.errors import RealtimeError
+from omni.session.outbox import CLIENT_NOT_READING
 from omni.session.outputs import AudioOut, Closed
 from omni.session.session import RealtimeSession
 
 GOING_AWAY = 1001
+POLICY_VIOLATION = 1008
+CLOSE_WAIT_S = 1.0  # a lagging client gets this long to take its error and the close
 TRY_AGAIN_LATER = 1013
 INTERNAL_ERROR = 1011
 
@@ -57,6 +66,13 @@ async def realtime_endpoint(websocket: WebSocket) -> None:
             websocket, offered, "server_not_ready", "the model is still loading; try again shortly"
         )
         return
+    model = websocket.query_params.get("model")
+    if model is not None and len(model) > MAX_MODEL_NAME:
+        await websocket.accept(_subprotocol(offered))
+        message = f"the model name is over {MAX_MODEL_NAME} characters"
+        await _send(websocket, RealtimeError("invalid_value", message, param="model").to_event())
+        await websocket.close(POLICY_VIOLATION, message)
+        return
     if not gateway.take_slot():
         gateway.metrics.connections_refused.labels("session_limit").inc()
         limit = gateway.settings.max_sessions
@@ -79,7 +95,7 @@ async def realtime_endpoint(websocket: WebSocket) -> None:
             engine,
             gateway.settings,
             gateway.metrics,
-            model=websocket.query_params.get("model"),
+            model=model,
             shape="beta" if beta else "ga",
             initial=grant.session,
         )
@@ -121,17 +137,37 @@ async def _pump(websocket: WebSocket, session: RealtimeSession) -> None:
 
 
 async def _write(websocket: WebSocket, session: RealtimeSession) -> None:
+    lag = session.settings.max_client_lag_seconds
     while True:
         out = await session.outbox.get()
         try:
             if isinstance(out, Closed):
                 if websocket.application_state == WebSocketState.CONNECTED:
-                    code = GOING_AWAY if out.reason == SHUTTING_DOWN else 1000
-                    await websocket.close(code, out.reason)
+                    await _close(websocket, out.reason)
                 return
-            await _send(websocket, session.render_audio(out) if isinstance(out, AudioOut) else out)
+            event = session.render_audio(out) if isinstance(out, AudioOut) else out
+            await asyncio.wait_for(_send(websocket, event), lag)
+        except TimeoutError:  # the socket stayed full: the client is not reading
+            await session.close(CLIENT_NOT_READING)
+            _abort(websocket)
+            return
         except (WebSocketDisconnect, RuntimeError):  # closed under us: the reader will notice
             return
+
+
+async def _close(websocket: WebSocket, reason: str) -> None:
+    codes = {SHUTTING_DOWN: GOING_AWAY, CLIENT_NOT_READING: POLICY_VIOLATION}
+    try:
+        await asyncio.wait_for(websocket.close(codes.get(reason, 1000), reason), CLOSE_WAIT_S)
+    except TimeoutError:
+        _abort(websocket)
+
+
+def _abort(websocket: WebSocket) -> None:
+    """Drop the connection now (unsent data and all); the reader then sees a disconnect."""
+    abort = websocket.scope.get("extensions", {}).get(ABORT_EXTENSION)
+    if abort is not None:
+        abort["abort"]()
 
 
 async def _send(websocket: WebSocket, event: dict[str, object]) -> None:

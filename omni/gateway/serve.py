@@ -23,6 +23,7 @@ from collections.abc import Iterator
 import uvicorn
 
 from omni.gateway.app import create_app
+from omni.gateway.http_limits import limited_protocols
 from omni.gateway.state import EngineFactory, Gateway
 from omni.settings import LOOPBACK_HOST, Settings
 
@@ -54,7 +55,8 @@ def server_config(settings: Settings, app: object, **overrides: object) -> uvico
     options: dict[str, object] = {
         "host": bind_host(settings),
         "port": settings.port,
-        "ws": "websockets-sansio",
+        # h11 and websockets-sansio, extended with the request head's size and time limits
+        **limited_protocols(settings),
         "ws_max_size": ws_max_size,
         "lifespan": "on",
         "log_config": None,  # omni.logs configures logging (text or JSON) for uvicorn too

@@ -13,11 +13,19 @@ the key that minted that secret) may act on it; anyone else is told it does not 
 reply is played on a paced track (playout.py) that the session clears on barge-in.
 
 A call ends on DELETE, when the caller closes the connection, when ICE fails, when the
-session ends (its time cap), when it is not connected within 30 s, or when the connected
-caller has sent no media for `call_idle_timeout_seconds` (a peer that vanished without a
-word). No public STUN server is contacted unless configured: aiortc adds Google's when
-given no list, so it always gets one. Configured STUN/TURN servers (with fresh TURN REST credentials, turn.py) go both to pages and
-to the server's own ICE agent, minted per page load and per call since they expire.
+session ends (its time cap), when it is not connected within `call_connect_timeout_seconds`
+(whatever its offer holds: audio, video, a data channel only), or when the connected caller
+has sent no media for `call_idle_timeout_seconds` (a peer that vanished without a word).
+
+Offers are client input like any other: whatever aiortc makes of an unusual one (no audio,
+BUNDLE or not, missing or repeated mids, odd codecs), a failure to answer it is a 400 with
+aiortc's reason, never a 500, and tearing down a half-made call never fails twice
+(`Call.close` is idempotent and finishes every step even when one of them raises).
+
+No public STUN server is contacted unless configured: aiortc adds Google's when given no
+list, so it always gets one. Configured STUN/TURN servers (with fresh TURN REST credentials,
+turn.py) go both to pages and to the server's own ICE agent, minted per page load and per
+call since they expire.
 """
 
 from __future__ import annotations
@@ -26,7 +34,8 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from functools import partial
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -51,7 +60,8 @@ from omni.gateway.inbound import MicReader, read_video
 from omni.gateway.playout import ReplyAudioTrack
 from omni.gateway.state import Gateway, openai_error
 from omni.gateway.turn import ice_servers_for_client
-from omni.session.errors import RealtimeError, new_id
+from omni.session.client_events import MAX_MODEL_NAME
+from omni.session.errors import RealtimeError, new_id, quoted
 from omni.session.outputs import AudioOut, Closed
 from omni.session.session import RealtimeSession
 from omni.settings import Settings
@@ -60,11 +70,10 @@ log = logging.getLogger(__name__)
 
 CALLS_PATH = "/v1/realtime/calls"
 EVENTS_LABEL = "oai-events"
-MAX_OFFER_BYTES = 64 * 1024
+MAX_MEDIA_SECTIONS = 16  # m= lines in one offer: audio, video and a data channel need 3
 MAX_INBOX = 256  # client events waiting for the session; more means the caller floods
 MAX_EARLY_EVENTS = 256  # server events held until the caller's data channel opens
 MAX_CHANNEL_BUFFER = 4 * 1024 * 1024  # unsent event bytes: past this the caller isn't reading
-CONNECT_TIMEOUT_S = 30.0  # from the answer to a connected call (ICE + DTLS)
 AUDIO_DONE = {"response.output_audio.done", "response.audio.done"}  # GA and beta names
 _SOURCE_WEB = Path(__file__).resolve().parents[2] / "web"
 
@@ -126,15 +135,27 @@ class Call:
 
     async def negotiate(self, offer: str) -> str:
         """Take the offer, start the session, return the answer. Raises OfferError, EngineError."""
+        sections = sum(line.startswith("m=") for line in offer.splitlines())
+        if sections > MAX_MEDIA_SECTIONS:
+            raise OfferError(
+                f"the SDP offer has {sections} media sections, over the limit of "
+                f"{MAX_MEDIA_SECTIONS}"
+            )
         try:
             await self.pc.setRemoteDescription(RTCSessionDescription(offer, "offer"))
         except Exception as exc:  # aiortc raises many kinds on bad SDP
-            raise OfferError(f"the SDP offer is invalid: {exc or type(exc).__name__}") from exc
+            raise OfferError(f"the SDP offer is invalid: {_reason(exc)}") from exc
         if not self.pc.getTransceivers() and self.pc.sctp is None:
             raise OfferError("the SDP offer has neither media nor a data channel")
         if any(t.kind == "audio" for t in self.pc.getTransceivers()):
-            self.track = ReplyAudioTrack(self.send, self._gaps.inc)
-            self.pc.addTrack(self.track)
+            settings = self.gateway.settings
+            self.track = ReplyAudioTrack(
+                self.send, self._gaps.inc, max_queued_seconds=settings.max_playout_seconds
+            )
+            try:
+                self.pc.addTrack(self.track)
+            except Exception as exc:  # e.g. every audio m-line is recvonly or rejected
+                raise OfferError(f"no audio can be sent on this offer: {_reason(exc)}") from exc
         gateway = self.gateway
         assert gateway.engine is not None
         self.session = RealtimeSession(
@@ -149,7 +170,7 @@ class Call:
         try:
             await self.pc.setLocalDescription(await self.pc.createAnswer())
         except Exception as exc:
-            raise OfferError(f"no answer to this offer: {exc or type(exc).__name__}") from exc
+            raise OfferError(f"no answer to this offer: {_reason(exc)}") from exc
         self._start_tasks(self.session)
         return self.pc.localDescription.sdp
 
@@ -159,7 +180,11 @@ class Call:
 
     def _start_tasks(self, session: RealtimeSession) -> None:
         settings = session.settings
-        tasks = [self._drain_outbox(session), self._read_events(session)]
+        tasks = [
+            self._drain_outbox(session),
+            self._read_events(session),
+            self._watch_connect(settings.call_connect_timeout_seconds),
+        ]
         mic_taken = False
         for track in self._remote:
             if track.kind == "audio" and not mic_taken:
@@ -181,6 +206,7 @@ class Call:
         self._tasks = [asyncio.create_task(t) for t in tasks]
 
     async def close(self, reason: str) -> None:
+        """End the call; idempotent, and every step runs even if an earlier one raised."""
         if self._closing:
             return
         self._closing = True
@@ -190,14 +216,22 @@ class Call:
         for task in others:
             task.cancel()
         await asyncio.gather(*others, return_exceptions=True)
+        steps: list[Callable[[], Awaitable[None]]] = []
         if self.session is not None:
-            await self.session.close(reason)
-        await self._drain_channel()  # the session's last words (an error saying why) go first
-        if self.track is not None:
-            self.track.stop()
-        await self.pc.close()
+            steps.append(partial(self.session.close, reason))
+        # the session's last words (an error saying why) go before the connection closes
+        steps += [self._drain_channel, self._stop_track, self.pc.close]
+        for step in steps:
+            try:
+                await step()
+            except Exception:  # a half-made call can fail to tear down; finish the rest
+                log.exception("call %s: a teardown step failed", self.id)
         if self.on_closed is not None:
             self.on_closed(self)
+
+    async def _stop_track(self) -> None:
+        if self.track is not None:
+            self.track.stop()
 
     # -- events
 
@@ -267,13 +301,16 @@ class Call:
     def _heard(self) -> None:
         self._heard_at = time.monotonic()
 
-    async def _watch_idle(self, timeout: float) -> None:
-        # silence counts once media can flow: setting up may take longer than the timeout
+    async def _watch_connect(self, timeout: float) -> None:
+        # every call, whatever its offer holds: one never connected must not keep its slot
         try:
-            await asyncio.wait_for(self._connected.wait(), CONNECT_TIMEOUT_S)
+            await asyncio.wait_for(self._connected.wait(), timeout)
         except TimeoutError:
             await self.close("connect_timeout")
-            return
+
+    async def _watch_idle(self, timeout: float) -> None:
+        # silence counts once media can flow: setting up may take longer than the timeout
+        await self._connected.wait()
         self._heard()
         while True:
             silent_for = time.monotonic() - self._heard_at
@@ -343,20 +380,20 @@ class Calls:
             return openai_error(
                 415,
                 "unsupported_content_type",
-                f"send the SDP offer as Content-Type: application/sdp, not {content_type!r}",
+                f"send the SDP offer as Content-Type: application/sdp, not {quoted(content_type)}",
             )
         grant = self._check(request)
         if isinstance(grant, JSONResponse):
             return grant
-        body = await request.body()
-        if len(body) > MAX_OFFER_BYTES:
-            return openai_error(
-                413, "offer_too_large", f"the offer is over {MAX_OFFER_BYTES} bytes"
-            )
+        body = await request.body()  # its size was checked before it was read (http_limits)
         try:
             offer = body.decode()
         except UnicodeDecodeError:
             return openai_error(400, "invalid_sdp", "the SDP offer is not UTF-8 text")
+        model = request.query_params.get("model")
+        if model is not None and len(model) > MAX_MODEL_NAME:
+            message = f"the model name is over {MAX_MODEL_NAME} characters"
+            return openai_error(400, "invalid_value", message, "model")
         if gateway.engine is None:
             gateway.metrics.connections_refused.labels("not_ready").inc()
             return _unavailable("server_not_ready", "the model is still loading; try again shortly")
@@ -370,7 +407,7 @@ class Calls:
             gateway.release_slot()
             return gateway.refuse_key(used_up)
         pc = RTCPeerConnection(RTCConfiguration(iceServers=ice_servers(gateway.settings)))
-        call = Call(gateway, pc, grant, request.query_params.get("model"), self.gaps)
+        call = Call(gateway, pc, grant, model, self.gaps)
         try:
             answer = await call.negotiate(offer)
         except BaseException as exc:  # whatever went wrong, nothing of the call is left
@@ -382,6 +419,9 @@ class Calls:
                 return openai_error(503, "server_at_capacity", str(exc))
             if isinstance(exc, EngineError):
                 return openai_error(500, "engine_error", str(exc))
+            if isinstance(exc, Exception):  # aiortc on an offer it half understood
+                log.exception("call %s: the offer could not be answered", call.id)
+                return openai_error(400, "invalid_sdp", f"no answer to this offer: {_reason(exc)}")
             raise
         assert call.session is not None
         self.calls[call.id] = call
@@ -401,7 +441,8 @@ class Calls:
         call_id = request.path_params["call_id"]
         call = self.calls.get(call_id)
         if call is None or not call.owned_by(grant):  # someone else's call: not even "exists"
-            return openai_error(404, "call_not_found", f"no call {call_id!r} (it may have ended)")
+            message = f"no call {quoted(call_id)} (it may have ended)"
+            return openai_error(404, "call_not_found", message)
         await call.close("client_hung_up")
         return Response(status_code=204)
 
@@ -410,6 +451,11 @@ class Calls:
         if call.session is not None:
             self.gateway.sessions.discard(call.session)
         self.gateway.release_slot()
+
+
+def _reason(exc: BaseException) -> str:
+    """aiortc's complaint, short: it may quote the offer."""
+    return (str(exc) or type(exc).__name__)[:200]
 
 
 def _unavailable(code: str, message: str) -> JSONResponse:

@@ -4,22 +4,36 @@ The models accept both wire shapes: OpenAI Realtime GA (nested `audio.input/outp
 `output_modalities`), the beta shape (flat `modalities`, `voice`, `input_audio_format`,
 `turn_detection`) and Qwen-Omni-Realtime's additions (`input_image_buffer.append`, `seed`,
 `max_tokens`). Unknown extra fields are ignored, as OpenAI's server does, so newer clients
-keep working. pydantic does the checking so every message names the field (`param`) at fault.
+keep working. pydantic does the checking so every message names the field (`param`) at fault,
+in strict mode: a number sent as a string is an error, not coerced, and numbers are finite.
+
+Raw text is checked before it is parsed: nesting deeper than `max_json_depth` is refused by
+a linear scan (json's recursive parser would otherwise hit Python's recursion limit), and
+NaN/Infinity, which Python's json accepts, are not JSON.
 """
 
 from __future__ import annotations
 
+import json
+import re
 from typing import Annotated, Any, Literal, get_args
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
-from omni.session.errors import RealtimeError
+from omni.session.errors import QUOTE_LIMIT, RealtimeError, quoted
 
 Modality = Literal["text", "audio"]
+MAX_EVENT_ID = 128  # longer client event ids are not echoed back
+MAX_MODEL_NAME = 256  # a model name is echoed in every session object
+# a JSON string, quotes and escapes included (the unrolled form: no backtracking)
+_JSON_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
+_OPEN = (ord("["), ord("{"))
+_CLOSE = (ord("]"), ord("}"))
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True, allow_inf_nan=False)
 
 
 class TurnDetectionIn(_Model):
@@ -60,7 +74,7 @@ class SessionIn(_Model):
     """Every session field either shape may send; `model_fields_set` tells what was sent."""
 
     type: Literal["realtime"] | None = None
-    model: str | None = None
+    model: str | None = Field(None, max_length=MAX_MODEL_NAME)
     instructions: str | None = None
     output_modalities: list[Modality] | None = Field(None, min_length=1)
     audio: AudioIn | None = None
@@ -137,7 +151,7 @@ class ResponseIn(_Model):
 
 
 class _Event(_Model):
-    event_id: str | None = None
+    event_id: str | None = Field(None, max_length=MAX_EVENT_ID)
 
 
 class SessionUpdate(_Event):
@@ -222,11 +236,38 @@ EVENT_TYPES = frozenset(
 )
 
 
+def nesting_depth(text: str) -> int:
+    """How deep arrays and objects nest in JSON text, without parsing it (linear time)."""
+    bare = np.frombuffer(_JSON_STRING.sub("", text).encode("utf-8", "replace"), np.uint8)
+    steps = np.isin(bare, _OPEN).astype(np.int32) - np.isin(bare, _CLOSE)
+    return int(np.cumsum(steps).max(initial=0))
+
+
+def _not_json(constant: str) -> None:
+    raise ValueError(f"{constant} is not valid JSON (numbers must be finite)")
+
+
+def decode_client_event(message: str, max_depth: int) -> ClientEvent:
+    """A client message's text to a typed event; a RealtimeError naming the problem otherwise.
+    Costly for large messages, so the session runs those off the event loop."""
+    if message.count("[") + message.count("{") > max_depth and nesting_depth(message) > max_depth:
+        raise RealtimeError(
+            "invalid_json", f"the message nests arrays/objects deeper than {max_depth} levels"
+        )
+    try:
+        raw = json.loads(message, parse_constant=_not_json)
+    except ValueError as exc:
+        raise RealtimeError("invalid_json", f"the message is not valid JSON: {exc}") from None
+    return parse_client_event(raw)
+
+
 def parse_client_event(raw: object) -> ClientEvent:
     """A decoded JSON value to a typed event; a RealtimeError naming the problem otherwise."""
     if not isinstance(raw, dict):
         raise RealtimeError("invalid_event", "an event must be a JSON object")
-    event_id = raw.get("event_id") if isinstance(raw.get("event_id"), str) else None
+    event_id = raw.get("event_id")
+    if not isinstance(event_id, str) or len(event_id) > MAX_EVENT_ID:
+        event_id = None
     kind = raw.get("type")
     if not isinstance(kind, str):
         raise RealtimeError(
@@ -234,7 +275,7 @@ def parse_client_event(raw: object) -> ClientEvent:
         )
     if kind not in EVENT_TYPES:
         raise RealtimeError(
-            "unknown_event", f"unknown event type {kind!r}", param="type", event_id=event_id
+            "unknown_event", f"unknown event type {quoted(kind)}", param="type", event_id=event_id
         )
     try:
         return _adapter.validate_python(raw)
@@ -248,7 +289,8 @@ def validation_error(
 ) -> RealtimeError:
     """pydantic's first complaint as a RealtimeError naming the field (`param`)."""
     first = exc.errors()[0]
-    param = ".".join(str(part) for part in first["loc"][skip:]) or None
+    # a loc can hold a client's dict key: never echo more than a short prefix of it
+    param = ".".join(str(part) for part in first["loc"][skip:])[:QUOTE_LIMIT] or None
     if first["type"] == "missing":
         message = f"{what}: missing required field {param!r}"
         return RealtimeError("missing_field", message, param=param, event_id=event_id)

@@ -15,7 +15,6 @@ from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 from omni.engine.api import OUTPUT_SAMPLE_RATE, VOICES
-from omni.session.audio_input import PCM24K, AudioFormat, parse_beta_format, parse_ga_format
 from omni.session.client_events import (
     BETA_SESSION_FIELDS,
     GA_SESSION_FIELDS,
@@ -24,7 +23,8 @@ from omni.session.client_events import (
     SessionIn,
     TurnDetectionIn,
 )
-from omni.session.errors import RealtimeError
+from omni.session.errors import RealtimeError, quoted
+from omni.session.wire_audio import PCM24K, AudioFormat, parse_beta_format, parse_ga_format
 from omni.settings import Settings
 
 Shape = Literal["ga", "beta"]
@@ -46,7 +46,7 @@ def normalize_voice(voice: str, param: str) -> str:
             return name
     raise RealtimeError(
         "invalid_value",
-        f"unknown voice {voice!r}; this model speaks as {', '.join(VOICES)}",
+        f"unknown voice {quoted(voice)}; this model speaks as {', '.join(VOICES)}",
         param=param,
     )
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from omni.session.errors import RealtimeError, new_id
+from omni.session.errors import RealtimeError, new_id, quoted
 
 Role = Literal["user", "assistant"]
 Status = Literal["in_progress", "completed", "incomplete"]
@@ -59,7 +59,7 @@ class Conversation:
             return self._items[item_id]
         except KeyError:
             raise RealtimeError(
-                "item_not_found", f"no item with id {item_id!r}", param=param
+                "item_not_found", f"no item with id {quoted(item_id)}", param=param
             ) from None
 
     def remove(self, item_id: str) -> None:

@@ -9,6 +9,12 @@ queues behind it and reaches the engine once the reply has ended.
 It also mirrors the engine's pending user turn, so uncommitted input can be taken back
 (`rebuild`: clear the engine's turn and send the rest again), since the engine can only
 forget a whole turn.
+
+Both are bounded. The mirror keeps raw media (audio, camera frames, images), so a turn may
+hold at most `max_turn_bytes`: `add` past it raises `turn_input_full` and the piece is not
+taken (the session drops it and says so once). The calls waiting for the engine (a stalled
+or slow model) are capped at `max_calls`: while `full`, the session refuses new client
+events and media with `engine_busy`; what one event adds past the cap is small and bounded.
 """
 
 from __future__ import annotations
@@ -37,23 +43,64 @@ class TurnInput:
     data: Any  # float32 16 kHz audio, uint8 HxWx3 image, or text
     item_id: str | None = None  # None: still in the input buffer (uncommitted)
 
+    @property
+    def nbytes(self) -> int:
+        return self.data.nbytes if hasattr(self.data, "nbytes") else len(self.data)
+
 
 class EngineQueue:
-    def __init__(self, engine: Engine, session_id: str, on_error: OnError) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        session_id: str,
+        on_error: OnError,
+        *,
+        max_calls: int,
+        max_turn_bytes: int,
+    ) -> None:
         self.engine = engine
         self.session_id = session_id
-        self.turn: list[TurnInput] = []  # what the engine has (or will have) for this turn
+        self.max_calls = max_calls
+        self.max_turn_bytes = max_turn_bytes
+        self._turn: list[TurnInput] = []  # what the engine has (or will have) for this turn
+        self.turn_bytes = 0
         # the client event being handled; errors from the calls it causes name it
         self.event_id: str | None = None
         self._on_error = on_error
+        # unbounded as a queue, bounded by `full` (see the module docstring)
         self._calls: asyncio.Queue[tuple[Call, str | None]] = asyncio.Queue()
+
+    @property
+    def turn(self) -> list[TurnInput]:
+        return self._turn
+
+    @turn.setter
+    def turn(self, pieces: list[TurnInput]) -> None:
+        self._turn = pieces
+        self.turn_bytes = sum(piece.nbytes for piece in pieces)
+
+    @property
+    def full(self) -> bool:
+        """Too many calls wait for the engine: refuse new input until it catches up."""
+        return self._calls.qsize() >= self.max_calls
 
     def call(self, call: Call) -> None:
         """Run `call` after everything queued before it; errors go to the client as events."""
         self._calls.put_nowait((call, self.event_id))
 
+    def check_room(self, nbytes: int) -> None:
+        """Raise `turn_input_full` unless the pending turn can take `nbytes` more."""
+        if self.turn_bytes + nbytes > self.max_turn_bytes:
+            raise RealtimeError(
+                "turn_input_full",
+                f"the pending turn holds {self.turn_bytes} bytes of media, near its "
+                f"{self.max_turn_bytes}-byte limit; commit and answer it, or clear it",
+            )
+
     def add(self, piece: TurnInput) -> None:
-        self.turn.append(piece)
+        self.check_room(piece.nbytes)
+        self._turn.append(piece)
+        self.turn_bytes += piece.nbytes
         self.call(partial(self._send, piece))
 
     def uncommitted(self) -> list[TurnInput]:

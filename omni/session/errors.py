@@ -12,6 +12,16 @@ import secrets
 from typing import Any
 
 
+QUOTE_LIMIT = 64  # characters of client input an error message may repeat
+
+
+def quoted(value: object, limit: int = QUOTE_LIMIT) -> str:
+    """`value` as repr for an error message, cut to `limit` characters: errors name what was
+    wrong without echoing a large input back."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
 def new_id(prefix: str) -> str:
     """OpenAI-style ids ("item_...", "resp_..."): a prefix and 20 random hex digits."""
     return f"{prefix}_{secrets.token_hex(10)}"

@@ -29,7 +29,6 @@ from omni.engine.api import (
     ReplyOptions,
     TextDelta,
 )
-from omni.session.audio_input import parse_beta_format, parse_ga_format
 from omni.session.client_events import ResponseIn
 from omni.session.config import (
     Modality,
@@ -42,6 +41,7 @@ from omni.session.config import (
 from omni.session.conversation import Item
 from omni.session.errors import RealtimeError, new_id
 from omni.session.outputs import AudioOut
+from omni.session.wire_audio import parse_beta_format, parse_ga_format
 
 log = logging.getLogger(__name__)
 

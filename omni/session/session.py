@@ -4,9 +4,10 @@ Transports feed it and drain it (see outputs.py):
 - `handle_message(text)` for each JSON client event (WebSocket, or a WebRTC data channel);
 - `push_audio(pcm)` / `push_video_frame(rgb)` for media a transport decoded itself (WebRTC:
   16 kHz float32 mic audio, RGB camera frames); WebSocket appends end up in the same place;
-- read `outbox` and send what comes out; call `close()` when the peer goes away.
+- read `outbox` and send what comes out; call `close()` when the peer goes away. The outbox
+  is bounded (outbox.py): a client that stops reading ends its session.
 
-Its parts: `InputAudio` (the input buffer and server VAD), `EngineQueue` (engine calls one
+Its parts: `InputAudioBuffer` (the input buffer and server VAD), `EngineQueue` (engine calls one
 at a time, in event order; only `engine.cancel` goes around it, so barge-in lands within one
 model step), `Conversation` (the client's item ledger) and one `Response` per reply. The
 session ties them to the protocol: which event does what, when a turn ends, what a barge-in
@@ -16,7 +17,6 @@ cancels and how a reply is truncated to what the caller heard.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import re
 import time
@@ -30,24 +30,33 @@ from omni.engine.api import OUTPUT_SAMPLE_RATE, Engine, EngineError, SessionOpti
 from omni.logs import bind_response
 from omni.metrics import Metrics
 from omni.session import client_events as ce
-from omni.session.audio_input import b64decode, b64encode_pcm16
 from omni.session.config import SessionConfig, Shape, session_shape
 from omni.session.conversation import Conversation, Item
 from omni.session.engine_queue import EngineQueue, TurnInput
-from omni.session.errors import RealtimeError, new_id
-from omni.session.images import decode_image
-from omni.session.input_audio import InputAudio
+from omni.session.errors import RealtimeError, new_id, quoted
+from omni.session.images import decode_base64_image
+from omni.session.input_buffer import InputAudioBuffer
+from omni.session.offload import OFFLOAD_BYTES, off_loop
+from omni.session.outbox import CLIENT_NOT_READING, Outbox
 from omni.session.outputs import AudioOut, Closed, Playout
 from omni.session.response import ReplyPlan, Response
 from omni.session.shape import to_beta
 from omni.session.user_content import user_content
+from omni.session.wire_audio import b64decode, b64encode_pcm16
 from omni.settings import Settings
 
 log = logging.getLogger(__name__)
 
-Output = dict[str, Any] | AudioOut | Closed
 MIN_FRAME_INTERVAL_S = 0.5  # the engine takes at most 2 camera frames per second
 _EVENT_ID = re.compile(r'"event_id"\s*:\s*"([^"\\]{1,128})"')
+
+
+def _engine_busy() -> RealtimeError:
+    return RealtimeError(
+        "engine_busy",
+        "the model is behind on this session's input; this event was dropped, try again soon",
+        type="server_error",
+    )
 
 
 def _sniff_event_id(message: str) -> str | None:
@@ -74,7 +83,9 @@ class RealtimeSession:
         self.metrics = metrics
         self.shape = shape
         self.playout = playout
-        self.outbox: asyncio.Queue[Output] = asyncio.Queue()
+        self.outbox = Outbox(
+            settings.max_outbox_bytes, settings.max_client_lag_seconds, self._client_not_reading
+        )
         self.config = SessionConfig.from_settings(settings, model)
         if initial is not None:
             self.config = self.config.updated(initial)
@@ -82,8 +93,15 @@ class RealtimeSession:
         self.expires_at = int(time.time() + settings.max_session_seconds)
         self.closed = False
         self._started = False
-        self._engine = EngineQueue(engine, self.id, self.emit_error)
-        self._input = InputAudio(
+        self._engine = EngineQueue(
+            engine,
+            self.id,
+            self.emit_error,
+            max_calls=settings.max_engine_calls,
+            max_turn_bytes=settings.max_turn_input_bytes,
+        )
+        self._refusing: set[str] = set()  # media refused and said so; said again once it fits
+        self._input = InputAudioBuffer(
             self._engine,
             self.config.input_format,
             settings.max_buffered_audio_seconds,
@@ -136,6 +154,11 @@ class RealtimeSession:
         in progress failed; the conversation is rebuilt), input the model could not use."""
         if not self.closed:
             await self.emit_error(RealtimeError("engine_error", message, type="server_error"))
+
+    def _client_not_reading(self) -> None:
+        # the outbox dropped what it held and kept an error saying why; end the session
+        self.metrics.errors.labels(CLIENT_NOT_READING).inc()
+        self._tasks.append(asyncio.create_task(self.close(CLIENT_NOT_READING)))
 
     async def _expire(self) -> None:
         await asyncio.sleep(self.settings.max_session_seconds)
@@ -198,24 +221,35 @@ class RealtimeSession:
                 raise RealtimeError(
                     "message_too_large", f"the message is {size} bytes, over the {cap}-byte limit"
                 )
-            try:
-                raw = json.loads(message)
-            except ValueError as exc:
+            if self._engine.full:
                 self._engine.event_id = _sniff_event_id(message)
-                raise RealtimeError(
-                    "invalid_json", f"the message is not valid JSON: {exc}"
-                ) from None
-            event = ce.parse_client_event(raw)
+                raise _engine_busy()
+            depth = self.settings.max_json_depth
+            try:
+                if size > OFFLOAD_BYTES:
+                    event = await off_loop(
+                        self.settings.decode_threads, ce.decode_client_event, message, depth
+                    )
+                else:
+                    event = ce.decode_client_event(message, depth)
+            except RealtimeError as error:
+                error.event_id = error.event_id or _sniff_event_id(message)
+                raise
             self._engine.event_id = event.event_id
             await self._handlers[type(event)](self, event)
         except RealtimeError as error:
             await self.emit_error(error)
+        except Exception:  # a bug must not end the call; the client hears a server error
+            log.exception("session %s: handling a client event failed", self.id)
+            await self.emit_error(
+                RealtimeError("server_error", "internal error", type="server_error")
+            )
         finally:
             self._engine.event_id = None
 
     async def push_audio(self, pcm: np.ndarray) -> None:
         """User audio as float32 16 kHz (a WebRTC mic track)."""
-        if self.closed:
+        if self.closed or not await self._media_fits("audio"):
             return
         try:
             await self._input.push(pcm)
@@ -231,7 +265,23 @@ class RealtimeSession:
         if self._input.detection is not None and not self._input.speaking:
             self._idle_frame = rgb  # the turn starts with the latest view, sent on speech start
             return
-        self._engine.add(TurnInput("frame", rgb))
+        if await self._media_fits("frame", rgb.nbytes):
+            self._engine.add(TurnInput("frame", rgb))
+
+    async def _media_fits(self, kind: str, nbytes: int = 0) -> bool:
+        """Whether media from a track can be taken now; said once per stretch of refusals,
+        since a track pushes many times a second."""
+        try:
+            if self._engine.full:
+                raise _engine_busy()
+            self._engine.check_room(nbytes)
+        except RealtimeError as error:
+            if kind not in self._refusing:
+                self._refusing.add(kind)
+                await self.emit_error(error)
+            return False
+        self._refusing.discard(kind)
+        return True
 
     # -- client events
 
@@ -244,7 +294,11 @@ class RealtimeSession:
         await self.emit({"type": "session.updated", "session": self._session_wire()})
 
     async def _append_audio(self, event: ce.InputAudioBufferAppend) -> None:
-        await self._input.append(b64decode(event.audio, "audio"))
+        if len(event.audio) > OFFLOAD_BYTES:
+            data = await off_loop(self.settings.decode_threads, b64decode, event.audio, "audio")
+        else:
+            data = b64decode(event.audio, "audio")
+        await self._input.append(data)
 
     async def _commit_buffer(self, event: ce.InputAudioBufferCommit) -> None:
         await self._commit(await self._input.stop_speech())
@@ -260,7 +314,14 @@ class RealtimeSession:
             raise RealtimeError(
                 "image_before_audio", "append audio before the first image", param="image"
             )
-        await self.push_video_frame(decode_image(b64decode(event.image, "image"), "image"))
+        rgb = await off_loop(
+            self.settings.decode_threads,
+            decode_base64_image,
+            event.image,
+            "image",
+            self.settings.image_max_pixels,
+        )
+        await self.push_video_frame(rgb)
 
     async def _create_item(self, event: ce.ConversationItemCreate) -> None:
         if event.previous_item_id not in (None, self.conversation.last_id):
@@ -269,7 +330,14 @@ class RealtimeSession:
                 "items can only be added at the end of the conversation",
                 param="previous_item_id",
             )
-        parts, inputs = user_content(event.item, self.config.input_format)
+        parts, inputs = await off_loop(
+            self.settings.decode_threads,
+            user_content,
+            event.item,
+            self.config.input_format,
+            self.settings.image_max_pixels,
+        )
+        self._engine.check_room(sum(piece.nbytes for piece in inputs))
         new = Item("user", parts, id=event.item.id or new_id("item"))
         previous = self.conversation.add(new)
         for piece in inputs:
@@ -334,7 +402,7 @@ class RealtimeSession:
         if event.response_id and event.response_id not in {r.id for r in self._responses}:
             raise RealtimeError(
                 "invalid_value",
-                f"response {event.response_id!r} is not in progress",
+                f"response {quoted(event.response_id)} is not in progress",
                 param="response_id",
             )
         await self._interrupt("client_cancelled")
@@ -362,7 +430,7 @@ class RealtimeSession:
         ce.OutputAudioBufferClear: _output_clear,
     }
 
-    # -- turn-taking (InputAudio calls these)
+    # -- turn-taking (InputAudioBuffer calls these)
 
     async def speech_started(self, item_id: str, audio_start_ms: int) -> None:
         detection = self.config.turn_detection
@@ -376,7 +444,8 @@ class RealtimeSession:
         if detection is not None and detection.interrupt_response:
             await self._interrupt("turn_detected")
         if self._idle_frame is not None:
-            self._engine.add(TurnInput("frame", self._idle_frame))
+            if await self._media_fits("frame", self._idle_frame.nbytes):
+                self._engine.add(TurnInput("frame", self._idle_frame))
             self._idle_frame = None
 
     async def speech_stopped(self, item_id: str, audio_end_ms: int) -> None:

@@ -9,17 +9,20 @@ from __future__ import annotations
 
 from typing import Any
 
-from omni.session.audio_input import AudioFormat, b64decode, decode_clip
 from omni.session.client_events import ItemIn
 from omni.session.engine_queue import TurnInput
 from omni.session.errors import RealtimeError
 from omni.session.images import decode_image_url
+from omni.session.wire_audio import AudioFormat, b64decode, decode_clip
 
 _PAYLOAD = {"input_text": "text", "input_image": "image_url", "input_audio": "audio"}
 
 
-def user_content(item: ItemIn, fmt: AudioFormat) -> tuple[list[dict[str, Any]], list[TurnInput]]:
-    """(content parts for the item, inputs for the engine) of a user message."""
+def user_content(
+    item: ItemIn, fmt: AudioFormat, max_image_pixels: int
+) -> tuple[list[dict[str, Any]], list[TurnInput]]:
+    """(content parts for the item, inputs for the engine) of a user message; CPU-heavy for
+    images and audio clips, so the session runs it off the event loop."""
     if item.type != "message" or item.role != "user":
         raise RealtimeError(
             "unsupported",
@@ -49,7 +52,7 @@ def user_content(item: ItemIn, fmt: AudioFormat) -> tuple[list[dict[str, Any]], 
             inputs.append(TurnInput("text", payload))
             parts.append({"type": "input_text", "text": payload})
         elif part.type == "input_image":
-            inputs.append(TurnInput("image", decode_image_url(payload, where)))
+            inputs.append(TurnInput("image", decode_image_url(payload, where, max_image_pixels)))
             parts.append({"type": "input_image", "detail": part.detail or "auto"})
         else:
             inputs.append(TurnInput("audio", decode_clip(b64decode(payload, where), fmt, where)))

@@ -17,7 +17,7 @@ import numpy as np
 
 from omni.engine.api import INPUT_SAMPLE_RATE, OUTPUT_SAMPLE_RATE
 from omni.engine.resample import StreamResampler, alaw_decode, ulaw_decode
-from omni.session.errors import RealtimeError
+from omni.session.errors import RealtimeError, quoted
 
 Encoding = Literal["pcm16", "pcmu", "pcma"]
 PCM_RATES = (16_000, 24_000)
@@ -55,7 +55,7 @@ def parse_ga_format(spec: dict[str, Any], param: str) -> AudioFormat:
         if rate not in PCM_RATES:
             raise RealtimeError(
                 "invalid_value",
-                f"audio/pcm rate must be 16000 or 24000, got {rate!r}",
+                f"audio/pcm rate must be 16000 or 24000, got {quoted(rate)}",
                 param=f"{param}.rate",
             )
         return AudioFormat("pcm16", rate)
@@ -63,7 +63,7 @@ def parse_ga_format(spec: dict[str, Any], param: str) -> AudioFormat:
         return AudioFormat(kind.removeprefix("audio/"), G711_RATE)  # type: ignore[arg-type]
     raise RealtimeError(
         "invalid_value",
-        f"unknown audio format {kind!r} (audio/pcm, audio/pcmu, audio/pcma)",
+        f"unknown audio format {quoted(kind)} (audio/pcm, audio/pcmu, audio/pcma)",
         param=f"{param}.type",
     )
 
@@ -78,7 +78,9 @@ def parse_beta_format(name: str, param: str, *, qwen_input: bool = False) -> Aud
     if name in ("g711_ulaw", "g711_alaw"):
         return AudioFormat("pcmu" if name == "g711_ulaw" else "pcma", G711_RATE, name)
     raise RealtimeError(
-        "invalid_value", f"unknown audio format {name!r} (pcm16, g711_ulaw, g711_alaw)", param=param
+        "invalid_value",
+        f"unknown audio format {quoted(name)} (pcm16, g711_ulaw, g711_alaw)",
+        param=param,
     )
 
 

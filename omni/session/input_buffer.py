@@ -22,11 +22,11 @@ from typing import Protocol
 import numpy as np
 
 from omni.engine.api import INPUT_SAMPLE_RATE
-from omni.session.audio_input import AudioDecoder, AudioFormat
 from omni.session.config import TurnDetection
 from omni.session.engine_queue import EngineQueue, TurnInput
 from omni.session.errors import RealtimeError, new_id
 from omni.session.vad import WINDOW, SpeechDetector, VadEvent
+from omni.session.wire_audio import AudioDecoder, AudioFormat
 
 
 def ms(samples: int) -> int:
@@ -43,7 +43,7 @@ class SpeechListener(Protocol):
     async def speech_stopped(self, item_id: str, audio_end_ms: int) -> None: ...
 
 
-class InputAudio:
+class InputAudioBuffer:
     def __init__(
         self,
         engine: EngineQueue,
@@ -165,15 +165,19 @@ class InputAudio:
         if not len(pcm):
             return
         if self._uncommitted + len(pcm) > self.max_seconds * INPUT_SAMPLE_RATE:
-            if not self._full_reported:
-                self._full_reported = True
-                await self.on_error(
-                    RealtimeError(
-                        "input_audio_buffer_full",
-                        f"over {self.max_seconds:g} s of uncommitted audio; commit or clear "
-                        "the buffer (audio beyond the limit is dropped)",
-                    )
-                )
-            return
-        self._uncommitted += len(pcm)
-        self.engine.add(TurnInput("audio", pcm))
+            error = RealtimeError(
+                "input_audio_buffer_full",
+                f"over {self.max_seconds:g} s of uncommitted audio; commit or clear "
+                "the buffer (audio beyond the limit is dropped)",
+            )
+        else:
+            try:
+                self.engine.add(TurnInput("audio", pcm))
+            except RealtimeError as full:  # the turn's media budget (audio and frames)
+                error = full
+            else:
+                self._uncommitted += len(pcm)
+                return
+        if not self._full_reported:
+            self._full_reported = True
+            await self.on_error(error)
