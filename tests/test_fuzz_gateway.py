@@ -125,7 +125,7 @@ def all_released(served: ServerThread, http: httpx.Client) -> None:
     wait_released(served)
     assert served.server is not None
     assert served.server.gateway._slots == 0
-    assert "omni_sessions_active 0.0" in http.get("/metrics").text
+    assert "omni_sessions_active 0.0" in http.get(served.server.metrics_url).text
 
 
 def examples(count: int) -> Callable[[Callable[..., None]], Callable[..., None]]:

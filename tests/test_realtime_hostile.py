@@ -216,7 +216,7 @@ async def test_a_client_that_never_reads_is_closed_and_holds_no_memory() -> None
             async with httpx.AsyncClient() as http:
                 base = f"http://127.0.0.1:{server.port}"
                 assert (await http.get(f"{base}/healthz")).json()["sessions"] == 0
-                metrics = (await http.get(f"{base}/metrics")).text
+                metrics = (await http.get(server.metrics_url)).text
             assert f'omni_client_errors_total{{code="{CLIENT_NOT_READING}"}} 1.0' in metrics
             assert "omni_sessions_active 0.0" in metrics
         finally:
