@@ -130,8 +130,10 @@ class Settings(BaseSettings):
         description="KV memory reserved per session and stage (one slot per max_sessions); "
         "a conversation that fills it gets a context_length_exceeded error.",
     )
-    attn_implementation: Literal["sdpa", "eager"] = Field(
-        "sdpa", description="transformers attention kernel for the batched thinker and talker."
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field(
+        "sdpa",
+        description="Attention kernel for the batched thinker and talker: sdpa, eager, or "
+        "flash_attention_2 (CUDA with the flash-attn package: rows packed without padding).",
     )
     cuda_graphs: bool = Field(
         True,

@@ -32,6 +32,7 @@ from omni.engine.scheduler import StepScheduler
 from omni.engine.talker import TalkerConversation, TalkerStage
 from omni.engine.talker_worker import special_embeds
 from omni.engine.thinker import ThinkerConversation, ThinkerStage
+from omni.engine.varlen_attention import reference_kernel, use_varlen_attention
 
 TEXT, CODES = 8, 20
 BUDGET = 48  # small, so long inputs take several steps of prefill beside the decodes
@@ -177,3 +178,23 @@ def test_sessions_batch_together(tiny, monkeypatch):
     monkeypatch.setattr(ThinkerStage, "step", counting)
     run(tiny, [(0, TURNS[0]), (0, TURNS[1]), (2, TURNS[4])], max_rows=16, slots=3)
     assert max(rows_per_forward) == 3
+
+
+def test_packed_attention_equals_padded(tiny):
+    """flash_attention_2's packed path (here with the CPU reference kernel in flash-attn's
+    place) gives every session what the padded SDPA path gives it."""
+    model, _, _ = tiny
+    sessions = [(3 * i, TURNS[i]) for i in range(4)]
+    padded = run(tiny, sessions, max_rows=16, slots=4)
+    for part in (model.thinker, model.talker):
+        use_varlen_attention(part, reference_kernel)
+    try:
+        packed = run(tiny, sessions, max_rows=16, slots=4)
+    finally:
+        for part in (model.thinker, model.talker):
+            part.set_attn_implementation("sdpa")
+    for i, (got, want) in enumerate(zip(packed, padded)):
+        assert got.text == want.text and got.codes == want.codes, f"session {i}"
+        for name in ("thinker_logits", "talker_logits"):
+            worst = max(float((x - y).abs().max()) for x, y in zip(getattr(got, name), getattr(want, name)))
+            assert worst <= TOLERANCE, f"session {i} {name}: {worst:.2e}"

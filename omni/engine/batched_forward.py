@@ -15,7 +15,9 @@ stack is transformers' own module (Qwen2.5-Omni's thinker LLM or talker LM), cal
 
 With SDPA this is exactly the attention of one session alone (same keys, same positions, the
 masked keys get zero weight); only the matmul shapes differ, so results match the unbatched
-forward to float rounding (tests/test_batching.py states the tolerance).
+forward to float rounding (tests/test_batching.py states the tolerance). With
+`attn_implementation = "flash_attention_2"` the mask is a `VarlenLayout` instead and the rows
+run packed, without padding (omni/engine/varlen_attention.py).
 
 Decode-only steps (one token per row) can instead run as CUDA graphs (`cuda_graphs=True`,
 omni/engine/cuda_graphs.py): the same forward with static shapes, a graph per bucket of
@@ -33,6 +35,7 @@ import torch
 
 from omni.engine.cuda_graphs import DecodeBatch, DecodeGraphs
 from omni.engine.kv_memory import KVFull, KVSlots
+from omni.engine.varlen_attention import VarlenLayout, is_varlen
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +122,7 @@ class BatchedForward:
         if cuda_graphs and kv.scratch_slot is None:
             raise ValueError("decode graphs need a KV store with a scratch slot for padding rows")
         self._graphs: dict[int, DecodeGraphs] = {}  # per key-length bucket
+        self.packed = is_varlen(config)  # flash_attention_2: rows packed, no padded mask
 
     def __call__(self, rows: list[Row]) -> list[torch.Tensor]:
         """Run the rows; returns each row's last hidden states (n, H) and grows its slot by n."""
@@ -138,7 +142,10 @@ class BatchedForward:
         for b, (row, n) in enumerate(zip(rows, counts)):
             embeds[b, :n] = row.embeds
             positions[:, b, :n] = row.positions
-        mask = attention_mask(starts, counts, width, kv_len).to(self.device)
+        if self.packed:
+            mask = VarlenLayout.build(starts, counts, width, kv_len, self.device)
+        else:
+            mask = attention_mask(starts, counts, width, kv_len).to(self.device)
         cache = _StepCache(kv, rows, kv_len)
         out = self.stack(
             inputs_embeds=embeds,

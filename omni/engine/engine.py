@@ -47,6 +47,7 @@ from omni.engine.api import (
     StageTimings,
     TextDelta,
 )
+from omni.engine.varlen_attention import check_attn_implementation
 from omni.engine.worker import Addresses, WorkerConfig
 
 log = logging.getLogger(__name__)
@@ -86,7 +87,8 @@ class EngineConfig:
     max_context_tokens: int = 32768  # KV memory per session and stage
     step_token_budget: int = 512  # rows per batched forward: decode rows first, then prefill
     max_batch: int = 16  # sessions per forward; 1 turns batching off (one session per forward)
-    attn_implementation: str = "sdpa"  # or "eager": both take the batched forward's masks
+    # sdpa or eager take the batched forward's masks; flash_attention_2 runs rows packed
+    attn_implementation: str = "sdpa"
     cuda_graphs: bool = True  # decode-only steps as CUDA graphs, on CUDA devices only
 
 
@@ -153,6 +155,8 @@ class OmniEngine:
     # -- lifecycle ------------------------------------------------------------------------
 
     async def start(self) -> None:
+        for device in {self.config.thinker_device, self.config.talker_device}:
+            check_attn_implementation(self.config.attn_implementation, device)
         self._ctx = zmq.asyncio.Context()
         self._inbox = self._ctx.socket(zmq.PULL)
         self._inbox.setsockopt(zmq.LINGER, 0)

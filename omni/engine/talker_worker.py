@@ -16,6 +16,7 @@ import torch
 from omni.engine import protocol as p
 from omni.engine.scheduler import StepScheduler
 from omni.engine.talker import SpecialEmbeds, TalkerConversation, TalkerStage
+from omni.engine.varlen_attention import set_attn_implementation
 from omni.engine.worker import EarlyCancels, WorkerConfig, WorkerIO, configure_worker, kv_store
 
 log = logging.getLogger(__name__)
@@ -34,7 +35,7 @@ class TalkerWorker:
         from omni.checkpoints.parts import load_speakers, load_talker_lm
 
         self.model = load_talker_lm(cfg.model_path, cfg.device, getattr(torch, cfg.dtype)).eval()
-        self.model.set_attn_implementation(cfg.attn_implementation)
+        set_attn_implementation(self.model, cfg.attn_implementation, cfg.device)
         self.speakers = load_speakers(cfg.model_path)
         self.special = special_embeds(cfg.model_path, self.model, self.speakers)
         a = cfg.addresses

@@ -18,6 +18,7 @@ import torch
 from omni.engine import protocol as p
 from omni.engine.scheduler import StepScheduler
 from omni.engine.thinker import SPEECH_SYSTEM_PROMPT, ThinkerConversation, ThinkerStage, TokenIds
+from omni.engine.varlen_attention import set_attn_implementation
 from omni.engine.worker import WorkerConfig, WorkerIO, configure_worker, kv_store
 
 log = logging.getLogger(__name__)
@@ -41,7 +42,7 @@ class ThinkerWorker:
 
         parts = load_thinker(cfg.model_path, cfg.device, getattr(torch, cfg.dtype))
         self.model = parts.model.eval()
-        self.model.set_attn_implementation(cfg.attn_implementation)
+        set_attn_implementation(self.model, cfg.attn_implementation, cfg.device)
         self.tokenizer = parts.tokenizer
         self.feature_extractor = parts.processor.feature_extractor
         self.processor_config = parts.processor.image_processor.to_dict()
