@@ -4,9 +4,11 @@ Replies are built from what the turn held, so tests can check that input got thr
 that the conversation is remembered:
     "Reply 2. You said: hello. I heard 1.9 seconds of speech. I see a 64x48 image.
      Earlier you said: what is two plus two. and so on ..."
-Each word is one text token; each token brings 20 ms of audio (one codec step, as the real
-talker consumes one text token per step), sent in chunks of `tokens_per_chunk` tokens.
-`cancel` stops a reply within one step, and `truncate_reply` keeps `audio_ms // 20` tokens.
+Each word is one text token spoken over `codes_per_token` codec steps of 20 ms (a fast talker:
+the default 5 is 100 ms a word, real speech takes 250-350 ms), sent in chunks of
+`tokens_per_chunk` tokens. `cancel` stops a reply within one step, and `truncate_reply` keeps
+the words the heard audio spoke, by the engine's own rule (omni/engine/heard.py) with this
+fake's known speaking rate.
 
 It also checks the contract's "one call at a time per session" (cancel excepted) and
 records any overlap in `violations`.
@@ -36,8 +38,7 @@ from omni.engine.api import (
     StageTimings,
     TextDelta,
 )
-
-TOKEN_MS = 20
+from omni.engine.heard import SpokenReply, heard_tokens
 
 
 @dataclass
@@ -69,6 +70,7 @@ class FakeConversation:
         default_factory=list
     )  # (user turn, reply tokens)
     replies: list[ReplyOptions] = field(default_factory=list)
+    spoken: SpokenReply | None = None  # the last reply, for truncate_reply
     cancelled: bool = False
     closed: bool = False
     busy: str | None = None
@@ -85,11 +87,13 @@ class FakeEngine:
         prefill_delay: float = 0.01,
         tokens_per_chunk: int = 4,
         filler_tokens: int = 40,
+        codes_per_token: int = 5,
     ) -> None:
         self.token_delay = token_delay
         self.prefill_delay = prefill_delay
         self.tokens_per_chunk = tokens_per_chunk
         self.filler_tokens = filler_tokens
+        self.codes_per_token = codes_per_token
         self.sessions: dict[str, FakeConversation] = {}
         self.closed: list[str] = []
         self.calls: list[tuple[str, str]] = []
@@ -212,12 +216,15 @@ class FakeEngine:
                 yield TextDelta(word, [index])
                 done = index + 1 == len(script)
                 if options.output_audio and (done or (index + 1) % self.tokens_per_chunk == 0):
-                    steps = len(tokens) - samples // SAMPLES_PER_CODE
+                    steps = len(tokens) * self.codes_per_token - samples // SAMPLES_PER_CODE
                     timings.first_codec_ms = timings.first_codec_ms or ms()
                     timings.first_audio_ms = timings.first_audio_ms or ms()
                     yield AudioChunk(np.tile(tone, steps), samples)
                     samples += steps * SAMPLES_PER_CODE
             timings.total_ms = ms()
+            codes = samples // SAMPLES_PER_CODE
+            ends = list(range(1, len(tokens) + 1))
+            conversation.spoken = SpokenReply(len(tokens), codes, status == "completed", ends)
             yield ReplyDone(status, "".join(tokens), len(tokens), samples, timings, turn.tokens())
         finally:
             self._leave(conversation)
@@ -233,7 +240,9 @@ class FakeEngine:
             if not conversation.history:
                 raise EngineError("no reply to truncate")
             tokens = conversation.history[-1][1]
-            del tokens[audio_ms // TOKEN_MS :]
+            spoken = conversation.spoken
+            keep = 0 if spoken is None else heard_tokens(spoken, audio_ms, self.codes_per_token)
+            del tokens[keep:]
             return len(tokens)
         finally:
             self._leave(conversation)
