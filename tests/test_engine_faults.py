@@ -75,10 +75,10 @@ def test_cancel_mid_reply_keeps_what_was_said(run):
         # the conversation goes on, and the truncation to what was heard works after a cancel:
         # all the audio sent was heard, but it spoke far fewer tokens than its 20 ms steps
         # (the speech was stopped, so heard.py's prior speaking rate estimates how many)
-        codes = done.audio_samples // 480
-        kept = await engine.truncate_reply("s", audio_ms=codes * 20)
-        assert codes >= 24 and 0 < kept <= codes / PRIOR_CODES_PER_TOKEN + 1
-        assert kept < min(codes, done.text_tokens)  # 20 ms a token would keep them all
+        codes = done.audio_samples / 480
+        kept = await engine.truncate_reply("s", audio_ms=done.audio_samples // 24)
+        assert codes > 2 and kept <= codes / PRIOR_CODES_PER_TOKEN + 1
+        assert kept < min(codes, done.text_tokens)  # 20 ms a token would keep more
         await engine.add_text("s", "Go on.")
         after = await collect(engine, "s", SHORT)
         assert after.status == "completed" and after.audio_samples == 30 * 480

@@ -72,8 +72,8 @@ async def test_voice_call_one_turn(start_server: Any) -> None:
 
 
 async def test_barge_in_truncates_to_what_was_played() -> None:
-    # a long reply (about 8 s of speech) made faster than real time, so plenty is queued
-    factory = lambda: fake_engine(filler_tokens=80)
+    # a long reply (about 40 s of speech, 4 s to make) still being made at the barge-in
+    factory = lambda: fake_engine(filler_tokens=400)
     async with running_server(factory) as server, call(server) as client:
         await client.expect("session.created")
         ended = await client.say(utterance())
