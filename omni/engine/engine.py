@@ -385,7 +385,7 @@ class OmniEngine:
         timings = StageTimings()
         text, text_tokens, input_tokens, audio_samples = "", 0, 0, 0
         token_ids: list[int] = []
-        delta_ends: list[int] = []  # where each text delta ends, in tokens
+        spoken = SpokenReply(0, 0, ended_itself=False)  # for truncate_reply, filled below
         codes: list[int] = []
         statuses: dict[str, str] = {}
         error: str | None = None
@@ -421,7 +421,7 @@ class OmniEngine:
                     case p.TextOut():
                         if timings.first_text_ms is None:
                             timings.first_text_ms = ms()
-                        delta_ends.append((delta_ends[-1] if delta_ends else 0) + len(msg.token_ids))
+                        spoken.add_delta(len(msg.token_ids), msg.text)
                         yield TextDelta(msg.text, msg.token_ids)
                     case p.ThinkerDone():
                         waiting.discard("thinker")
@@ -469,9 +469,10 @@ class OmniEngine:
             status = "completed"
         assert audio_samples % SAMPLES_PER_CODE == 0 or status != "completed"
         # the talker stops at the codec cap without its end code: that speech was cut too
-        ended_itself = statuses.get("talker") == "completed" and len(codes) < max_codes
-        session.last_spoken = SpokenReply(text_tokens, len(codes), ended_itself, delta_ends)
-        session.rate.add(session.last_spoken)
+        spoken.text_tokens, spoken.codes = text_tokens, len(codes)
+        spoken.ended_itself = statuses.get("talker") == "completed" and len(codes) < max_codes
+        session.last_spoken = spoken
+        session.rate.add(spoken)
         yield ReplyDone(
             status, text, text_tokens, audio_samples, timings, input_tokens, error, token_ids, codes
         )
