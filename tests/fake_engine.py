@@ -198,7 +198,8 @@ class FakeEngine:
         conversation.history.append((turn, tokens))
         samples = 0
         codes = 0  # for the words so far
-        conversation.codes_per_token = sum(map(len, script)) * self.codes_per_char / max(1, len(script))
+        script_codes = sum(map(len, script)) * self.codes_per_char
+        conversation.codes_per_token = script_codes / max(1, len(script))
         status: Literal["completed", "cancelled"] = "completed"
         tone = (
             np.sin(np.arange(SAMPLES_PER_CODE) * 2 * np.pi * 440 / OUTPUT_SAMPLE_RATE) * 8000

@@ -39,7 +39,7 @@ def test_speech_that_ended_itself_is_heard_in_proportion() -> None:
 
 def test_a_long_word_takes_longer_to_say() -> None:
     # half the characters are one long word: half the audio is the first two tokens
-    ends = deltas("Incomprehensibilities ", "a ", "b ", "c ", "d ", "e ", "f ", "g ", "h ", "i ", "j ")
+    ends = deltas("Incomprehensibilities ", *[f"{letter} " for letter in "abcdefghij"])
     reply = SpokenReply(11, 100, ended_itself=True, delta_ends=ends)
     assert heard_tokens(reply, 50 * 20, PRIOR_CODES_PER_TOKEN) == 1
 

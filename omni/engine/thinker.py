@@ -305,7 +305,8 @@ class ThinkerConversation:
             self._close_reply()
 
     def truncate_reply(self, keep_tokens: int) -> int:
-        """Keep the first `keep_tokens` tokens of the last reply (what the caller heard).
+        """Keep the first `keep_tokens` tokens of the last reply (what the caller heard: the
+        front end maps heard audio to tokens, omni/engine/heard.py).
 
         With server VAD the caller's next turn usually starts (and is prefilled) before the
         client's truncate arrives; that turn is rolled back and replayed after the cut.
