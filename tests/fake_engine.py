@@ -4,9 +4,11 @@ Replies are built from what the turn held, so tests can check that input got thr
 that the conversation is remembered:
     "Reply 2. You said: hello. I heard 1.9 seconds of speech. I see a 64x48 image.
      Earlier you said: what is two plus two. and so on ..."
-Each word is one text token; each token brings 20 ms of audio (one codec step, as the real
-talker consumes one text token per step), sent in chunks of `tokens_per_chunk` tokens.
-`cancel` stops a reply within one step, and `truncate_reply` keeps `audio_ms // 20` tokens.
+Each word is one text token, spoken over `codes_per_char` codec steps of 20 ms per character
+(a fast talker: the default is ~115 ms a word, real speech takes 250-350 ms), sent in chunks
+of `tokens_per_chunk` tokens. `cancel` stops a reply within one step, and `truncate_reply`
+keeps the words the heard audio spoke, by the engine's own rule (omni/engine/heard.py) with
+this fake's known speaking rate.
 
 It also checks the contract's "one call at a time per session" (cancel excepted) and
 records any overlap in `violations`.
@@ -36,8 +38,7 @@ from omni.engine.api import (
     StageTimings,
     TextDelta,
 )
-
-TOKEN_MS = 20
+from omni.engine.heard import SpokenReply, heard_tokens
 
 
 @dataclass
@@ -69,6 +70,8 @@ class FakeConversation:
         default_factory=list
     )  # (user turn, reply tokens)
     replies: list[ReplyOptions] = field(default_factory=list)
+    spoken: SpokenReply | None = None  # the last reply, for truncate_reply
+    codes_per_token: float = 1.0  # the last reply's speaking rate
     cancelled: bool = False
     closed: bool = False
     busy: str | None = None
@@ -85,11 +88,13 @@ class FakeEngine:
         prefill_delay: float = 0.01,
         tokens_per_chunk: int = 4,
         filler_tokens: int = 40,
+        codes_per_char: int = 1,
     ) -> None:
         self.token_delay = token_delay
         self.prefill_delay = prefill_delay
         self.tokens_per_chunk = tokens_per_chunk
         self.filler_tokens = filler_tokens
+        self.codes_per_char = codes_per_char
         self.sessions: dict[str, FakeConversation] = {}
         self.closed: list[str] = []
         self.calls: list[tuple[str, str]] = []
@@ -192,6 +197,9 @@ class FakeEngine:
         tokens: list[str] = []
         conversation.history.append((turn, tokens))
         samples = 0
+        codes = 0  # for the words so far
+        script_codes = sum(map(len, script)) * self.codes_per_char
+        conversation.codes_per_token = script_codes / max(1, len(script))
         status: Literal["completed", "cancelled"] = "completed"
         tone = (
             np.sin(np.arange(SAMPLES_PER_CODE) * 2 * np.pi * 440 / OUTPUT_SAMPLE_RATE) * 8000
@@ -208,16 +216,21 @@ class FakeEngine:
                     status = "cancelled"
                     break
                 tokens.append(word)
+                codes += len(word) * self.codes_per_char
                 timings.first_text_ms = timings.first_text_ms or ms()
                 yield TextDelta(word, [index])
                 done = index + 1 == len(script)
                 if options.output_audio and (done or (index + 1) % self.tokens_per_chunk == 0):
-                    steps = len(tokens) - samples // SAMPLES_PER_CODE
+                    steps = codes - samples // SAMPLES_PER_CODE
                     timings.first_codec_ms = timings.first_codec_ms or ms()
                     timings.first_audio_ms = timings.first_audio_ms or ms()
                     yield AudioChunk(np.tile(tone, steps), samples)
                     samples += steps * SAMPLES_PER_CODE
             timings.total_ms = ms()
+            spoken = SpokenReply(len(tokens), samples // SAMPLES_PER_CODE, status == "completed")
+            for word in tokens:
+                spoken.add_delta(1, word)
+            conversation.spoken = spoken
             yield ReplyDone(status, "".join(tokens), len(tokens), samples, timings, turn.tokens())
         finally:
             self._leave(conversation)
@@ -233,7 +246,10 @@ class FakeEngine:
             if not conversation.history:
                 raise EngineError("no reply to truncate")
             tokens = conversation.history[-1][1]
-            del tokens[audio_ms // TOKEN_MS :]
+            spoken = conversation.spoken
+            rate = conversation.codes_per_token
+            keep = 0 if spoken is None else heard_tokens(spoken, audio_ms, rate)
+            del tokens[keep:]
             return len(tokens)
         finally:
             self._leave(conversation)

@@ -13,6 +13,7 @@ import pytest
 from omni.engine import engine as engine_module
 from omni.engine.api import AudioChunk, ReplyDone, ReplyOptions, SessionOptions, TextDelta
 from omni.engine.engine import EngineConfig, OmniEngine
+from omni.engine.heard import PRIOR_CODES_PER_TOKEN
 
 LONG = ReplyOptions(greedy=True, max_text_tokens=200, max_codec_tokens=250)
 SHORT = ReplyOptions(greedy=True, max_text_tokens=5, max_codec_tokens=30)
@@ -71,9 +72,13 @@ def test_cancel_mid_reply_keeps_what_was_said(run):
         assert done.status == "cancelled"
         # the thinker runs ahead of speech (text may be complete); the speech stopped early
         assert done.text_tokens > 0 and done.audio_samples < 250 * 480
-        # the conversation goes on, and the truncation to what was heard works after a cancel
-        kept = await engine.truncate_reply("s", audio_ms=100)
-        assert kept == min(5, done.text_tokens)
+        # the conversation goes on, and the truncation to what was heard works after a cancel:
+        # all the audio sent was heard, but it spoke far fewer tokens than its 20 ms steps
+        # (the speech was stopped, so heard.py's prior speaking rate estimates how many)
+        codes = done.audio_samples / 480
+        kept = await engine.truncate_reply("s", audio_ms=done.audio_samples // 24)
+        assert codes > 2 and kept <= codes / PRIOR_CODES_PER_TOKEN + 1
+        assert kept < min(codes, done.text_tokens)  # 20 ms a token would keep more
         await engine.add_text("s", "Go on.")
         after = await collect(engine, "s", SHORT)
         assert after.status == "completed" and after.audio_samples == 30 * 480

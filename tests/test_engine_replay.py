@@ -48,7 +48,7 @@ async def conversation(checkpoint: Path, crash: bool) -> tuple[list[ReplyDone], 
         for chunk in np.array_split(audio, 5):
             await engine.append_audio("s", chunk)
         second = await reply(engine, SPOKEN)
-        kept = await engine.truncate_reply("s", audio_ms=60)
+        kept = await engine.truncate_reply("s", audio_ms=400)  # all 20 codes heard
         if crash:
             engine.inject_fault("thinker", "crash")  # on its next step: the audio below
         await engine.append_audio("s", speech_like(0.5, seed=2))
@@ -66,7 +66,7 @@ def test_conversation_survives_a_thinker_crash(tiny_checkpoint: Path) -> None:
     for before, same in zip(crashed[:2], reference[:2]):
         assert before.text_token_ids == same.text_token_ids
         assert before.codec_tokens == same.codec_tokens
-    assert kept == reference_kept == 3
+    assert kept == reference_kept > 0
     # the rebuilt conversation gives the reply the uncrashed one gives: text, and speech (the
     # talker's context came back from the thinker's replayed rows)
     after, expected = crashed[2], reference[2]

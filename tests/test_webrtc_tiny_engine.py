@@ -85,6 +85,42 @@ async def test_spoken_turn_then_barge_in(server: RunningServer) -> None:
     assert server.gateway.sessions == set()
 
 
+async def test_a_barge_in_keeps_the_share_of_the_words_that_was_played(
+    server: RunningServer,
+) -> None:
+    """Cut about 30 % into a reply's audio, the model keeps about 30 % of its text: what that
+    audio spoke, not one token per 20 ms codec step (that would keep it all)."""
+    engine = server.engine
+    assert isinstance(engine, OmniEngine)
+    async with call(server) as client:
+        await client.expect("session.created")
+        client.send({"type": "session.update", "session": {"max_output_tokens": 12, "seed": 7}})
+        await client.expect("session.updated")
+        ended = await client.say(utterance())
+        await client.expect("response.created")
+        await client.first_sound_after(ended)
+        # the reply is 250 codes (5 s): barge in about 30 % of the way (the server hears the
+        # interruption a little after it starts; exactly where does not matter)
+        await asyncio.sleep(1.5)
+        barge = asyncio.create_task(client.say(utterance("Wait, stop.")))
+        truncated = await client.expect("conversation.item.truncated")
+        # read at once: the interruption's own reply replaces both when it ends
+        (session,) = engine._sessions.values()
+        spoken, turn = session.last_spoken, session.replay._last_reply()
+        assert spoken is not None and turn is not None
+        cut_ms, tokens = truncated["audio_end_ms"], spoken.text_tokens
+        assert tokens >= 8 and spoken.codes >= 12 * tokens  # all its text was in the speech
+        assert cut_ms // 20 >= tokens  # so 20 ms a token would have kept every one
+        share = cut_ms / (20 * spoken.codes)
+        # the same share of its text (the rule shares it out by characters)
+        chars = dict(spoken.delta_ends)[len(turn.tokens)] if turn.tokens else 0
+        assert share <= 0.6 and abs(chars / spoken.delta_ends[-1][1] - share) <= 0.1
+        await barge
+        first_done, _ = await responses_done(client, 2)
+        assert first_done["usage"]["output_token_details"]["text_tokens"] == tokens
+        assert await client.hang_up() == 204
+
+
 async def test_a_call_with_only_a_data_channel_talks_in_text(server: RunningServer) -> None:
     client = CallClient(base_url(server), API_KEY, microphone=False)
     try:

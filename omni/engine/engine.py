@@ -34,6 +34,7 @@ import zmq.asyncio
 
 from omni.engine import protocol as p
 from omni.engine import talker_worker, thinker_worker, vocoder_worker
+from omni.engine.heard import SpeakingRate, SpokenReply, heard_tokens
 from omni.engine.replay import ReplayLog
 from omni.engine.api import (
     SAMPLES_PER_CODE,
@@ -123,6 +124,8 @@ class _Session:
     options: SessionOptions
     replay: ReplayLog
     reply: str | None = None
+    last_spoken: SpokenReply | None = None  # the latest reply, for truncate_reply
+    rate: SpeakingRate = field(default_factory=SpeakingRate)
 
 
 class OmniEngine:
@@ -354,14 +357,16 @@ class OmniEngine:
                 self._send(name, p.Cancel(session_id, session.reply))
 
     async def truncate_reply(self, session_id: str, audio_ms: int) -> int:
-        """One codec token is 20 ms and the talker consumes one text token per codec token,
-        so the caller heard (about) the first audio_ms / 20 text tokens."""
-        self._session(session_id)
+        """Keep the text tokens of the last reply that its first `audio_ms` of audio spoke
+        (heard.py says how they are found), in the thinker and in the replay log."""
+        session = self._session(session_id)
+        spoken = session.last_spoken
+        keep = 0 if spoken is None else heard_tokens(spoken, audio_ms, session.rate.codes_per_token)
         request = uuid.uuid4().hex
         future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self._results[request] = future
         try:
-            self._send("thinker", p.Truncate(session_id, request, max(0, audio_ms) // 20))
+            self._send("thinker", p.Truncate(session_id, request, keep))
             kept = await asyncio.wait_for(future, timeout=30)
         finally:
             self._results.pop(request, None)
@@ -384,6 +389,7 @@ class OmniEngine:
         timings = StageTimings()
         text, text_tokens, input_tokens, audio_samples = "", 0, 0, 0
         token_ids: list[int] = []
+        spoken = SpokenReply(0, 0, ended_itself=False)  # for truncate_reply, filled below
         codes: list[int] = []
         statuses: dict[str, str] = {}
         error: str | None = None
@@ -419,6 +425,7 @@ class OmniEngine:
                     case p.TextOut():
                         if timings.first_text_ms is None:
                             timings.first_text_ms = ms()
+                        spoken.add_delta(len(msg.token_ids), msg.text)
                         yield TextDelta(msg.text, msg.token_ids)
                     case p.ThinkerDone():
                         waiting.discard("thinker")
@@ -465,6 +472,11 @@ class OmniEngine:
         else:
             status = "completed"
         assert audio_samples % SAMPLES_PER_CODE == 0 or status != "completed"
+        # the talker stops at the codec cap without its end code: that speech was cut too
+        spoken.text_tokens, spoken.codes = text_tokens, len(codes)
+        spoken.ended_itself = statuses.get("talker") == "completed" and len(codes) < max_codes
+        session.last_spoken = spoken
+        session.rate.add(spoken)
         yield ReplyDone(
             status, text, text_tokens, audio_samples, timings, input_tokens, error, token_ids, codes
         )

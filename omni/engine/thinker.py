@@ -181,11 +181,15 @@ class ThinkerConversation:
     # -- user input ---------------------------------------------------------------------
 
     def add_text(self, text: str) -> None:
-        self._open_turn().inputs.append(("text", text))
+        turn = self._open_turn()
+        turn.inputs.append(("text", text))
+        self._close_audio_span(turn)
         self._prefill_text(self.encode_text(text))
 
     def add_image(self, rgb: np.ndarray) -> None:
-        self._open_turn().inputs.append(("image", rgb))
+        turn = self._open_turn()
+        turn.inputs.append(("image", rgb))
+        self._close_audio_span(turn)
         pixels, grid = image_to_patches(rgb, self.processor_config)
         grid_t = torch.tensor([grid], device=self.device)
         pixels_t = torch.from_numpy(pixels).to(self.device)
@@ -228,10 +232,7 @@ class ThinkerConversation:
         closing: list[int] = []
         turn = self.turn
         if turn is not None:
-            if turn.mel is not None:
-                self._finish_audio_span(turn)
-                if turn.chunker is None:
-                    closing.append(self.ids.audio_eos)
+            self._close_audio_span(turn)
             closing += [self.ids.im_end, self.ids.newline]
         closing += self.tail
         if system_prompt is not None and system_prompt != self.system_prompt:
@@ -304,7 +305,8 @@ class ThinkerConversation:
             self._close_reply()
 
     def truncate_reply(self, keep_tokens: int) -> int:
-        """Keep the first `keep_tokens` tokens of the last reply (what the caller heard).
+        """Keep the first `keep_tokens` tokens of the last reply (what the caller heard: the
+        front end maps heard audio to tokens, omni/engine/heard.py).
 
         With server VAD the caller's next turn usually starts (and is prefilled) before the
         client's truncate arrives; that turn is rolled back and replayed after the cut.
@@ -419,6 +421,23 @@ class ThinkerConversation:
             turn.chunker = AudioVideoChunker(self.positions, seconds_per_grid=2 / VIDEO_FPS)
         else:
             self._prefill_text([self.ids.audio_bos])
+
+    def _close_audio_span(self, turn: _Turn) -> None:
+        """End the open audio (or video-with-audio) span, if any, before other input.
+
+        Input goes where the chat template puts a message's next content part: text or an
+        image that comes while speech streams in lands after `<|audio_eos|>`, never inside
+        the span; speech after it opens a span of its own. (Already prefilled speech stays
+        as it is: nothing is recomputed. Qwen2.5-Omni's template takes any number of audio
+        parts in one message, each its own span.)
+        """
+        if turn.mel is None:
+            return
+        self._finish_audio_span(turn)
+        if turn.chunker is None:
+            self._prefill_text([self.ids.audio_eos])
+        turn.mel, turn.video, turn.chunker = None, None, None
+        turn.mel_done = 0
 
     def _finish_audio_span(self, turn: _Turn) -> None:
         assert turn.mel is not None

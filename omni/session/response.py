@@ -7,8 +7,10 @@
 
 Once cancelled, nothing more reaches the client (not even deltas the engine still yields
 before it stops), so a client that stopped playback on `speech_started` hears no stray audio.
-The item's transcript is the text that was sent; after a cancel or a truncation it is cut to
-what the engine kept (`text_for_tokens` maps the engine's kept-token count back to text).
+The item's transcript is the text that was sent; after a cancel or a truncation it is the
+text of the tokens the engine kept, the tokens its heard audio spoke (omni/engine/heard.py;
+`text_for_tokens` maps the kept-token count back to text, so transcript, model context and
+`conversation.item.truncated` agree).
 """
 
 from __future__ import annotations
@@ -327,14 +329,18 @@ class Response:
             async for event in stream:
                 if isinstance(event, ReplyDone):
                     done = event
-                elif self.cancel_reason or done is not None:
-                    continue
                 elif isinstance(event, TextDelta):
+                    # every delta is in the ledger, withheld ones too: the model keeps the
+                    # tokens its audio spoke, so a truncation may keep some the client never got
                     tokens += len(event.token_ids)
                     self._deltas.append((tokens, event.text))
+                    if self.cancel_reason or done is not None:
+                        continue
                     self.text += event.text
                     if event.text:
                         await emit({"type": delta_type, **self._ref(), "delta": event.text})
+                elif self.cancel_reason or done is not None:
+                    continue
                 elif isinstance(event, AudioChunk) and self.plan.audio_out and len(event.pcm):
                     if self.first_audio_at is None:
                         self.first_audio_at = time.monotonic()
