@@ -161,7 +161,7 @@ async def test_text_and_image_item_then_text_reply(h: Harness, engine: FakeEngin
     assert h.audio == [] and engine.conversation().replies[-1].output_audio is False
 
 
-async def test_delete_pending_item_and_latest_reply(h: Harness, engine: FakeEngine) -> None:
+async def test_delete_pending_and_older_items(h: Harness, engine: FakeEngine) -> None:
     for text in ("first", "second"):
         await h.send(
             {
@@ -184,9 +184,14 @@ async def test_delete_pending_item_and_latest_reply(h: Harness, engine: FakeEngi
     await h.until("conversation.item.deleted")
     await h.settle()
     assert engine.conversation().reply_text() == ""  # the model forgot what it said
+    # an item the model already has (older than the latest) goes from its memory too
+    await h.send({"type": "conversation.item.delete", "item_id": "item_second"})
+    await h.until("conversation.item.deleted")
+    await h.settle()
+    assert engine.conversation().deleted == [reply, "item_second"]
     await h.send({"type": "conversation.item.delete", "item_id": "item_second", "event_id": "d3"})
     error = (await h.until("error"))[-1]["error"]
-    assert (error["code"], error["event_id"]) == ("unsupported", "d3")
+    assert (error["code"], error["event_id"]) == ("item_not_found", "d3")
 
 
 async def test_truncate_keeps_heard_text(h: Harness, engine: FakeEngine) -> None:

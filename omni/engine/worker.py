@@ -55,6 +55,9 @@ class WorkerConfig:
     # batching (omni/engine/scheduler.py, kv_memory.py)
     kv_slots: int = 16  # sessions each worker holds KV memory for
     max_context_tokens: int = 32768  # per session, thinker and talker alike
+    # the thinker's context budget per session (None: max_context_tokens minus the reserve)
+    context_budget_tokens: int | None = None
+    reply_reserve_tokens: int = 1024  # room kept for a reply (and positions kept for it)
     step_token_budget: int = 512  # rows one batched forward runs at most
     max_batch: int = 16  # sessions in one forward; 1 turns batching off
     attn_implementation: str = "sdpa"

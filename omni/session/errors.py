@@ -27,6 +27,15 @@ def new_id(prefix: str) -> str:
     return f"{prefix}_{secrets.token_hex(10)}"
 
 
+CONTEXT_LENGTH_EXCEEDED = "context_length_exceeded"
+
+
+def engine_error_code(message: str | None) -> str:
+    """The error code of an engine failure: the context budget's has its own (the engine's
+    message starts with it), anything else is engine_error."""
+    return CONTEXT_LENGTH_EXCEEDED if CONTEXT_LENGTH_EXCEEDED in (message or "") else "engine_error"
+
+
 class RealtimeError(Exception):
     """A client-visible error: `code` is machine-readable, `message` says what to fix."""
 

@@ -1,0 +1,180 @@
+"""The context budget (omni/engine/context_budget.py): the thinker's context stays within it
+over a long call, the oldest content goes first by kind (video, then audio, then words),
+never the instructions or the last exchanges, truncation "disabled" and retention_ratio do
+what OpenAI's session.truncation says, the talker's context follows the thinker's, and
+eviction is measured against recomputing the retained content. Real transformers modules on
+the tiny checkpoint, in this process (the workers' side: tests/test_item_delete.py).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from engine_helpers import thinker_conversation
+from transformers import Qwen2_5OmniForConditionalGeneration
+
+from omni.checkpoints.processor import load_processor
+from omni.engine.api import Truncation
+from omni.engine.buffers import GrowingTensor
+from omni.engine.context_budget import KEEP_LAST_EXCHANGES
+from omni.engine.kv_memory import KVSlots
+from omni.engine.protocol import ContextRows
+from omni.engine.scheduler import StepScheduler
+from omni.engine.thinker import ThinkerConversation, ThinkerStage
+
+SLOT_LEN = 2048
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_checkpoint):
+    torch.set_grad_enabled(False)
+    model = Qwen2_5OmniForConditionalGeneration.from_pretrained(tiny_checkpoint).eval()
+    return model.thinker, load_processor(tiny_checkpoint)
+
+
+class Mirror:
+    """The talker's view of the context: the rows the thinker sends, minus those it evicts."""
+
+    def __init__(self) -> None:
+        self.positions = GrowingTensor((3,), torch.long)
+
+    def rows(self, piece: ContextRows) -> None:
+        if piece.rows.numel() == 0:
+            self.positions.truncate(piece.start)
+        else:
+            assert piece.start == len(self.positions)
+            self.positions.append(piece.positions.T)
+
+    def evict(self, ranges: list[tuple[int, int]]) -> None:
+        self.positions.delete(ranges)
+
+
+def make(tiny, kv: KVSlots, **options) -> tuple[ThinkerConversation, Mirror]:
+    thinker, processor = tiny
+    mirror = Mirror()
+    conv = thinker_conversation(thinker, processor, mirror.rows, kv, on_evict=mirror.evict, **options)
+    return conv, mirror
+
+
+def speech(seconds: float, seed: int) -> np.ndarray:
+    t = np.arange(int(16_000 * seconds)) / 16_000
+    noise = np.random.default_rng(seed).standard_normal(t.size)
+    return (0.1 * noise * (0.6 + 0.4 * np.sin(2 * np.pi * 4 * t))).astype(np.float32)
+
+
+def frame(seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 255, (56, 56, 3), dtype=np.uint8)
+
+
+def user_turn(conv: ThinkerConversation, n: int) -> None:
+    """Camera frames with 2 s of speech (a video with audio), then typed words."""
+    for k in range(4):
+        conv.append_video_frame(frame(10 * n + k))
+    conv.append_audio(speech(2.0, n))
+    conv.add_text(f"turn {n}: what do you see and hear now?")
+
+
+def reply(stage: ThinkerStage, convs: dict[str, ThinkerConversation], key: str, n: int = 3) -> list[int]:
+    conv = convs[key]
+    conv.end_turn()
+    r = conv.start_reply(n, greedy=True, min_tokens=n)
+    while not r.done:
+        assert not stage.step(convs).over
+        if conv.can_choose():
+            conv.choose()
+    return r.tokens
+
+
+def kinds_left(conv: ThinkerConversation) -> dict[int, set[str]]:
+    left: dict[int, set[str]] = {}
+    for s in conv.ledger:
+        left.setdefault(s.exchange, set()).add(s.kind)
+    return left
+
+
+def test_budget_holds_over_a_long_call_and_the_talker_follows(tiny) -> None:
+    kv = KVSlots.for_model(tiny[0].config.text_config, 1, SLOT_LEN, "cpu", torch.float32)
+    conv, mirror = make(tiny, kv, budget=1100)
+    stage = ThinkerStage(tiny[0], kv, StepScheduler(128, 4))
+    convs = {"s": conv}
+    system = conv.ledger[0]
+    for n in range(10):
+        user_turn(conv, n)
+        while conv.pending:
+            assert not stage.step(convs).over
+            assert len(conv.tokens) <= conv.budget
+        assert len(reply(stage, convs, "s")) == 3
+        assert conv.cached <= conv.budget + 3
+        # the talker's rows are the thinker's context, position for position
+        assert torch.equal(mirror.positions.view(), torch.cat([s.positions for s in conv.ledger], 1).T)
+    left = kinds_left(conv)
+    assert conv.ledger[0] is system and system.kind == "system"
+    for e in range(conv.exchange - KEEP_LAST_EXCHANGES + 1, conv.exchange + 1):
+        assert {"video", "audio", "text"} <= left[e]  # the last exchanges are whole
+    # what is left of the older exchanges: their words; their frames and audio went first
+    assert all(kinds == {"text"} for e, kinds in left.items() if 0 <= e < conv.exchange - 2)
+
+
+def test_eviction_order_by_kind(tiny) -> None:
+    kv = KVSlots.for_model(tiny[0].config.text_config, 1, SLOT_LEN, "cpu", torch.float32)
+    conv, _ = make(tiny, kv)
+    stage = ThinkerStage(tiny[0], kv, StepScheduler(256, 4))
+    convs = {"s": conv}
+    for n in range(4):
+        user_turn(conv, n)
+        reply(stage, convs, "s")
+    video_0 = sum(s.size for s in conv.ledger if s.exchange == 0 and s.kind == "video")
+
+    def squeeze(by: int) -> None:
+        conv.budget = len(conv.tokens) - by
+        assert conv.fit_budget()
+        assert len(conv.tokens) <= conv.budget
+
+    squeeze(1)  # one grid step of the oldest exchange's video
+    assert kinds_left(conv)[0] == {"video", "audio", "text"}
+    assert sum(s.size for s in conv.ledger if s.exchange == 0 and s.kind == "video") < video_0
+    old = lambda kind: sum(s.size for s in conv.ledger if 0 <= s.exchange < 2 and s.kind == kind)  # noqa: E731
+    squeeze(old("video") + 1)  # all old video, then the oldest audio chunk
+    left = kinds_left(conv)
+    assert "video" not in left[0] | left[1] and "audio" not in left[0] and "audio" in left[1]
+    squeeze(old("audio") + 1)  # all old audio, then exchange 0's words, whole
+    left = kinds_left(conv)
+    assert 0 not in left and left[1] == {"text"} and left[-1] == {"system"}
+    assert {"video", "audio", "text"} <= left[2] and {"video", "audio", "text"} <= left[3]
+    # nothing more may go: the budget can't be met, and the protected content is untouched
+    conv.budget = 10
+    before = [(s.kind, s.exchange, s.size) for s in conv.ledger if s.exchange >= 2]
+    assert not conv.fit_budget()
+    assert [(s.kind, s.exchange, s.size) for s in conv.ledger if s.exchange >= 2] == before
+    assert conv.ledger[0].kind == "system"
+
+
+def test_disabled_refuses_and_retention_ratio_drops_its_share(tiny) -> None:
+    kv = KVSlots.for_model(tiny[0].config.text_config, 3, SLOT_LEN, "cpu", torch.float32)
+    stage = ThinkerStage(tiny[0], kv, StepScheduler(256, 4))
+    convs = {}
+    for key, truncation in [
+        ("disabled", Truncation("disabled")),
+        ("auto", Truncation()),
+        ("ratio", Truncation("retention_ratio", 0.25)),
+    ]:
+        conv, _ = make(tiny, kv, truncation=truncation)
+        convs[key] = conv
+        for n in range(4):
+            user_turn(conv, n)
+            reply(stage, convs, key)
+    evictable = sum(s.size for s in convs["auto"].ledger if 0 <= s.exchange < 2)
+    grid_step = max(s.size for s in convs["auto"].ledger if s.kind == "video")
+    for conv in convs.values():
+        conv.budget = len(conv.tokens)
+        conv.add_text("one more thing")
+    disabled = convs["disabled"]
+    cached = disabled.cached
+    result = stage.step(convs)
+    assert result.over == ["disabled"]  # refused, and nothing was dropped for it
+    assert disabled.cached == cached and sum(s.size for s in disabled.ledger) == len(disabled.tokens)
+    auto_left = sum(s.size for s in convs["auto"].ledger if 0 <= s.exchange < 2)
+    ratio_left = sum(s.size for s in convs["ratio"].ledger if 0 <= s.exchange < 2)
+    assert 0 < evictable - auto_left <= grid_step  # auto: just what it must (one grid step)
+    assert evictable * 0.25 - grid_step <= ratio_left <= 0.25 * evictable  # keeps a quarter
