@@ -178,3 +178,86 @@ def test_disabled_refuses_and_retention_ratio_drops_its_share(tiny) -> None:
     ratio_left = sum(s.size for s in convs["ratio"].ledger if 0 <= s.exchange < 2)
     assert 0 < evictable - auto_left <= grid_step  # auto: just what it must (one grid step)
     assert evictable * 0.25 - grid_step <= ratio_left <= 0.25 * evictable  # keeps a quarter
+
+
+def teacher_forced_logits(stage, convs, key: str, tokens: list[int]) -> list[torch.Tensor]:
+    """The next-token logits after each of `tokens` (fed whatever the model would choose)."""
+    conv = convs[key]
+    conv.end_turn()
+    r = conv.start_reply(len(tokens) + 1, greedy=True, min_tokens=len(tokens) + 1)
+    out = []
+    for token in tokens:
+        while not conv.can_choose():
+            assert not stage.step(convs).over
+        out.append(r.logits.clone())
+        r.logits = None
+        r.tokens.append(token)
+        conv._prefill_text([token], reply_token=True, logits_for=r)
+    conv.cancel_reply()
+    return out
+
+
+def test_eviction_against_recompute(tiny) -> None:
+    """The same video call three times: old frames and audio evicted from two caches, one of
+    them then rebuilt from the retained content (recompute); the third keeps everything.
+    Eviction keeps the remaining keys exactly (bitwise, at their positions); its next-token
+    logits differ from the recompute's by the evicted content's traces in later keys (and
+    the closed-up positions). Bound: eviction lands nearer the recompute than keeping
+    everything does, and a cache left wrong (a garbage key) changes the logits. Measured on
+    the tiny checkpoint, numbers in the README ("Context budget")."""
+    kv = KVSlots.for_model(tiny[0].config.text_config, 3, SLOT_LEN, "cpu", torch.float32)
+    stage = ThinkerStage(tiny[0], kv, StepScheduler(256, 4))
+    convs = {}
+    for key in ("evicted", "recomputed", "kept"):
+        conv, _ = make(tiny, kv)
+        convs[key] = conv
+        for n in range(4):
+            user_turn(conv, n)
+            reply(stage, convs, key)
+    evicted, recomputed = convs["evicted"], convs["recomputed"]
+    keys_before = kv.keys[:, evicted.slot, :, : evicted.cached].clone()
+    spans_before = [(s.start, s.end) for s in evicted.ledger]
+    for conv in (evicted, recomputed):  # all old video and audio
+        conv.budget = len(conv.tokens) - sum(
+            s.size for s in conv.ledger if 0 <= s.exchange < 2 and s.kind in ("video", "audio")
+        )
+        assert conv.fit_budget()
+    # the kept keys are the old keys of the kept rows, in order (positions untouched)
+    survivors = torch.cat([torch.arange(a, b) for a, b in _survivors(spans_before, evicted)])
+    assert torch.equal(kv.keys[:, evicted.slot, :, : evicted.cached], keys_before[:, :, survivors])
+    recomputed.recompute()
+    assert recomputed.positions.next < evicted.positions.next  # the freed positions closed up
+    assert torch.equal(recomputed.tokens.view(), evicted.tokens.view())
+    forced = list(range(100, 132))
+    logits = {key: teacher_forced_logits(stage, convs, key, forced) for key in convs}
+
+    def distance(x: str, y: str) -> float:  # mean |logit difference|
+        return float(torch.stack([(a - b).abs().mean() for a, b in zip(logits[x], logits[y])]).mean())
+
+    def agreement(x: str, y: str) -> float:
+        pairs = zip(logits[x], logits[y])
+        return sum(int(a.argmax() == b.argmax()) for a, b in pairs) / len(forced)
+
+    d_evicted, d_kept = distance("evicted", "recomputed"), distance("kept", "recomputed")
+    print(
+        f"eviction vs recompute: top-1 agreement {agreement('evicted', 'recomputed'):.2f}, "
+        f"mean |logit diff| {d_evicted:.4f}; keeping everything vs recompute: "
+        f"{agreement('kept', 'recomputed'):.2f}, {d_kept:.4f}"
+    )
+    assert d_evicted < d_kept
+    kv.keys[:, evicted.slot, :, 5:6] = 0  # a cache left wrong (one garbage key) is caught
+    broken = teacher_forced_logits(stage, convs, "evicted", forced[:4])
+    assert max(float((x - y).abs().max()) for x, y in zip(broken, logits["evicted"])) > 1e-3
+
+
+def _survivors(before: list[tuple[int, int]], conv: ThinkerConversation) -> list[tuple[int, int]]:
+    """The old token ranges of the spans still in the ledger (spans are matched by order and
+    size: eviction only removes spans)."""
+    out, i = [], 0
+    sizes = [b - a for a, b in before]
+    for s in conv.ledger:
+        while sizes[i] != s.size:
+            i += 1
+        out.append(before[i])
+        i += 1
+    return out
