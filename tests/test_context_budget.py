@@ -8,6 +8,8 @@ the tiny checkpoint, in this process (the workers' side: tests/test_item_delete.
 
 from __future__ import annotations
 
+import asyncio
+
 import numpy as np
 import pytest
 import torch
@@ -15,12 +17,14 @@ from engine_helpers import thinker_conversation
 from transformers import Qwen2_5OmniForConditionalGeneration
 
 from omni.checkpoints.processor import load_processor
-from omni.engine.api import Truncation
+from omni.engine.api import ReplyDone, ReplyOptions, SessionOptions, Truncation
 from omni.engine.buffers import GrowingTensor
 from omni.engine.context_budget import KEEP_LAST_EXCHANGES
+from omni.engine.engine import EngineConfig, running_engine
 from omni.engine.kv_memory import KVSlots
 from omni.engine.protocol import ContextRows
 from omni.engine.scheduler import StepScheduler
+from omni.engine import thinker as thinker_module
 from omni.engine.thinker import ThinkerConversation, ThinkerStage
 
 SLOT_LEN = 2048
@@ -38,9 +42,11 @@ class Mirror:
 
     def __init__(self) -> None:
         self.positions = GrowingTensor((3,), torch.long)
+        self.rebuilds = 0  # rolled back to nothing: a recompute
 
     def rows(self, piece: ContextRows) -> None:
         if piece.rows.numel() == 0:
+            self.rebuilds += piece.start == 0
             self.positions.truncate(piece.start)
         else:
             assert piece.start == len(self.positions)
@@ -197,27 +203,30 @@ def teacher_forced_logits(stage, convs, key: str, tokens: list[int]) -> list[tor
     return out
 
 
-def test_eviction_against_recompute(tiny) -> None:
-    """The same video call three times: old frames and audio evicted from two caches, one of
-    them then rebuilt from the retained content (recompute); the third keeps everything.
-    Eviction keeps the remaining keys exactly (bitwise, at their positions); its next-token
-    logits differ from the recompute's by the evicted content's traces in later keys (and
-    the closed-up positions). Bound: eviction lands nearer the recompute than keeping
-    everything does, and a cache left wrong (a garbage key) changes the logits. Measured on
-    the tiny checkpoint, numbers in the README ("Context budget")."""
-    kv = KVSlots.for_model(tiny[0].config.text_config, 3, SLOT_LEN, "cpu", torch.float32)
+def test_eviction_against_recompute(tiny, monkeypatch) -> None:
+    """The same video call five times: old frames and audio evicted from three caches, two
+    of them then rebuilt from the retained content (recompute: at closed-up positions, as the
+    thinker does, and at the same positions, to tell the positions' share from the traces');
+    the fourth keeps everything; the fifth is rebuilt without evicting (recompute is exact).
+    Eviction keeps the remaining keys bitwise at their positions; its next-token logits differ
+    from a recompute's by the evicted content's traces in later keys. Bounds that a wrong
+    cache fails: eviction lands nearer the recompute than keeping everything does, a rebuild
+    of everything equals the original, a garbage key changes the logits. Numbers: README."""
+    kv = KVSlots.for_model(tiny[0].config.text_config, 5, SLOT_LEN, "cpu", torch.float32)
     stage = ThinkerStage(tiny[0], kv, StepScheduler(256, 4))
+    keys = ("evicted", "recomputed", "same_positions", "kept", "rebuilt")
     convs = {}
-    for key in ("evicted", "recomputed", "kept"):
+    for key in keys:
         conv, _ = make(tiny, kv)
         convs[key] = conv
         for n in range(4):
             user_turn(conv, n)
             reply(stage, convs, key)
-    evicted, recomputed = convs["evicted"], convs["recomputed"]
+    evicted = convs["evicted"]
     keys_before = kv.keys[:, evicted.slot, :, : evicted.cached].clone()
     spans_before = [(s.start, s.end) for s in evicted.ledger]
-    for conv in (evicted, recomputed):  # all old video and audio
+    for key in ("evicted", "recomputed", "same_positions"):  # all old video and audio
+        conv = convs[key]
         conv.budget = len(conv.tokens) - sum(
             s.size for s in conv.ledger if 0 <= s.exchange < 2 and s.kind in ("video", "audio")
         )
@@ -225,26 +234,34 @@ def test_eviction_against_recompute(tiny) -> None:
     # the kept keys are the old keys of the kept rows, in order (positions untouched)
     survivors = torch.cat([torch.arange(a, b) for a, b in _survivors(spans_before, evicted)])
     assert torch.equal(kv.keys[:, evicted.slot, :, : evicted.cached], keys_before[:, :, survivors])
-    recomputed.recompute()
-    assert recomputed.positions.next < evicted.positions.next  # the freed positions closed up
-    assert torch.equal(recomputed.tokens.view(), evicted.tokens.view())
+    convs["recomputed"].recompute()
+    assert convs["recomputed"].positions.next < evicted.positions.next  # gaps closed up
+    assert torch.equal(convs["recomputed"].tokens.view(), evicted.tokens.view())
+    with monkeypatch.context() as patch:  # a rebuild that moves no position
+        patch.setattr(thinker_module, "position_map", lambda spans, n: torch.arange(2 * SLOT_LEN))
+        convs["same_positions"].recompute()
+        convs["rebuilt"].recompute()
     forced = list(range(100, 132))
-    logits = {key: teacher_forced_logits(stage, convs, key, forced) for key in convs}
+    logits = {key: teacher_forced_logits(stage, convs, key, forced) for key in keys}
 
-    def distance(x: str, y: str) -> float:  # mean |logit difference|
+    def distance(x: str, y: str) -> float:  # mean |logit difference| over the steps
         return float(torch.stack([(a - b).abs().mean() for a, b in zip(logits[x], logits[y])]).mean())
 
-    def agreement(x: str, y: str) -> float:
-        pairs = zip(logits[x], logits[y])
-        return sum(int(a.argmax() == b.argmax()) for a, b in pairs) / len(forced)
+    def agreement(x: str, y: str) -> float:  # top-1
+        return sum(int(a.argmax() == b.argmax()) for a, b in zip(logits[x], logits[y])) / len(forced)
 
-    d_evicted, d_kept = distance("evicted", "recomputed"), distance("kept", "recomputed")
-    print(
-        f"eviction vs recompute: top-1 agreement {agreement('evicted', 'recomputed'):.2f}, "
-        f"mean |logit diff| {d_evicted:.4f}; keeping everything vs recompute: "
-        f"{agreement('kept', 'recomputed'):.2f}, {d_kept:.4f}"
-    )
-    assert d_evicted < d_kept
+    spread = float(torch.stack([x.std() for x in logits["kept"]]).mean())
+    for x, y in [
+        ("evicted", "recomputed"),
+        ("evicted", "same_positions"),
+        ("recomputed", "same_positions"),
+        ("kept", "same_positions"),
+        ("kept", "rebuilt"),
+    ]:
+        print(f"{x} vs {y}: top-1 agreement {agreement(x, y):.2f}, mean |logit diff| {distance(x, y):.4f}")
+    print(f"logits' std over the vocabulary: {spread:.4f}")
+    assert distance("kept", "rebuilt") < 1e-4 and agreement("kept", "rebuilt") == 1.0
+    assert distance("evicted", "same_positions") < 0.75 * distance("kept", "same_positions")
     kv.keys[:, evicted.slot, :, 5:6] = 0  # a cache left wrong (one garbage key) is caught
     broken = teacher_forced_logits(stage, convs, "evicted", forced[:4])
     assert max(float((x - y).abs().max()) for x, y in zip(broken, logits["evicted"])) > 1e-3
@@ -261,3 +278,64 @@ def _survivors(before: list[tuple[int, int]], conv: ThinkerConversation) -> list
         out.append(before[i])
         i += 1
     return out
+
+
+def test_disabled_truncation_through_the_workers(tiny_checkpoint) -> None:
+    """truncation "disabled" on real workers: input past the budget is refused with a
+    context_length_exceeded error and the session goes on; a reply that fills the context
+    ends failed with it; deleting that reply makes room again."""
+
+    async def run() -> None:
+        errors: list[str] = []
+
+        async def on_error(message: str) -> None:
+            errors.append(message)
+
+        config = EngineConfig(str(tiny_checkpoint), max_context_tokens=160, context_budget_tokens=100)
+        options = SessionOptions(on_error=on_error, truncation=Truncation("disabled"))
+        async with running_engine(config) as engine:
+            await engine.open_session("s", options)
+            await engine.add_text("s", "Hello.")
+            assert (await respond(engine, 4, "a1")).status == "completed"
+            await engine.add_text("s", " ".join(f"word{i}" for i in range(100)))
+            while not errors:
+                await asyncio.sleep(0.05)
+            assert "context_length_exceeded" in errors[0] and "disabled" in errors[0]
+            assert (await respond(engine, 4, "a2")).status == "completed"  # it goes on
+            full = await respond(engine, 1000, "a3")  # the reply fills the 160-token slot
+            assert full.status == "failed" and "context_length_exceeded" in (full.error or "")
+            assert 0 < full.text_tokens < 160
+            await engine.delete_item("s", "a3")
+            await engine.add_text("s", "Still there?")
+            assert (await respond(engine, 4, "a4")).status == "completed"
+            assert engine.kv_stats  # the heartbeats carry the context size per stage
+
+    asyncio.run(run())
+
+
+async def respond(engine, tokens: int, item: str) -> ReplyDone:
+    options = ReplyOptions(
+        greedy=True, output_audio=False, max_text_tokens=tokens, min_text_tokens=tokens, item_id=item
+    )
+    async for event in engine.respond("s", options):
+        if isinstance(event, ReplyDone):
+            return event
+    raise AssertionError("respond() ended without ReplyDone")
+
+
+def test_positions_stay_in_range_by_recompute(tiny) -> None:
+    """Eviction frees tokens, not positions: once they pass the limit the cache is rebuilt
+    at closed-up positions, and the call goes on."""
+    kv = KVSlots.for_model(tiny[0].config.text_config, 1, SLOT_LEN, "cpu", torch.float32)
+    conv, mirror = make(tiny, kv, budget=800, position_limit=400)
+    stage = ThinkerStage(tiny[0], kv, StepScheduler(256, 4))
+    convs = {"s": conv}
+    most = 0
+    for n in range(12):
+        user_turn(conv, n)
+        assert len(reply(stage, convs, "s")) == 3
+        most = max(most, conv.positions.next)
+        assert conv.cached == len(conv.tokens) and conv.cached <= 800 + 3
+        assert torch.equal(mirror.positions.view(), torch.cat([s.positions for s in conv.ledger], 1).T)
+    assert mirror.rebuilds >= 2 and most < 400 + 200  # at most a turn past the limit
+    assert max(int(s.positions.max()) for s in conv.ledger) < conv.positions.next

@@ -8,6 +8,10 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+from gateway_fixtures import tiny_engine
+from realtime_helpers import recv_until, running_server, send_event
+
+from omni.checkpoints.processor import load_processor
 from omni.engine.api import ReplyDone, ReplyOptions, SessionOptions
 from omni.engine.engine import EngineConfig, running_engine
 
@@ -86,3 +90,56 @@ async def forced(engine, session: str, tokens: list[int]) -> None:
     engine._send("thinker", p.AddReply(session, tokens))
     engine._sessions[session].replay.reply_started("forced", None)
     engine._sessions[session].replay.reply_finished("forced", tokens)
+
+
+async def ws_reply(ws, text: str | None, item: str | None = None) -> dict:
+    """Add a user text item (unless None), ask for a text reply, return its response.done."""
+    if text is not None:
+        content = [{"type": "input_text", "text": text}]
+        message = {"type": "message", "role": "user", "content": content}
+        await send_event(ws, {"type": "conversation.item.create", "item": {**message, "id": item}})
+        await recv_until(ws, "conversation.item.done")
+    await send_event(ws, {"type": "response.create", "response": {"output_modalities": ["text"]}})
+    return (await recv_until(ws, "response.done"))[-1]["response"]
+
+
+def test_delete_over_websocket_equals_a_fresh_session(tiny_checkpoint: Path) -> None:
+    """Real workers behind the real server: a session deletes an older exchange (its user
+    item, then its reply), and its next reply (seeded sampling, as a client gets it) is the
+    one of a session that never had them. A cancelled text reply leaves the model only the
+    tokens whose text was sent."""
+    tokenizer = load_processor(tiny_checkpoint).tokenizer
+
+    async def run() -> None:
+        short = {"type": "realtime", "seed": 11, "max_output_tokens": 6}
+        seeded = {"type": "session.update", "session": short}
+        async with running_server(tiny_engine) as server:
+            async with server.ws() as ws:
+                await send_event(ws, seeded)
+                await recv_until(ws, "session.updated")
+                first = await ws_reply(ws, "Remember the number seven.", "item_u1")
+                second = await ws_reply(ws, "What did I ask you?", "item_u2")
+                for item in ("item_u2", second["output"][0]["id"]):
+                    await send_event(ws, {"type": "conversation.item.delete", "item_id": item})
+                    await recv_until(ws, "conversation.item.deleted")
+                after = await ws_reply(ws, "Say it again.", "item_u3")
+                # a text reply cut short: the model keeps what was sent, no more
+                long = {"output_modalities": ["text"], "max_output_tokens": 500}
+                await send_event(ws, {"type": "response.create", "response": long})
+                await recv_until(ws, "response.output_text.delta")
+                await send_event(ws, {"type": "response.cancel"})
+                done = (await recv_until(ws, "response.done"))[-1]["response"]
+                (session,) = server.engine._sessions.values()  # the log a rebuild replays
+                kept = session.replay._last_reply().tokens
+                assert done["status"] == "cancelled"
+                assert tokenizer.decode(kept, skip_special_tokens=True) == done["output"][0]["content"][0]["text"]
+            async with server.ws() as ws:
+                await send_event(ws, seeded)
+                await recv_until(ws, "session.updated")
+                fresh_first = await ws_reply(ws, "Remember the number seven.", "item_u1")
+                fresh = await ws_reply(ws, "Say it again.", "item_u3")
+        assert first["output"][0]["content"] == fresh_first["output"][0]["content"]
+        assert after["output"][0]["content"] == fresh["output"][0]["content"]
+        assert after["output"][0]["content"] != second["output"][0]["content"]
+
+    asyncio.run(run())

@@ -93,7 +93,8 @@ def position_map(spans: list[Span], next_position: int) -> torch.Tensor:
     """New position of each old one, up to past the last in use: the position values no span
     uses (freed by evictions) are closed up, keeping every span's own layout (each span is
     taken to cover the whole run from its lowest position to its highest, so it moves as
-    one). Index `next_position` gives the new next position."""
+    one). Index `next_position` gives the new next position (it is not always the last: an
+    open video-with-audio span has positions past it)."""
     used = [(int(s.positions.min()), int(s.positions.max())) for s in spans if s.size]
     size = max([next_position, *(hi + 1 for _, hi in used)]) + 1
     covered = torch.zeros(size, dtype=torch.bool)

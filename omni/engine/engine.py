@@ -621,7 +621,9 @@ def resolve_devices(device: str = "auto", talker_device: str | None = None) -> t
 
 def _open_message(session_id: str, options: SessionOptions, first_exchange: int) -> p.OpenSession:
     t = options.truncation
-    return p.OpenSession(session_id, options.instructions, t.mode, t.retention_ratio, first_exchange)
+    return p.OpenSession(
+        session_id, options.instructions, t.mode, t.retention_ratio, first_exchange
+    )
 
 
 def _rgb(rgb: np.ndarray) -> np.ndarray:

@@ -89,7 +89,9 @@ class ReplayLog:
         self._size -= turn.size
         turn.inputs, turn.labels, turn.size = [], [], 0
 
-    def reply_started(self, reply_id: str, instructions: str | None, item_id: str | None = None) -> None:
+    def reply_started(
+        self, reply_id: str, instructions: str | None, item_id: str | None = None
+    ) -> None:
         """A Respond: the open turn closes with this reply (conversation item `item_id`)."""
         if instructions is not None:
             self._instructions, self._changed = instructions, True

@@ -446,12 +446,21 @@ class ThinkerConversation:
         if over > 0:
             if self.truncation.mode == "disabled":
                 return False
-            self.evict(choose_evictions(self.ledger, self.cached, self.exchange, over, self.truncation))
+            chosen = choose_evictions(self.ledger, self.cached, self.exchange, over, self.truncation)
+            self.evict(chosen)
             if len(self.tokens) > limit:
                 return False
-        if self.position_limit is not None and self.positions.next > self.position_limit and not decoding:
+        if self._positions_past_limit() and not decoding:
             self.recompute()
         return True
+
+    def _positions_past_limit(self) -> bool:
+        """Positions passed the limit and a recompute would close up some (else it would only
+        cost a prefill: past the trained range then is approximate, as for any long input)."""
+        if self.position_limit is None or self.positions.next <= self.position_limit:
+            return False
+        next_position = self.positions.next
+        return int(position_map(self.ledger, next_position)[next_position]) < next_position
 
     def evict(self, spans: list[Span]) -> None:
         """Drop these cached spans from the KV slot (compacted in place: the keys that stay
@@ -503,7 +512,7 @@ class ThinkerConversation:
             self.pending[-1].logits_for = waiting[-1]
         if closing:
             self._closing = self.pending[-1]
-        self.positions.next = int(remap[-1])
+        self.positions.next = int(remap[self.positions.next])
         for ex in self.exchanges:
             ex.start_pos = int(remap[min(ex.start_pos, len(remap) - 1)])
         turn = self.turn
@@ -666,7 +675,9 @@ class ThinkerConversation:
         kind: str = "text",
     ) -> None:
         positions = self.positions.sequential(len(tokens))
-        self._prefill(tokens, None, positions, reply_token=reply_token, logits_for=logits_for, kind=kind)
+        self._prefill(
+            tokens, None, positions, reply_token=reply_token, logits_for=logits_for, kind=kind
+        )
 
     def _prefill(
         self,
@@ -683,7 +694,7 @@ class ThinkerConversation:
             return
         ids = torch.tensor(tokens, device=self.device)
         inputs = self.model.get_input_embeddings()(ids) if embeds is None else embeds
-        self._record(kind if not multimodal else self._multimodal_kind(tokens[0]), positions, embeds)
+        self._record(self._multimodal_kind(tokens[0]) if multimodal else kind, positions, embeds)
         self.tokens.append(ids)
         self.pending.append(_Segment(inputs, positions, multimodal, reply_token, logits_for))
 
@@ -726,7 +737,9 @@ class ThinkerStage:
 
     def step(self, conversations: dict[str, ThinkerConversation]) -> StepResult:
         result = StepResult()
-        result.over = [k for k, conv in conversations.items() if conv.pending and not conv.fit_budget()]
+        result.over = [
+            key for key, conv in conversations.items() if conv.pending and not conv.fit_budget()
+        ]
         demands = [
             Demand(key, conv.pending_tokens(), decode=conv.decoding(), urgent=conv.waiting_reply())
             for key, conv in conversations.items()

@@ -218,7 +218,8 @@ class ThinkerWorker:
         if result.ran:
             self.io.count_step()
         for session_id in result.full:
-            self.fail(session_id, f"{CONTEXT_LENGTH_EXCEEDED}: the conversation is full ({self.kv.max_len} tokens)")
+            full = f"the conversation is full ({self.kv.max_len} tokens)"
+            self.fail(session_id, f"{CONTEXT_LENGTH_EXCEEDED}: {full}")
         for session_id in result.over:
             self.fail(session_id, self.over_budget(self.sessions[session_id]))
         for session_id in result.ready:
