@@ -105,12 +105,14 @@ def test_budget_holds_over_a_long_call_and_the_talker_follows(tiny) -> None:
     stage = ThinkerStage(tiny[0], kv, StepScheduler(128, 4))
     convs = {"s": conv}
     system = conv.ledger[0]
+    replies = []
     for n in range(10):
         user_turn(conv, n)
         while conv.pending:
             assert not stage.step(convs).over
             assert len(conv.tokens) <= conv.budget
-        assert len(reply(stage, convs, "s")) == 3
+        replies.append(reply(stage, convs, "s"))
+        assert len(replies[-1]) == 3
         assert conv.cached <= conv.budget + 3
         # the talker's rows are the thinker's context, position for position
         assert torch.equal(mirror.positions.view(), torch.cat([s.positions for s in conv.ledger], 1).T)
@@ -120,6 +122,15 @@ def test_budget_holds_over_a_long_call_and_the_talker_follows(tiny) -> None:
         assert {"video", "audio", "text"} <= left[e]  # the last exchanges are whole
     # what is left of the older exchanges: their words; their frames and audio went first
     assert all(kinds == {"text"} for e, kinds in left.items() if 0 <= e < conv.exchange - 2)
+    # the same call arriving all at once (a worker restart replays it): it runs, within budget
+    kv.release(conv.slot)
+    rebuilt, _ = make(tiny, kv, budget=1100)
+    for n, tokens in enumerate(replies):
+        user_turn(rebuilt, n)
+        rebuilt.add_reply(tokens)
+    stage.drain({"s": rebuilt})
+    assert len(rebuilt.tokens) <= rebuilt.budget
+    assert kinds_left(rebuilt)[conv.exchange] == left[conv.exchange]
 
 
 def test_eviction_order_by_kind(tiny) -> None:
@@ -134,7 +145,7 @@ def test_eviction_order_by_kind(tiny) -> None:
 
     def squeeze(by: int) -> None:
         conv.budget = len(conv.tokens) - by
-        assert conv.fit_budget()
+        conv.fit_budget(0)
         assert len(conv.tokens) <= conv.budget
 
     squeeze(1)  # one grid step of the oldest exchange's video
@@ -151,7 +162,7 @@ def test_eviction_order_by_kind(tiny) -> None:
     # nothing more may go: the budget can't be met, and the protected content is untouched
     conv.budget = 10
     before = [(s.kind, s.exchange, s.size) for s in conv.ledger if s.exchange >= 2]
-    assert not conv.fit_budget()
+    assert conv.fit_budget(0) == 0
     assert [(s.kind, s.exchange, s.size) for s in conv.ledger if s.exchange >= 2] == before
     assert conv.ledger[0].kind == "system"
 
@@ -230,7 +241,8 @@ def test_eviction_against_recompute(tiny, monkeypatch) -> None:
         conv.budget = len(conv.tokens) - sum(
             s.size for s in conv.ledger if 0 <= s.exchange < 2 and s.kind in ("video", "audio")
         )
-        assert conv.fit_budget()
+        conv.fit_budget(0)
+        assert len(conv.tokens) == conv.budget
     # the kept keys are the old keys of the kept rows, in order (positions untouched)
     survivors = torch.cat([torch.arange(a, b) for a, b in _survivors(spans_before, evicted)])
     assert torch.equal(kv.keys[:, evicted.slot, :, : evicted.cached], keys_before[:, :, survivors])

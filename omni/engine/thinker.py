@@ -434,25 +434,26 @@ class ThinkerConversation:
 
     # -- the context budget (context_budget.py) -------------------------------------------
 
-    def fit_budget(self) -> bool:
-        """Before a step runs this conversation's queued rows: keep it within its budget,
-        evicting the oldest content as `truncation` says, and rebuild it at closed-up
-        positions when they near the model's trained range. False: over the budget and
-        nothing (more) may go (truncation disabled, or all that is left is protected)."""
+    def fit_budget(self, step_rows: int) -> int:
+        """Before a step that may run up to `step_rows` of this conversation's queued rows:
+        keep it within its budget, evicting the oldest cached content as `truncation` says,
+        and rebuild it at closed-up positions when they near the model's trained range.
+        Returns how many rows may run (0: over the budget, and nothing more may go:
+        truncation disabled, or what is cached is all protected). Evictions make room for
+        the rows about to run, not for the whole queue: a rebuilt conversation arrives all at
+        once, and its older exchanges become evictable only once they have run."""
         reply = self.reply
         decoding = reply is not None and not reply.done and bool(reply.tokens)
         limit = self.kv.max_len if decoding else self.budget  # a reply may use the reserve
-        over = len(self.tokens) - limit
-        if over > 0:
-            if self.truncation.mode == "disabled":
-                return False
-            chosen = choose_evictions(self.ledger, self.cached, self.exchange, over, self.truncation)
+        if len(self.tokens) > limit and self.truncation.mode == "disabled":
+            return 0
+        need = self.cached + min(self.pending_tokens(), step_rows) - limit
+        if need > 0:
+            chosen = choose_evictions(self.ledger, self.cached, self.exchange, need, self.truncation)
             self.evict(chosen)
-            if len(self.tokens) > limit:
-                return False
         if self._positions_past_limit() and not decoding:
             self.recompute()
-        return True
+        return max(0, limit - self.cached)
 
     def _positions_past_limit(self) -> bool:
         """Positions passed the limit and a recompute would close up some (else it would only
@@ -737,13 +738,16 @@ class ThinkerStage:
 
     def step(self, conversations: dict[str, ThinkerConversation]) -> StepResult:
         result = StepResult()
-        result.over = [
-            key for key, conv in conversations.items() if conv.pending and not conv.fit_budget()
-        ]
-        demands = [
-            Demand(key, conv.pending_tokens(), decode=conv.decoding(), urgent=conv.waiting_reply())
+        room = {
+            key: conv.fit_budget(self.scheduler.token_budget)
             for key, conv in conversations.items()
-            if conv.pending and key not in result.over
+            if conv.pending
+        }
+        result.over = [key for key, rows in room.items() if rows == 0]
+        demands = [
+            Demand(key, min(conv.pending_tokens(), room[key]), conv.decoding(), conv.waiting_reply())
+            for key, conv in conversations.items()
+            if room.get(key)
         ]
         plan = []
         for key, n in self.scheduler.plan(demands):
