@@ -351,3 +351,62 @@ def test_positions_stay_in_range_by_recompute(tiny) -> None:
         assert torch.equal(mirror.positions.view(), torch.cat([s.positions for s in conv.ledger], 1).T)
     assert mirror.rebuilds >= 2 and most < 400 + 200  # at most a turn past the limit
     assert max(int(s.positions.max()) for s in conv.ledger) < conv.positions.next
+
+
+def test_talker_drops_the_same_rows_mid_reply(tiny_checkpoint) -> None:
+    """The talker mirrors the thinker's context: an eviction while the talker speaks drops the
+    same rows from its rows and its cache (the kept entries bitwise, the reply's codec
+    entries moved down with them), and the reply speaks on to its end."""
+    from omni.checkpoints.parts import load_speakers
+    from omni.engine.talker import TalkerConversation, TalkerStage
+    from omni.engine.talker_worker import special_embeds
+
+    torch.set_grad_enabled(False)
+    model = Qwen2_5OmniForConditionalGeneration.from_pretrained(tiny_checkpoint).eval()
+    processor = load_processor(tiny_checkpoint)
+    special = special_embeds(str(tiny_checkpoint), model.talker, load_speakers(tiny_checkpoint))
+    kv = KVSlots.for_model(model.thinker.config.text_config, 1, SLOT_LEN, "cpu", torch.float32)
+    talker_kv = KVSlots.for_model(model.talker.config, 1, SLOT_LEN, "cpu", torch.float32)
+    talker = TalkerConversation(model.talker, special, talker_kv)
+    conv = thinker_conversation(
+        model.thinker, processor, talker.add_rows, kv, on_evict=talker.evict_rows
+    )
+    stage = ThinkerStage(model.thinker, kv, StepScheduler(256, 4))
+    talker_stage = TalkerStage(model.talker, talker_kv, StepScheduler(256, 4))
+    convs = {"s": conv}
+    for n in range(3):
+        user_turn(conv, n)
+        reply(stage, convs, "s")
+    user_turn(conv, 3)
+    conv.end_turn()
+    r = conv.start_reply(6, greedy=True, min_tokens=6)
+    first_row = len(conv.tokens)
+    talker.start_reply(first_row, "Chelsie", greedy=True, max_codes=16, min_codes=16)
+    while len(talker.reply.codes) < 4:  # the talker is speaking
+        stage.step(convs)
+        if conv.can_choose():
+            token, last = conv.choose()
+            if last:
+                talker.text_ended(len(conv.tokens) - first_row)
+        talker_stage.step({"s": talker})
+    rows_before = talker.rows.view().clone()
+    cache_before = talker_kv.keys[:, talker.slot, :, : talker_kv.lengths[talker.slot]].clone()
+    spans = [(s.start, s.end) for s in conv.ledger]
+    old_video = [s for s in conv.ledger if s.kind == "video" and s.exchange == 0]
+    conv.evict(old_video)
+    gone = [(s.start, s.end) for s in old_video]
+    kept = torch.cat([torch.arange(a, b) for a, b in spans if (a, b) not in gone])
+    kept = kept[kept < len(rows_before)]
+    assert torch.equal(talker.rows.view(), rows_before[kept])
+    in_cache = torch.cat([kept[kept < cache_before.shape[2]], torch.arange(first_row, cache_before.shape[2])])
+    in_cache = torch.unique(in_cache)
+    assert torch.equal(talker_kv.keys[:, talker.slot, :, : talker_kv.lengths[talker.slot]], cache_before[:, :, in_cache])
+    assert talker.reply.first_row == first_row - sum(b - a for a, b in gone) == r.start_len
+    while not talker.reply.done:
+        stage.step(convs)
+        if conv.can_choose():
+            token, last = conv.choose()
+            if last:
+                talker.text_ended(len(conv.tokens) - r.start_len)
+        talker_stage.step({"s": talker})
+    assert len(talker.reply.codes) == 16

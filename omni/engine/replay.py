@@ -7,6 +7,9 @@ truncation is confirmed. On a restart the log is sent again in order, each past 
 `AddReply` (teacher-forced, with the instructions in force then), so the model sees the same
 conversation without generating anything.
 
+The log keeps what the thinker's context budget evicted (context_budget.py): a rebuild sends
+it all and the same budget evicts again as the rebuilt conversation runs, oldest kind first.
+
 Inputs are labelled with the conversation item they make up (`label`), and replies with
 theirs, so an item can be deleted wherever it is (`delete_item`): it goes from the log, and
 the thinker rewinds to its turn and is sent the log again from there (`messages(turn)`).

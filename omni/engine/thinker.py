@@ -507,7 +507,10 @@ class ThinkerConversation:
         tokens = self.tokens.view()
         for s in self.ledger:
             s.positions = remap[s.positions]
-            inputs = s.embeds if s.embeds is not None else embed(tokens[s.start : s.end])
+            if s.embeds is not None:
+                inputs = s.embeds.to(self.device)
+            else:
+                inputs = embed(tokens[s.start : s.end])
             self.pending.append(_Segment(inputs, s.positions, s.embeds is not None))
         if waiting:
             self.pending[-1].logits_for = waiting[-1]
@@ -563,7 +566,9 @@ class ThinkerConversation:
             last.end += n
             last.positions = torch.cat([last.positions, positions.cpu()], dim=1)
             return
-        self.ledger.append(Span(kind, self.exchange, start, start + n, positions.cpu(), embeds))
+        # audio/vision embeddings wait for a recompute in host memory, not on the GPU
+        kept = None if embeds is None else embeds.to("cpu", non_blocking=True)
+        self.ledger.append(Span(kind, self.exchange, start, start + n, positions.cpu(), kept))
 
     def _truncate_tokens(self, length: int) -> None:
         """The conversation ends at `length` tokens: the token list and the ledger."""
