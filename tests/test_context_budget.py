@@ -303,7 +303,9 @@ def test_disabled_truncation_through_the_workers(tiny_checkpoint) -> None:
         async def on_error(message: str) -> None:
             errors.append(message)
 
-        config = EngineConfig(str(tiny_checkpoint), max_context_tokens=160, context_budget_tokens=100)
+        config = EngineConfig(
+            str(tiny_checkpoint), max_context_tokens=160, context_budget_tokens=100, reply_reserve_tokens=60
+        )
         options = SessionOptions(on_error=on_error, truncation=Truncation("disabled"))
         async with running_engine(config) as engine:
             await engine.open_session("s", options)

@@ -94,6 +94,15 @@ class EngineConfig:
     attn_implementation: str = "sdpa"  # or "eager": both take the batched forward's masks
     cuda_graphs: bool = True  # decode-only steps as CUDA graphs, on CUDA devices only
 
+    def __post_init__(self) -> None:
+        room = self.max_context_tokens - self.reply_reserve_tokens
+        if room < 1 or (self.context_budget_tokens or room) > room:
+            raise ValueError(
+                f"the context budget ({self.context_budget_tokens or room} tokens) must be "
+                f"positive and leave a reply its reserve ({self.reply_reserve_tokens} of "
+                f"{self.max_context_tokens} tokens)"
+            )
+
 
 class _ReplyEnded(Exception):
     """The reply ends failed without its workers' Done messages (a worker lost, an overflow)."""
@@ -390,6 +399,8 @@ class OmniEngine:
         try:
             turn = session.replay.delete_item(item_id)
         except KeyError:
+            if not session.replay.dropped_turns:
+                return  # the model never had it (a reply cancelled before it began)
             raise EngineError(
                 f"item {item_id} is not in the model's memory (the replay log dropped it, or "
                 "it never reached the model)"

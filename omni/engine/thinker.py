@@ -12,6 +12,11 @@ segments of every session in one batched forward, chunked under the scheduler's 
 (omni/engine/scheduler.py), into each session's KV slot (omni/engine/kv_memory.py). So an
 image or a long text in one call never holds up another call's reply.
 
+A ledger notes what each range of the context is (system turn, words, an audio chunk, a
+video grid step, an image) and which exchange it belongs to; with it the context keeps to its
+budget (omni/engine/context_budget.py: old video, then old audio, then old words are evicted
+from the KV slot in place) and an exchange can be rewound (a deleted item).
+
 Every position that enters the cache also yields a "context row" for the talker: the token's
 input embedding (zeroed for audio/image/video placeholders, as transformers' generate() does)
 plus its last-layer hidden state. The rows of reply tokens are the talker's reply parts.
@@ -190,6 +195,7 @@ class ThinkerConversation:
         self.ledger: list[Span] = []  # what each range of the context is, in order
         self.first_exchange = first_exchange
         self.exchanges: list[_Exchange] = []  # the exchanges so far, from `first_exchange` on
+        self._holes = False  # evictions left unused positions that a recompute would close
         self._prefill_text(self._system_turn(system_prompt), kind="system")
 
     @property
@@ -458,10 +464,13 @@ class ThinkerConversation:
     def _positions_past_limit(self) -> bool:
         """Positions passed the limit and a recompute would close up some (else it would only
         cost a prefill: past the trained range then is approximate, as for any long input)."""
-        if self.position_limit is None or self.positions.next <= self.position_limit:
+        if not self._holes or self.position_limit is None:
             return False
         next_position = self.positions.next
-        return int(position_map(self.ledger, next_position)[next_position]) < next_position
+        if next_position <= self.position_limit:
+            return False
+        self._holes = int(position_map(self.ledger, next_position)[next_position]) < next_position
+        return self._holes
 
     def evict(self, spans: list[Span]) -> None:
         """Drop these cached spans from the KV slot (compacted in place: the keys that stay
@@ -473,6 +482,7 @@ class ThinkerConversation:
         assert all(end <= self.cached for _, end in ranges), "only cached rows can be evicted"
         self.kv.evict(self.slot, ranges)
         self.tokens.delete(ranges)
+        self._holes = True
         if self.on_evict is not None:
             self.on_evict(ranges)
         gone = set(map(id, spans))
@@ -498,6 +508,7 @@ class ThinkerConversation:
         content, unlike eviction): every row is queued again, the talker's rows with them.
         Not while a reply is decoding (its rows would move under it)."""
         remap = position_map(self.ledger, self.positions.next)
+        self._holes = False
         waiting = [seg.logits_for for seg in self.pending if seg.logits_for is not None]
         closing = self._closing is not None and self._closing in self.pending
         self.pending.clear()
