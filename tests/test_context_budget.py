@@ -322,7 +322,9 @@ def test_disabled_truncation_through_the_workers(tiny_checkpoint) -> None:
             await engine.delete_item("s", "a3")
             await engine.add_text("s", "Still there?")
             assert (await respond(engine, 4, "a4")).status == "completed"
-            assert engine.kv_stats  # the heartbeats carry the context size per stage
+            while "s" not in engine.context_tokens:  # the thinker's heartbeat, each second
+                await asyncio.sleep(0.1)
+            assert 0 < engine.context_tokens["s"] <= 160  # the budget's 100, and a reply's room
 
     asyncio.run(run())
 

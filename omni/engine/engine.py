@@ -153,6 +153,7 @@ class OmniEngine:
         self._ready: dict[str, asyncio.Event] = {}
         self._last_beat: dict[str, float] = {}
         self.kv_stats: dict[str, dict[str, int]] = {}  # per worker, from its heartbeats
+        self.context_tokens: dict[str, int] = {}  # per session, from the thinker's heartbeats
         self._sessions: dict[str, _Session] = {}
         self._replies: dict[str, _Reply] = {}
         self._results: dict[str, asyncio.Future[int]] = {}
@@ -571,6 +572,8 @@ class OmniEngine:
                     self._last_beat[msg.worker] = time.monotonic()
                     if msg.kv:
                         self.kv_stats[msg.worker] = msg.kv
+                    if msg.worker == "thinker":
+                        self.context_tokens = msg.contexts
                 case p.Result():
                     future = self._results.get(msg.request)
                     if future is not None and not future.done():

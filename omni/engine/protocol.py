@@ -235,6 +235,7 @@ class Ready(Msg):
 class Heartbeat(Msg):
     worker: str
     kv: dict[str, int] = {}  # the worker's KV memory (KVSlots.stats()), for /metrics
+    contexts: dict[str, int] = {}  # the thinker's context tokens per session, for /metrics
 
 
 class TextOut(Msg):

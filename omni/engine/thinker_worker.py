@@ -73,7 +73,8 @@ class ThinkerWorker:
             for msg in self.io.receive(0 if busy else 100):
                 self.handle(msg)
             self.step()
-            self.io.beat(self.kv.stats())
+            contexts = {key: len(conv.tokens) for key, conv in self.sessions.items()}
+            self.io.beat(self.kv.stats(), contexts)
 
     # -- messages -------------------------------------------------------------------------
 

@@ -128,13 +128,15 @@ class WorkerIO:
     def send(self, to: str, msg: p.Msg) -> None:
         self.outputs[to].send(p.encode(msg))
 
-    def beat(self, kv: dict[str, int] | None = None) -> None:
+    def beat(
+        self, kv: dict[str, int] | None = None, contexts: dict[str, int] | None = None
+    ) -> None:
         now = time.monotonic()
         if now - self._last_beat >= 1.0:
             self._last_beat = now
             if self._parent is not None and not self._parent.is_alive():
                 _exit_orphaned(self.name)
-            self.send("frontend", p.Heartbeat(self.name, kv or {}))
+            self.send("frontend", p.Heartbeat(self.name, kv or {}, contexts or {}))
 
     def count_step(self) -> None:
         """Fault injection for tests: crash or hang after N model steps."""
