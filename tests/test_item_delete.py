@@ -8,6 +8,8 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+import pytest
+
 from gateway_fixtures import tiny_engine
 from realtime_helpers import recv_until, running_server, send_event
 
@@ -143,3 +145,44 @@ def test_delete_over_websocket_equals_a_fresh_session(tiny_checkpoint: Path) -> 
         assert after["output"][0]["content"] != second["output"][0]["content"]
 
     asyncio.run(run())
+
+
+def test_replay_log_forgets_items() -> None:
+    """The log's side of a delete: an input item goes from its turn; a reply goes and its
+    turn runs into the next (two user items in a row are one user turn); what is sent again
+    starts at the item's turn."""
+    from omni.engine import protocol as p
+    from omni.engine.replay import ReplayLog
+
+    log = ReplayLog("s", None, 10_000_000)
+
+    def text(words: str) -> bytes:
+        return p.encode(p.AddText("s", words))
+
+    log.add_input(text("a"))
+    log.label("u1")
+    log.add_input(text("b"))
+    log.label("u2", last_only=True)
+    log.reply_started("r1", None, "a1")
+    log.reply_finished("r1", [1, 2])
+    log.add_input(text("c"))
+    log.label("u3")
+    log.reply_started("r2", None, "a2")
+    log.reply_finished("r2", [3])
+    log.add_input(text("d"))  # pending, not labelled yet
+
+    def sent(from_turn: int | None = None) -> list[object]:
+        out = []
+        for data in log.messages(from_turn):
+            msg = p.decode(data)
+            out.append(msg.text if isinstance(msg, p.AddText) else msg.token_ids)
+        return out
+
+    assert sent() == ["a", "b", [1, 2], "c", [3], "d"]
+    assert log.delete_item("u1") == 0 and sent(0) == ["b", [1, 2], "c", [3], "d"]
+    assert log.delete_item("a1") == 0 and sent() == ["b", "c", [3], "d"]
+    assert log.delete_item("a2") == 0 and sent() == ["b", "c", "d"]
+    size = log.size
+    assert log.delete_item("u3") == 0 and sent() == ["b", "d"] and log.size < size
+    with pytest.raises(KeyError):  # a deleted item is gone
+        log.delete_item("u3")
