@@ -187,6 +187,7 @@ class ReplayLog:
         latest, cut = self._turns[0], 0
         while self._size > self.max_bytes and latest.inputs:  # one turn over the bound alone
             data = latest.inputs.pop(0)
+            latest.labels.pop(0)
             latest.size -= len(data)
             self._size -= len(data)
             cut += 1
