@@ -20,6 +20,8 @@ OUTPUT_SAMPLE_RATE = 24_000
 # one codec token is 20 ms of speech: 480 samples at 24 kHz
 SAMPLES_PER_CODE = 480
 VOICES = ("Chelsie", "Ethan")
+# how an engine error that is the context budget's begins (a client sees it as the error code)
+CONTEXT_LENGTH_EXCEEDED = "context_length_exceeded"
 
 
 @dataclass(frozen=True)

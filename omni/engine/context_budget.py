@@ -35,7 +35,6 @@ from omni.engine.api import Truncation
 # one, and the last reply with what prompted it is what a follow-up most often refers to
 KEEP_LAST_EXCHANGES = 2
 TIERS = {"video": 0, "image": 0, "audio": 1, "text": 2}  # evicted in this order
-CONTEXT_LENGTH_EXCEEDED = "context_length_exceeded"
 
 
 @dataclass(eq=False)

@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 import torch
 
 from omni.engine import protocol as p
-from omni.engine.api import Truncation
-from omni.engine.context_budget import CONTEXT_LENGTH_EXCEEDED, KEEP_LAST_EXCHANGES
+from omni.engine.api import CONTEXT_LENGTH_EXCEEDED, Truncation
+from omni.engine.context_budget import KEEP_LAST_EXCHANGES
 from omni.engine.scheduler import StepScheduler
 from omni.engine.thinker import SPEECH_SYSTEM_PROMPT, ThinkerConversation, ThinkerStage, TokenIds
 from omni.engine.worker import WorkerConfig, WorkerIO, configure_worker, kv_store
