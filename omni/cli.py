@@ -112,6 +112,8 @@ def _serve(args: argparse.Namespace) -> int:
         vocoder_solver=settings.vocoder_solver,
         kv_slots=settings.max_sessions,
         max_context_tokens=settings.max_context_tokens,
+        context_budget_tokens=settings.context_budget_tokens,
+        reply_reserve_tokens=settings.reply_reserve_tokens,
         step_token_budget=settings.step_token_budget,
         max_batch=settings.max_batch,
         attn_implementation=settings.attn_implementation,

@@ -127,3 +127,11 @@ class _EngineCollector(Collector):
             for stage, stats in kv.items():
                 family.add_metric([stage], stats.get(name, 0))
             yield family
+        # each session's thinker context (what its context budget bounds), per heartbeat
+        contexts: dict[str, int] = getattr(self._engine(), "context_tokens", {})
+        family = GaugeMetricFamily(
+            "omni_context_tokens", "Thinker context tokens of each open session.", labels=["session"]
+        )
+        for session, tokens in contexts.items():
+            family.add_metric([session], tokens)
+        yield family

@@ -130,6 +130,19 @@ class Settings(BaseSettings):
         description="KV memory reserved per session and stage (one slot per max_sessions); "
         "a conversation that fills it gets a context_length_exceeded error.",
     )
+    context_budget_tokens: int | None = Field(
+        None,
+        ge=64,
+        description="The thinker's context per session is kept within this many tokens (old "
+        "video, then old audio, then old words are dropped, as session.truncation says); "
+        "default: max_context_tokens minus reply_reserve_tokens.",
+    )
+    reply_reserve_tokens: int = Field(
+        1024,
+        ge=1,
+        description="KV memory (and TMRoPE positions) kept free of the context budget for the "
+        "reply being generated.",
+    )
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field(
         "sdpa",
         description="Attention kernel for the batched thinker and talker: sdpa, eager, or "
@@ -337,6 +350,21 @@ class Settings(BaseSettings):
     @classmethod
     def _empty_is_none(cls, value: object) -> object:
         return value or None
+
+    @model_validator(mode="after")
+    def _check_budget(self) -> Settings:
+        if self.reply_reserve_tokens >= self.max_context_tokens:
+            raise ValueError(
+                f"reply_reserve_tokens ({self.reply_reserve_tokens}) must be below "
+                f"max_context_tokens ({self.max_context_tokens})"
+            )
+        room = self.max_context_tokens - self.reply_reserve_tokens
+        if self.context_budget_tokens is not None and self.context_budget_tokens > room:
+            raise ValueError(
+                f"context_budget_tokens ({self.context_budget_tokens}) must leave the reply "
+                f"its reserve: at most max_context_tokens - reply_reserve_tokens ({room})"
+            )
+        return self
 
     @model_validator(mode="after")
     def _check_turn(self) -> Settings:

@@ -11,9 +11,10 @@ from omni.engine.thinker_worker import token_ids
 
 
 def thinker_conversation(
-    thinker, processor, on_rows: Callable[[ContextRows], None], kv: KVSlots
+    thinker, processor, on_rows: Callable[[ContextRows], None], kv: KVSlots, **options
 ) -> ThinkerConversation:
-    """A conversation as the thinker worker opens one, with the default system prompt."""
+    """A conversation as the thinker worker opens one, with the default system prompt
+    (`options`: ThinkerConversation's keyword options, e.g. its budget)."""
     tok = processor.tokenizer
     return ThinkerConversation(
         thinker,
@@ -24,4 +25,5 @@ def thinker_conversation(
         lambda text: tok.encode(text, add_special_tokens=False),
         on_rows,
         kv,
+        **options,
     )

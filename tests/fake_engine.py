@@ -37,6 +37,7 @@ from omni.engine.api import (
     SessionOptions,
     StageTimings,
     TextDelta,
+    Truncation,
 )
 from omni.engine.heard import SpokenReply, heard_tokens
 
@@ -75,6 +76,8 @@ class FakeConversation:
     cancelled: bool = False
     closed: bool = False
     busy: str | None = None
+    labels: list[str] = field(default_factory=list)  # label_input's item ids, in order
+    deleted: list[str] = field(default_factory=list)  # delete_item's item ids, in order
 
     def reply_text(self, index: int = -1) -> str:
         return "".join(self.history[index][1])
@@ -241,18 +244,42 @@ class FakeEngine:
             self.sessions[session_id].cancelled = True
 
     async def truncate_reply(self, session_id: str, audio_ms: int) -> int:
-        conversation = self._enter("truncate_reply", session_id)
+        conversation = self.sessions.get(session_id)
+        spoken = conversation.spoken if conversation is not None else None
+        keep = 0 if spoken is None else heard_tokens(spoken, audio_ms, conversation.codes_per_token)
+        return await self.keep_reply_tokens(session_id, keep, "truncate_reply")
+
+    async def keep_reply_tokens(
+        self, session_id: str, tokens: int, call: str = "keep_reply_tokens"
+    ) -> int:
+        conversation = self._enter(call, session_id)
         try:
             if not conversation.history:
                 raise EngineError("no reply to truncate")
-            tokens = conversation.history[-1][1]
-            spoken = conversation.spoken
-            rate = conversation.codes_per_token
-            keep = 0 if spoken is None else heard_tokens(spoken, audio_ms, rate)
-            del tokens[keep:]
-            return len(tokens)
+            kept = conversation.history[-1][1]
+            del kept[tokens:]
+            return len(kept)
         finally:
             self._leave(conversation)
+
+    async def label_input(self, session_id: str, item_id: str, last_only: bool = False) -> None:
+        conversation = self._enter("label_input", session_id)
+        conversation.labels.append(item_id)
+        self._leave(conversation)
+
+    async def delete_item(self, session_id: str, item_id: str) -> None:
+        """A reply's item forgets its words; any item is recorded in `deleted`."""
+        conversation = self._enter("delete_item", session_id)
+        conversation.deleted.append(item_id)
+        for options, (_, tokens) in zip(conversation.replies, conversation.history):
+            if options.item_id == item_id:
+                tokens.clear()
+        self._leave(conversation)
+
+    async def set_truncation(self, session_id: str, truncation: Truncation) -> None:
+        conversation = self._enter("set_truncation", session_id)
+        conversation.options.truncation = truncation
+        self._leave(conversation)
 
 
 @asynccontextmanager

@@ -161,7 +161,7 @@ async def test_text_and_image_item_then_text_reply(h: Harness, engine: FakeEngin
     assert h.audio == [] and engine.conversation().replies[-1].output_audio is False
 
 
-async def test_delete_pending_item_and_latest_reply(h: Harness, engine: FakeEngine) -> None:
+async def test_delete_pending_and_older_items(h: Harness, engine: FakeEngine) -> None:
     for text in ("first", "second"):
         await h.send(
             {
@@ -184,9 +184,14 @@ async def test_delete_pending_item_and_latest_reply(h: Harness, engine: FakeEngi
     await h.until("conversation.item.deleted")
     await h.settle()
     assert engine.conversation().reply_text() == ""  # the model forgot what it said
+    # an item the model already has (older than the latest) goes from its memory too
+    await h.send({"type": "conversation.item.delete", "item_id": "item_second"})
+    await h.until("conversation.item.deleted")
+    await h.settle()
+    assert engine.conversation().deleted == [reply, "item_second"]
     await h.send({"type": "conversation.item.delete", "item_id": "item_second", "event_id": "d3"})
     error = (await h.until("error"))[-1]["error"]
-    assert (error["code"], error["event_id"]) == ("unsupported", "d3")
+    assert (error["code"], error["event_id"]) == ("item_not_found", "d3")
 
 
 async def test_truncate_keeps_heard_text(h: Harness, engine: FakeEngine) -> None:
@@ -408,3 +413,32 @@ async def test_concurrent_pushes_keep_arrival_order(h: Harness, engine: FakeEngi
     received = np.concatenate(engine.conversation().history[0][0].audio)
     start = events[0]["audio_start_ms"] * 16
     np.testing.assert_array_equal(received, audio[start : start + len(received)])
+
+
+async def test_truncation_and_context_length_exceeded(h: Harness, engine: FakeEngine) -> None:
+    ratio = {"type": "retention_ratio", "retention_ratio": 0.5}
+    await h.send({"type": "session.update", "session": {"type": "realtime", "truncation": ratio}})
+    assert (await h.until("session.updated"))[-1]["session"]["truncation"] == ratio
+    await h.settle()
+    assert engine.conversation().options.truncation.retention_ratio == 0.5
+    bad = {"type": "retention_ratio", "retention_ratio": 2.0}
+    await h.send({"type": "session.update", "session": {"truncation": bad}, "event_id": "t1"})
+    error = (await h.until("error"))[-1]["error"]
+    assert error["event_id"] == "t1" and "truncation" in (error["param"] or "")
+    # the engine's context_length_exceeded keeps its code on the way to the client
+    engine.fail_next_reply = "context_length_exceeded: the conversation would pass its budget"
+    await h.send({"type": "response.create"})
+    done = (await h.until("response.done"))[-1]["response"]
+    assert done["status_details"]["error"]["code"] == "context_length_exceeded"
+
+
+async def test_cancelled_text_reply_keeps_what_was_sent(h: Harness, engine: FakeEngine) -> None:
+    await h.send({"type": "response.create", "response": {"output_modalities": ["text"]}})
+    deltas = [e for e in await h.until("response.output_text.delta")]
+    await h.send({"type": "response.cancel"})
+    events = await h.until("response.done")
+    sent = "".join(e["delta"] for e in deltas + events if e["type"] == "response.output_text.delta")
+    done = events[-1]["response"]
+    assert done["status"] == "cancelled" and done["output"][0]["content"][0]["text"] == sent
+    await h.settle()
+    assert "".join(engine.conversation().history[-1][1]) == sent  # the model kept no more

@@ -20,6 +20,19 @@ OUTPUT_SAMPLE_RATE = 24_000
 # one codec token is 20 ms of speech: 480 samples at 24 kHz
 SAMPLES_PER_CODE = 480
 VOICES = ("Chelsie", "Ethan")
+# how an engine error that is the context budget's begins (a client sees it as the error code)
+CONTEXT_LENGTH_EXCEEDED = "context_length_exceeded"
+
+
+@dataclass(frozen=True)
+class Truncation:
+    """OpenAI's `session.truncation`, for the session's context budget: "auto" drops the
+    oldest content it must when the budget is reached, "retention_ratio" keeps that share of
+    the droppable content then (dropping more at once, so drops come seldom), "disabled"
+    refuses input past the budget (a context_length_exceeded error)."""
+
+    mode: Literal["auto", "disabled", "retention_ratio"] = "auto"
+    retention_ratio: float = 1.0
 
 
 @dataclass
@@ -30,6 +43,7 @@ class SessionOptions:
     # problems found outside the session's calls (input the model could not use, a worker
     # restart), pushed as they are found; None: only logged
     on_error: Callable[[str], Awaitable[None]] | None = None
+    truncation: Truncation = field(default_factory=Truncation)
 
 
 @dataclass
@@ -49,6 +63,7 @@ class ReplyOptions:
     talker_temperature: float = 0.9
     talker_repetition_penalty: float = 1.05
     seed: int | None = None
+    item_id: str | None = None  # the conversation item the reply becomes (delete_item)
 
 
 @dataclass
@@ -131,3 +146,18 @@ class Engine(Protocol):
 
     async def truncate_reply(self, session_id: str, audio_ms: int) -> int:
         """Keep only the part of the last reply the caller heard; returns text tokens kept."""
+
+    async def keep_reply_tokens(self, session_id: str, tokens: int) -> int:
+        """Keep only the first `tokens` text tokens of the last reply (a cancelled text reply:
+        what was sent); returns text tokens kept."""
+
+    async def label_input(self, session_id: str, item_id: str, last_only: bool = False) -> None:
+        """The turn's input not labelled yet (`last_only`: the last input sent) is conversation
+        item `item_id`."""
+
+    async def delete_item(self, session_id: str, item_id: str) -> None:
+        """Forget a labelled input item or a past reply (ReplyOptions.item_id), wherever it
+        is in the conversation: the model's context becomes the one without it."""
+
+    async def set_truncation(self, session_id: str, truncation: Truncation) -> None:
+        """How the session's context keeps to its budget from now on."""

@@ -46,3 +46,28 @@ class GrowingTensor:
 
     def truncate(self, n: int) -> None:
         self._n = max(0, min(n, self._n))
+
+    def delete(self, ranges: list[tuple[int, int]]) -> None:
+        """Remove rows [start, end) of each range, closing the gaps (the rest keep their order)."""
+        ranges = clipped(ranges, self._n)
+        if not ranges:
+            return
+        first = ranges[0][0]
+        keep = kept_index(ranges, self._n, self._data.device)
+        self._data[first : first + keep.numel()] = self._data.index_select(0, keep)
+        self._n = first + keep.numel()
+
+
+def clipped(ranges: list[tuple[int, int]], length: int) -> list[tuple[int, int]]:
+    """`ranges` inside [0, length), non-empty, sorted."""
+    return sorted((max(0, a), min(b, length)) for a, b in ranges if min(b, length) > max(0, a))
+
+
+def kept_index(ranges: list[tuple[int, int]], length: int, device: torch.device) -> torch.Tensor:
+    """Indices from the first range's start to `length` that no range covers, in order
+    (`ranges` as `clipped` returns them)."""
+    keep = torch.ones(length, dtype=torch.bool)
+    for a, b in ranges:
+        keep[a:b] = False
+    keep[: ranges[0][0]] = False
+    return keep.nonzero().flatten().to(device)

@@ -47,6 +47,7 @@ from omni.engine.api import (
     SessionOptions,
     StageTimings,
     TextDelta,
+    Truncation,
 )
 from omni.engine.varlen_attention import check_attn_implementation
 from omni.engine.worker import Addresses, WorkerConfig
@@ -86,11 +87,24 @@ class EngineConfig:
     # batching: every model step runs all sessions with work in one forward
     kv_slots: int = 16  # sessions admitted (each worker reserves KV memory for this many)
     max_context_tokens: int = 32768  # KV memory per session and stage
+    # the thinker's context per session is kept within this (None: max_context_tokens minus
+    # reply_reserve_tokens), by session.truncation (context_budget.py)
+    context_budget_tokens: int | None = None
+    reply_reserve_tokens: int = 1024
     step_token_budget: int = 512  # rows per batched forward: decode rows first, then prefill
     max_batch: int = 16  # sessions per forward; 1 turns batching off (one session per forward)
     # sdpa or eager take the batched forward's masks; flash_attention_2 runs rows packed
     attn_implementation: str = "sdpa"
     cuda_graphs: bool = True  # decode-only steps as CUDA graphs, on CUDA devices only
+
+    def __post_init__(self) -> None:
+        room = self.max_context_tokens - self.reply_reserve_tokens
+        if room < 1 or (self.context_budget_tokens or room) > room:
+            raise ValueError(
+                f"the context budget ({self.context_budget_tokens or room} tokens) must be "
+                f"positive and leave a reply its reserve ({self.reply_reserve_tokens} of "
+                f"{self.max_context_tokens} tokens)"
+            )
 
 
 class _ReplyEnded(Exception):
@@ -144,6 +158,7 @@ class OmniEngine:
         self._ready: dict[str, asyncio.Event] = {}
         self._last_beat: dict[str, float] = {}
         self.kv_stats: dict[str, dict[str, int]] = {}  # per worker, from its heartbeats
+        self.context_tokens: dict[str, int] = {}  # per session, from the thinker's heartbeats
         self._sessions: dict[str, _Session] = {}
         self._replies: dict[str, _Reply] = {}
         self._results: dict[str, asyncio.Future[int]] = {}
@@ -206,6 +221,8 @@ class OmniEngine:
                 vocoder_solver=_solver_for(self.config.vocoder_solver, self.config.talker_device),
                 kv_slots=self.config.kv_slots,
                 max_context_tokens=self.config.max_context_tokens,
+                context_budget_tokens=self.config.context_budget_tokens,
+                reply_reserve_tokens=self.config.reply_reserve_tokens,
                 step_token_budget=self.config.step_token_budget,
                 max_batch=self.config.max_batch,
                 attn_implementation=self.config.attn_implementation,
@@ -233,7 +250,7 @@ class OmniEngine:
 
     def _rebuild(self, session_id: str, session: _Session) -> None:
         """Send the new thinker a session's conversation again (the talker follows its rows)."""
-        self._send("thinker", p.OpenSession(session_id, session.options.instructions))
+        self._send("thinker", _open_message(session_id, session.options, session.replay.first_turn))
         for data in session.replay.messages():
             self._out["thinker"].send(data)
 
@@ -312,7 +329,7 @@ class OmniEngine:
             )
         replay = ReplayLog(session_id, options.instructions, self.config.replay_max_bytes)
         self._sessions[session_id] = _Session(options, replay)
-        self._send("thinker", p.OpenSession(session_id, options.instructions))
+        self._send("thinker", _open_message(session_id, options, 0))
 
     async def close_session(self, session_id: str) -> None:
         session = self._sessions.pop(session_id, None)
@@ -362,11 +379,15 @@ class OmniEngine:
         session = self._session(session_id)
         spoken = session.last_spoken
         keep = 0 if spoken is None else heard_tokens(spoken, audio_ms, session.rate.codes_per_token)
+        return await self.keep_reply_tokens(session_id, keep)
+
+    async def keep_reply_tokens(self, session_id: str, tokens: int) -> int:
+        self._session(session_id)
         request = uuid.uuid4().hex
         future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self._results[request] = future
         try:
-            self._send("thinker", p.Truncate(session_id, request, keep))
+            self._send("thinker", p.Truncate(session_id, request, max(0, tokens)))
             kept = await asyncio.wait_for(future, timeout=30)
         finally:
             self._results.pop(request, None)
@@ -375,6 +396,38 @@ class OmniEngine:
             session.replay.truncated(kept)
         return kept
 
+    async def label_input(self, session_id: str, item_id: str, last_only: bool = False) -> None:
+        self._session(session_id, restarting_ok=True).replay.label(item_id, last_only)
+
+    async def delete_item(self, session_id: str, item_id: str) -> None:
+        """Recomputed from the item on, not evicted: the thinker rewinds to the item's turn
+        and is sent the log from there without it, so the context is exactly that of a
+        conversation that never had the item (eviction would leave its traces in the keys
+        and values of what came after)."""
+        session = self._session(session_id)
+        if session.reply is not None:
+            raise EngineError("a reply is in progress; delete items once it has ended")
+        try:
+            turn = session.replay.delete_item(item_id)
+        except KeyError:
+            if not session.replay.dropped_turns:
+                return  # the model never had it (a reply cancelled before it began)
+            raise EngineError(
+                f"item {item_id} is not in the model's memory (the replay log dropped it, or "
+                "it never reached the model)"
+            ) from None
+        self._send("thinker", p.Rewind(session_id, turn))
+        for data in session.replay.messages(turn):
+            self._out["thinker"].send(data)
+
+    async def set_truncation(self, session_id: str, truncation: Truncation) -> None:
+        session = self._session(session_id, restarting_ok=True)
+        session.options.truncation = truncation  # a rebuild opens the session with it
+        if self.ready:
+            self._send(
+                "thinker", p.SetTruncation(session_id, truncation.mode, truncation.retention_ratio)
+            )
+
     async def respond(self, session_id: str, options: ReplyOptions) -> AsyncIterator[EngineEvent]:
         session = self._session(session_id)
         if session.reply is not None:
@@ -382,7 +435,7 @@ class OmniEngine:
         reply_id = uuid.uuid4().hex
         state = self._replies[reply_id] = _Reply(session_id)
         session.reply = reply_id
-        session.replay.reply_started(reply_id, options.instructions)
+        session.replay.reply_started(reply_id, options.instructions, options.item_id)
         voice = options.voice or session.options.voice
         max_codes = options.max_codec_tokens or self.config.max_codec_tokens
         started = time.perf_counter()
@@ -536,6 +589,8 @@ class OmniEngine:
                     self._last_beat[msg.worker] = time.monotonic()
                     if msg.kv:
                         self.kv_stats[msg.worker] = msg.kv
+                    if msg.worker == "thinker":
+                        self.context_tokens = msg.contexts
                 case p.Result():
                     future = self._results.get(msg.request)
                     if future is not None and not future.done():
@@ -593,6 +648,13 @@ def resolve_devices(device: str = "auto", talker_device: str | None = None) -> t
     else:
         thinker, talker = "cuda:0", "cuda:1" if torch.cuda.device_count() > 1 else "cuda:0"
     return thinker, talker_device or talker
+
+
+def _open_message(session_id: str, options: SessionOptions, first_exchange: int) -> p.OpenSession:
+    t = options.truncation
+    return p.OpenSession(
+        session_id, options.instructions, t.mode, t.retention_ratio, first_exchange
+    )
 
 
 def _rgb(rgb: np.ndarray) -> np.ndarray:

@@ -12,12 +12,15 @@ settings size it (`kv_slots` x `max_context_tokens`).
 Layout (layers, slots, kv_heads, max_len, head_dim): a slot's keys for one head are
 contiguous along the sequence, so writing new tokens and slicing a prefix are cheap.
 Rotary positions are applied before keys are stored, so a slot's keys keep their positions
-whatever happens around them.
+whatever happens around them: `evict` can drop ranges of a slot (old video, old audio) and
+close the gap in place, and the keys that stay are still the keys of their positions.
 """
 
 from __future__ import annotations
 
 import torch
+
+from omni.engine.buffers import clipped, kept_index
 
 
 class KVFull(RuntimeError):
@@ -88,6 +91,21 @@ class KVSlots:
 
     def crop(self, slot: int, length: int) -> None:
         self.lengths[slot] = min(self.lengths[slot], max(0, length))
+
+    def evict(self, slot: int, ranges: list[tuple[int, int]]) -> int:
+        """Drop the slot's entries in `ranges` ([start, end) each), moving the later ones down
+        in place; returns how many went. One layer at a time, so the copy costs one layer's
+        share of the slot, not the whole store's."""
+        ranges = clipped(ranges, self.lengths[slot])
+        if not ranges:
+            return 0
+        first, length = ranges[0][0], self.lengths[slot]
+        keep = kept_index(ranges, length, self.keys.device)
+        for store in (self.keys, self.values):
+            for layer in store:  # (slots, heads, len, dim)
+                layer[slot, :, first : first + keep.numel()] = layer[slot].index_select(1, keep)
+        self.lengths[slot] = first + keep.numel()
+        return length - self.lengths[slot]
 
     def room(self, slot: int) -> int:
         return self.max_len - self.lengths[slot]

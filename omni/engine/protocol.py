@@ -49,6 +49,9 @@ class Msg(msgspec.Struct, tag=True, omit_defaults=True):
 class OpenSession(Msg):
     session: str
     instructions: str | None = None
+    truncation: str = "auto"  # session.truncation's type (context_budget.Truncation)
+    retention_ratio: float = 1.0
+    first_exchange: int = 0  # the replay log's number of the first turn it sends
 
 
 class CloseSession(Msg):
@@ -121,6 +124,22 @@ class InjectFault(Msg):  # tests only; ignored unless the worker was started wit
     after_steps: int = 0
 
 
+class SetTruncation(Msg):
+    """A session.update's `truncation`: how the session's context keeps to its budget."""
+
+    session: str
+    truncation: str
+    retention_ratio: float = 1.0
+
+
+class Rewind(Msg):
+    """Forget exchange `exchange` (a replay-log turn number) and all after it; the engine then
+    sends the rest of the log again (an older item was deleted)."""
+
+    session: str
+    exchange: int
+
+
 # -- thinker -> talker ----------------------------------------------------------------------
 
 
@@ -148,6 +167,14 @@ class Rows(Msg):
 
     def context_rows(self) -> ContextRows:
         return ContextRows(self.start, self.rows.tensor(), self.positions.tensor())
+
+
+class EvictRows(Msg):
+    """The thinker evicted these [start, end) context rows (its budget): the talker drops the
+    same rows, from its cache too, so its context still mirrors the thinker's."""
+
+    session: str
+    ranges: list[tuple[int, int]]
 
 
 class TalkerStart(Msg):
@@ -208,6 +235,7 @@ class Ready(Msg):
 class Heartbeat(Msg):
     worker: str
     kv: dict[str, int] = {}  # the worker's KV memory (KVSlots.stats()), for /metrics
+    contexts: dict[str, int] = {}  # the thinker's context tokens per session, for /metrics
 
 
 class TextOut(Msg):
@@ -299,6 +327,9 @@ Message = Union[
     VocoderDone,
     Result,
     WorkerError,
+    SetTruncation,
+    Rewind,
+    EvictRows,
 ]
 
 _encoder = msgspec.msgpack.Encoder()

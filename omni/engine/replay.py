@@ -7,6 +7,14 @@ truncation is confirmed. On a restart the log is sent again in order, each past 
 `AddReply` (teacher-forced, with the instructions in force then), so the model sees the same
 conversation without generating anything.
 
+The log keeps what the thinker's context budget evicted (context_budget.py): a rebuild sends
+it all and the same budget evicts again as the rebuilt conversation runs, oldest kind first.
+
+Inputs are labelled with the conversation item they make up (`label`), and replies with
+theirs, so an item can be deleted wherever it is (`delete_item`): it goes from the log, and
+the thinker rewinds to its turn and is sent the log again from there (`messages(turn)`).
+Turns are numbered from the first the session had, as the thinker numbers its exchanges.
+
 A clear drops the open turn's inputs from the log (replaying them and the clear would leave
 nothing). The log is bounded: over `max_bytes`, the oldest whole turns are dropped (a turn
 over the bound by itself loses its first inputs), each drop is logged, and a later rebuild
@@ -33,9 +41,11 @@ class _Turn:
     """User inputs (encoded messages, in order), then the reply to them once asked for."""
 
     inputs: list[bytes] = field(default_factory=list)
+    labels: list[str | None] = field(default_factory=list)  # each input's item (None: not yet)
     size: int = 0
     replied: bool = False
     reply_id: str | None = None
+    reply_item: str | None = None
     instructions: str | None = None  # in force for the reply; None: the session's own
     tokens: list[int] = field(default_factory=list)
     finished: bool = False  # the thinker reported the reply's end
@@ -55,23 +65,41 @@ class ReplayLog:
     def size(self) -> int:
         return self._size
 
+    @property
+    def first_turn(self) -> int:
+        """The number of the oldest turn kept (the turns before it were dropped)."""
+        return self.dropped_turns
+
     def add_input(self, data: bytes) -> None:
         """An encoded AppendAudio / AppendFrame / AddImage / AddText, as sent."""
         turn = self._open_turn()
         turn.inputs.append(data)
+        turn.labels.append(None)
         self._grow(turn, len(data))
+
+    def label(self, item_id: str, last_only: bool = False) -> None:
+        """The last turn's inputs not labelled yet (`last_only`: its last input) make up item
+        `item_id`."""
+        turn = self._turns[-1]
+        if last_only:
+            if turn.labels:
+                turn.labels[-1] = item_id
+            return
+        turn.labels = [item_id if label is None else label for label in turn.labels]
 
     def clear_turn(self) -> None:
         turn = self._open_turn()
         self._size -= turn.size
-        turn.inputs, turn.size = [], 0
+        turn.inputs, turn.labels, turn.size = [], [], 0
 
-    def reply_started(self, reply_id: str, instructions: str | None) -> None:
-        """A Respond: the open turn closes with this reply."""
+    def reply_started(
+        self, reply_id: str, instructions: str | None, item_id: str | None = None
+    ) -> None:
+        """A Respond: the open turn closes with this reply (conversation item `item_id`)."""
         if instructions is not None:
             self._instructions, self._changed = instructions, True
         turn = self._open_turn()
-        turn.replied, turn.reply_id = True, reply_id
+        turn.replied, turn.reply_id, turn.reply_item = True, reply_id, item_id
         turn.instructions = self._instructions if self._changed else None
 
     def reply_tokens(self, reply_id: str, token_ids: list[int]) -> None:
@@ -96,9 +124,35 @@ class ReplayLog:
             self._grow(turn, -TOKEN_BYTES * (len(turn.tokens) - kept))
             del turn.tokens[kept:]
 
-    def messages(self) -> Iterator[bytes]:
-        """The conversation again, as encoded messages for the thinker, oldest first."""
-        for turn in self._turns:
+    def delete_item(self, item_id: str) -> int:
+        """Drop an item's inputs, or a reply (its turn then runs into the next one, as two user
+        items in a row do); returns the number of the turn it was in. KeyError: not here."""
+        for index, turn in enumerate(self._turns):
+            if item_id in turn.labels:
+                pairs = list(zip(turn.inputs, turn.labels))
+                self._grow(turn, -sum(len(d) for d, label in pairs if label == item_id))
+                turn.inputs = [d for d, label in pairs if label != item_id]
+                turn.labels = [label for label in turn.labels if label != item_id]
+                return self.first_turn + index
+            if turn.replied and turn.reply_item == item_id:
+                self._grow(turn, -TOKEN_BYTES * len(turn.tokens))
+                if index + 1 < len(self._turns):
+                    after = self._turns[index + 1]
+                    del self._turns[index + 1]
+                    after.inputs[:0], after.labels[:0] = turn.inputs, turn.labels
+                    after.size += turn.size
+                    self._turns[index] = after
+                else:
+                    turn.replied, turn.reply_id, turn.reply_item = False, None, None
+                    turn.tokens, turn.finished = [], False
+                return self.first_turn + index
+        raise KeyError(item_id)
+
+    def messages(self, from_turn: int | None = None) -> Iterator[bytes]:
+        """The conversation again (from turn `from_turn` on), as encoded messages for the
+        thinker, oldest first."""
+        start = 0 if from_turn is None else max(0, from_turn - self.first_turn)
+        for turn in list(self._turns)[start:]:
             yield from turn.inputs
             if turn.replied:
                 yield p.encode(p.AddReply(self.session_id, list(turn.tokens), turn.instructions))
@@ -133,6 +187,7 @@ class ReplayLog:
         latest, cut = self._turns[0], 0
         while self._size > self.max_bytes and latest.inputs:  # one turn over the bound alone
             data = latest.inputs.pop(0)
+            latest.labels.pop(0)
             latest.size -= len(data)
             self._size -= len(data)
             cut += 1

@@ -24,6 +24,7 @@ from transformers import LogitsProcessorList
 
 from omni.engine.batched_forward import BatchedForward, Row
 from omni.engine.buffers import GrowingTensor
+from omni.engine.context_budget import removed_before
 from omni.engine.kv_memory import KVSlots
 from omni.engine.protocol import ContextRows
 from omni.engine.sampling import build_processors, choose, sampling_generator
@@ -97,6 +98,18 @@ class TalkerConversation:
             raise ValueError(f"context rows out of order: got {piece.start}, have {self.n_rows}")
         self.rows.append(piece.rows)
         self.row_pos.append(piece.positions.long().T)
+
+    def evict_rows(self, ranges: list[tuple[int, int]]) -> None:
+        """Drop the rows the thinker evicted: from the rows, and from the cache where they were
+        prefilled (the cache beyond them, a reply's codec positions included, moves down
+        with its rotary positions kept, as the thinker's does)."""
+        in_cache = [(a, min(b, self.prefilled)) for a, b in ranges if a < self.prefilled]
+        self.kv.evict(self.slot, in_cache)
+        self.prefilled -= removed_before(ranges, self.prefilled)
+        if self.reply is not None:
+            self.reply.first_row -= removed_before(ranges, self.reply.first_row)
+        self.rows.delete(ranges)
+        self.row_pos.delete(ranges)
 
     # -- reply ----------------------------------------------------------------------------
 

@@ -77,6 +77,8 @@ class TalkerWorker:
         match msg:
             case p.Rows():
                 self.conversation(msg.session).add_rows(msg.context_rows())
+            case p.EvictRows():
+                self.conversation(msg.session).evict_rows([tuple(r) for r in msg.ranges])
             case p.CloseSession():
                 self.io.send("vocoder", msg)  # relayed on, as the thinker relays it here
                 conv = self.sessions.pop(msg.session, None)

@@ -12,6 +12,11 @@ segments of every session in one batched forward, chunked under the scheduler's 
 (omni/engine/scheduler.py), into each session's KV slot (omni/engine/kv_memory.py). So an
 image or a long text in one call never holds up another call's reply.
 
+A ledger notes what each range of the context is (system turn, words, an audio chunk, a
+video grid step, an image) and which exchange it belongs to; with it the context keeps to its
+budget (omni/engine/context_budget.py: old video, then old audio, then old words are evicted
+from the KV slot in place) and an exchange can be rewound (a deleted item).
+
 Every position that enters the cache also yields a "context row" for the talker: the token's
 input embedding (zeroed for audio/image/video placeholders, as transformers' generate() does)
 plus its last-layer hidden state. The rows of reply tokens are the talker's reply parts.
@@ -34,6 +39,8 @@ from transformers.models.qwen2_5_omni.processing_qwen2_5_omni import _get_feat_e
 from omni.engine.audio_features import StreamingLogMel
 from omni.engine.batched_forward import BatchedForward, Row
 from omni.engine.buffers import GrowingTensor
+from omni.engine.api import Truncation
+from omni.engine.context_budget import Span, choose_evictions, position_map, removed_before
 from omni.engine.kv_memory import KVFull, KVSlots
 from omni.engine.positions import AudioVideoChunker, PositionTracker
 from omni.engine.protocol import ContextRows
@@ -68,6 +75,15 @@ class TokenIds:
     vision_bos: int
     vision_eos: int
     eos: list[int]
+
+
+@dataclass
+class _Exchange:
+    """Where an exchange (a user turn and its reply) began, after the last reply's end: a
+    rewind goes back here."""
+
+    start_len: int
+    start_pos: int
 
 
 @dataclass
@@ -141,6 +157,12 @@ class ThinkerConversation:
         on_rows: Callable[[ContextRows], None],
         kv: KVSlots,
         max_frame_side: int = 448,
+        *,
+        budget: int | None = None,
+        position_limit: int | None = None,
+        truncation: Truncation = Truncation(),
+        on_evict: Callable[[list[tuple[int, int]]], None] | None = None,
+        first_exchange: int = 0,
     ) -> None:
         self.model = thinker
         self.ids = ids
@@ -164,7 +186,17 @@ class ThinkerConversation:
         self.last_reply_tokens: list[int] = []
         self.system_prompt = system_prompt
         self._closing: _Segment | None = None  # the end of the last end_turn()
-        self._prefill_text(self._system_turn(system_prompt))
+        # the context budget (context_budget.py): input stays within `budget` tokens (a reply
+        # may use the rest of the slot), positions below `position_limit`
+        self.budget = kv.max_len if budget is None else min(budget, kv.max_len)
+        self.position_limit = position_limit
+        self.truncation = truncation
+        self.on_evict = on_evict
+        self.ledger: list[Span] = []  # what each range of the context is, in order
+        self.first_exchange = first_exchange
+        self.exchanges: list[_Exchange] = []  # the exchanges so far, from `first_exchange` on
+        self._holes = False  # evictions left unused positions that a recompute would close
+        self._prefill_text(self._system_turn(system_prompt), kind="system")
 
     @property
     def token_ids(self) -> list[int]:
@@ -173,6 +205,11 @@ class ThinkerConversation:
     @property
     def cached(self) -> int:
         return self.kv.lengths[self.slot]
+
+    @property
+    def exchange(self) -> int:
+        """The current exchange's number (the replay log's turn number)."""
+        return self.first_exchange + len(self.exchanges) - 1
 
     def close(self) -> None:
         """Give the KV slot back (the session ended)."""
@@ -234,14 +271,16 @@ class ThinkerConversation:
         if turn is not None:
             self._close_audio_span(turn)
             closing += [self.ids.im_end, self.ids.newline]
-        closing += self.tail
+        else:  # a reply with no input first: the last reply's end, then a new exchange
+            self._prefill_text(self.tail)
+            self._begin_exchange()
+        self._prefill_text(closing)
         if system_prompt is not None and system_prompt != self.system_prompt:
-            closing += self._system_turn(system_prompt)
+            self._prefill_text(self._system_turn(system_prompt), kind="system")
             self.system_prompt = system_prompt
-        closing += [self.ids.im_start, *self.ids.assistant, self.ids.newline]
         self.tail = []
         self.turn = None
-        self._prefill_text(closing)
+        self._prefill_text([self.ids.im_start, *self.ids.assistant, self.ids.newline])
         self._closing = self.pending[-1]
 
     def clear_turn(self) -> None:
@@ -249,6 +288,7 @@ class ThinkerConversation:
             self._rollback(self.turn.start_len, self.turn.start_pos)
             self.tail = self.turn.tail_before
             self.turn = None
+            self.exchanges.pop()  # the turn began it; the next input begins it again
 
     # -- reply ----------------------------------------------------------------------------
 
@@ -343,7 +383,7 @@ class ThinkerConversation:
         queued = [s for s in self.pending if s.reply_token]
         if queued:
             self.pending = deque(s for s in self.pending if not s.reply_token)
-            self.tokens.truncate(len(self.tokens) - sum(s.left for s in queued))
+            self._truncate_tokens(len(self.tokens) - sum(s.left for s in queued))
             self.positions.next -= sum(s.left for s in queued)
         # the last chosen token was not fed: it ended the reply, or the reply stopped first
         fed = len(self.tokens) - reply.start_len
@@ -384,7 +424,7 @@ class ThinkerConversation:
     def drop_pending(self) -> None:
         """Forget queued rows that could not run (a failed step): the conversation is what ran."""
         self.pending.clear()
-        self.tokens.truncate(self.cached)
+        self._truncate_tokens(self.cached)
 
     # -- rebuilding a conversation on a restarted worker ---------------------------------
 
@@ -400,6 +440,161 @@ class ThinkerConversation:
             self._prefill_text(tokens)
         self.tail = [self.ids.im_end, self.ids.newline]
 
+    # -- the context budget (context_budget.py) -------------------------------------------
+
+    def fit_budget(self, step_rows: int) -> int:
+        """Before a step that may run up to `step_rows` of this conversation's queued rows:
+        keep it within its budget, evicting the oldest cached content as `truncation` says,
+        and rebuild it at closed-up positions when they near the model's trained range.
+        Returns how many rows may run (0: over the budget, and nothing more may go:
+        truncation disabled, or what is cached is all protected). Evictions make room for
+        the rows about to run, not for the whole queue: a rebuilt conversation arrives all at
+        once, and its older exchanges become evictable only once they have run."""
+        reply = self.reply
+        decoding = reply is not None and not reply.done and bool(reply.tokens)
+        limit = self.kv.max_len if decoding else self.budget  # a reply may use the reserve
+        if len(self.tokens) > limit and self.truncation.mode == "disabled":
+            return 0
+        need = self.cached + min(self.pending_tokens(), step_rows) - limit
+        if need > 0:
+            chosen = choose_evictions(self.ledger, self.cached, self.exchange, need, self.truncation)
+            self.evict(chosen)
+        if self._positions_past_limit() and not decoding:
+            self.recompute()
+        return max(0, limit - self.cached)
+
+    def _positions_past_limit(self) -> bool:
+        """Positions passed the limit and a recompute would close up some (else it would only
+        cost a prefill: past the trained range then is approximate, as for any long input)."""
+        if not self._holes or self.position_limit is None:
+            return False
+        next_position = self.positions.next
+        if next_position <= self.position_limit:
+            return False
+        self._holes = int(position_map(self.ledger, next_position)[next_position]) < next_position
+        return self._holes
+
+    def evict(self, spans: list[Span]) -> None:
+        """Drop these cached spans from the KV slot (compacted in place: the keys that stay
+        keep their rotary positions), the token list and the ledger; the talker drops the
+        same rows. Nothing else is recomputed (what that leaves approximate: context_budget.py)."""
+        if not spans:
+            return
+        ranges = [(s.start, s.end) for s in spans]
+        assert all(end <= self.cached for _, end in ranges), "only cached rows can be evicted"
+        self.kv.evict(self.slot, ranges)
+        self.tokens.delete(ranges)
+        self._holes = True
+        if self.on_evict is not None:
+            self.on_evict(ranges)
+        gone = set(map(id, spans))
+        self.ledger = [s for s in self.ledger if id(s) not in gone]
+        for s in self.ledger:
+            shift = removed_before(ranges, s.start)
+            s.start, s.end = s.start - shift, s.end - shift
+        for ex in self.exchanges:
+            ex.start_len -= removed_before(ranges, ex.start_len)
+        if self.turn is not None:
+            self.turn.start_len -= removed_before(ranges, self.turn.start_len)
+        if self.last_reply_start is not None:
+            self.last_reply_start -= removed_before(ranges, self.last_reply_start)
+        if self.reply is not None:
+            shift = removed_before(ranges, self.reply.start_len)
+            self.reply.start_len -= shift
+            for processor in self.reply.processors:  # min-new-tokens counts from the prompt's end
+                if hasattr(processor, "prompt_length_to_skip"):
+                    processor.prompt_length_to_skip -= shift
+
+    def recompute(self) -> None:
+        """Rebuild the cache from the retained content at closed-up positions (exact for that
+        content, unlike eviction): every row is queued again, the talker's rows with them.
+        Not while a reply is decoding (its rows would move under it)."""
+        remap = position_map(self.ledger, self.positions.next)
+        self._holes = False
+        waiting = [seg.logits_for for seg in self.pending if seg.logits_for is not None]
+        closing = self._closing is not None and self._closing in self.pending
+        self.pending.clear()
+        self.kv.crop(self.slot, 0)
+        self.on_rows(ContextRows(0, torch.empty(0), torch.empty(3, 0, dtype=torch.long)))
+        embed = self.model.get_input_embeddings()
+        tokens = self.tokens.view()
+        for s in self.ledger:
+            s.positions = remap[s.positions]
+            if s.embeds is not None:
+                inputs = s.embeds.to(self.device)
+            else:
+                inputs = embed(tokens[s.start : s.end])
+            self.pending.append(_Segment(inputs, s.positions, s.embeds is not None))
+        if waiting:
+            self.pending[-1].logits_for = waiting[-1]
+        if closing:
+            self._closing = self.pending[-1]
+        self.positions.next = int(remap[self.positions.next])
+        for ex in self.exchanges:
+            ex.start_pos = int(remap[min(ex.start_pos, len(remap) - 1)])
+        turn = self.turn
+        if turn is not None:
+            turn.start_pos = int(remap[min(turn.start_pos, len(remap) - 1)])
+            if turn.chunker is not None:
+                turn.chunker.start = int(remap[turn.chunker.start])
+                turn.chunker.last_piece_max = int(remap[turn.chunker.last_piece_max + 1]) - 1
+
+    def rewind(self, exchange: int) -> None:
+        """Forget exchange `exchange` and everything after it (a deleted item: the engine
+        sends what follows it again), as if it had never been; nothing before it changes."""
+        if self.reply is not None and not self.reply.done:
+            raise RuntimeError("cannot rewind while a reply is in progress")
+        if exchange < self.first_exchange:
+            raise ValueError(f"exchange {exchange} is older than this conversation's first")
+        index = exchange - self.first_exchange
+        if index < len(self.exchanges):
+            self.turn = None
+            start = self.exchanges[index]
+            self._rollback(start.start_len, start.start_pos)
+            del self.exchanges[index:]
+            self.tail = []
+        if self.last_reply_start is not None and self.last_reply_start >= len(self.tokens):
+            self.last_reply_start, self.last_reply_tokens = None, []
+
+    def _begin_exchange(self) -> None:
+        self.exchanges.append(_Exchange(len(self.tokens), self.positions.next))
+
+    def _multimodal_kind(self, token: int) -> str:
+        return {self.ids.audio: "audio", self.ids.image: "image"}.get(token, "video")
+
+    def _record(self, kind: str, positions: torch.Tensor, embeds: torch.Tensor | None) -> None:
+        """Note in the ledger what the rows about to be queued are (text runs of one
+        exchange join one span; each audio chunk, grid step and image is a span of its own)."""
+        n = positions.shape[1]
+        start = len(self.tokens)
+        last = self.ledger[-1] if self.ledger else None
+        if (
+            embeds is None
+            and last is not None
+            and last.embeds is None
+            and last.kind == kind
+            and last.exchange == self.exchange
+            and last.end == start
+        ):
+            last.end += n
+            last.positions = torch.cat([last.positions, positions.cpu()], dim=1)
+            return
+        # audio/vision embeddings wait for a recompute in host memory, not on the GPU
+        kept = None if embeds is None else embeds.to("cpu", non_blocking=True)
+        self.ledger.append(Span(kind, self.exchange, start, start + n, positions.cpu(), kept))
+
+    def _truncate_tokens(self, length: int) -> None:
+        """The conversation ends at `length` tokens: the token list and the ledger."""
+        self.tokens.truncate(length)
+        while self.ledger and self.ledger[-1].start >= length:
+            self.ledger.pop()
+        if self.ledger and self.ledger[-1].end > length:
+            last = self.ledger[-1]
+            keep = length - last.start
+            last.end, last.positions = length, last.positions[:, :keep]
+            if last.embeds is not None:
+                last.embeds = last.embeds[:keep]
+
     # -- internals ------------------------------------------------------------------------
 
     def _system_turn(self, text: str) -> list[int]:
@@ -409,7 +604,9 @@ class ThinkerConversation:
     def _open_turn(self) -> _Turn:
         if self.turn is None:
             self.turn = _Turn(len(self.tokens), self.positions.next, tail_before=self.tail)
-            self._prefill_text([*self.tail, self.ids.im_start, *self.ids.user, self.ids.newline])
+            self._prefill_text(self.tail)  # the last reply's end belongs to its exchange
+            self._begin_exchange()
+            self._prefill_text([self.ids.im_start, *self.ids.user, self.ids.newline])
             self.tail = []
         return self.turn
 
@@ -506,8 +703,17 @@ class ThinkerConversation:
             positions = turn.chunker.video(*step.grid_thw)
             self._prefill([self.ids.video] * embeds.shape[0], embeds.to(self.dtype), positions, multimodal=True)
 
-    def _prefill_text(self, tokens: list[int], reply_token: bool = False, logits_for: Reply | None = None) -> None:
-        self._prefill(tokens, None, self.positions.sequential(len(tokens)), reply_token=reply_token, logits_for=logits_for)
+    def _prefill_text(
+        self,
+        tokens: list[int],
+        reply_token: bool = False,
+        logits_for: Reply | None = None,
+        kind: str = "text",
+    ) -> None:
+        positions = self.positions.sequential(len(tokens))
+        self._prefill(
+            tokens, None, positions, reply_token=reply_token, logits_for=logits_for, kind=kind
+        )
 
     def _prefill(
         self,
@@ -517,12 +723,14 @@ class ThinkerConversation:
         multimodal: bool = False,
         reply_token: bool = False,
         logits_for: Reply | None = None,
+        kind: str = "text",
     ) -> None:
         """Queue `tokens` (with their input embeddings) for the LLM; a step runs them."""
         if not tokens:
             return
         ids = torch.tensor(tokens, device=self.device)
         inputs = self.model.get_input_embeddings()(ids) if embeds is None else embeds
+        self._record(self._multimodal_kind(tokens[0]) if multimodal else kind, positions, embeds)
         self.tokens.append(ids)
         self.pending.append(_Segment(inputs, positions, multimodal, reply_token, logits_for))
 
@@ -538,7 +746,7 @@ class ThinkerConversation:
                 seg.embeds, seg.positions = seg.embeds[:keep], seg.positions[:, :keep]
                 drop = 0
         self.kv.crop(self.slot, length)
-        self.tokens.truncate(length)
+        self._truncate_tokens(length)
         self.positions.next = next_position
         self.on_rows(ContextRows(length, torch.empty(0), torch.empty(3, 0, dtype=torch.long)))
 
@@ -548,6 +756,7 @@ class StepResult:
     ran: bool = False  # a forward ran
     ready: list[str] = field(default_factory=list)  # sessions whose reply got next-token logits
     full: list[str] = field(default_factory=list)  # sessions left out: their context is full
+    over: list[str] = field(default_factory=list)  # left out: past their budget (fit_budget)
 
 
 class ThinkerStage:
@@ -563,12 +772,18 @@ class ThinkerStage:
         self.last_plan: list[str] = []  # the sessions of the step in progress (for failures)
 
     def step(self, conversations: dict[str, ThinkerConversation]) -> StepResult:
-        demands = [
-            Demand(key, conv.pending_tokens(), decode=conv.decoding(), urgent=conv.waiting_reply())
+        result = StepResult()
+        room = {
+            key: conv.fit_budget(self.scheduler.token_budget)
             for key, conv in conversations.items()
             if conv.pending
+        }
+        result.over = [key for key, rows in room.items() if rows == 0]
+        demands = [
+            Demand(key, min(conv.pending_tokens(), room[key]), conv.decoding(), conv.waiting_reply())
+            for key, conv in conversations.items()
+            if room.get(key)
         ]
-        result = StepResult()
         plan = []
         for key, n in self.scheduler.plan(demands):
             conv = conversations[key]
@@ -598,5 +813,6 @@ class ThinkerStage:
     def drain(self, conversations: dict[str, ThinkerConversation]) -> None:
         """Run steps until nothing is queued (in-process use: tests, the reference check)."""
         while any(conv.pending for conv in conversations.values()):
-            if self.step(conversations).full:
+            result = self.step(conversations)
+            if result.full or result.over:
                 raise KVFull("a conversation's context is full")

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 import torch
 
 from omni.engine import protocol as p
+from omni.engine.api import CONTEXT_LENGTH_EXCEEDED, Truncation
+from omni.engine.context_budget import KEEP_LAST_EXCHANGES
 from omni.engine.scheduler import StepScheduler
 from omni.engine.thinker import SPEECH_SYSTEM_PROMPT, ThinkerConversation, ThinkerStage, TokenIds
 from omni.engine.varlen_attention import set_attn_implementation
@@ -48,6 +50,10 @@ class ThinkerWorker:
         self.processor_config = parts.processor.image_processor.to_dict()
         self.ids = token_ids(self.tokenizer, self.model.generation_config.eos_token_id)
         self.max_frame_side = cfg.max_frame_side
+        reserve = cfg.reply_reserve_tokens
+        self.budget = cfg.context_budget_tokens or cfg.max_context_tokens - reserve
+        # positions past the trained range are not evicted away: the context is rebuilt first
+        self.position_limit = self.model.config.text_config.max_position_embeddings - reserve
         a = cfg.addresses
         self.io = WorkerIO(
             "thinker", a.thinker, {"frontend": a.frontend, "talker": a.talker}, cfg.allow_faults
@@ -68,7 +74,8 @@ class ThinkerWorker:
             for msg in self.io.receive(0 if busy else 100):
                 self.handle(msg)
             self.step()
-            self.io.beat(self.kv.stats())
+            contexts = {key: len(conv.tokens) for key, conv in self.sessions.items()}
+            self.io.beat(self.kv.stats(), contexts)
 
     # -- messages -------------------------------------------------------------------------
 
@@ -120,6 +127,10 @@ class ThinkerWorker:
             case p.AddReply():  # the engine rebuilding a conversation after a restart
                 system = None if msg.instructions is None else system_prompt(msg.instructions)
                 self.conv(msg.session).add_reply(msg.token_ids, system)
+            case p.SetTruncation():
+                self.conv(msg.session).truncation = truncation(msg.truncation, msg.retention_ratio)
+            case p.Rewind():  # an older item deleted: the engine sends the rest again
+                self.conv(msg.session).rewind(msg.exchange)
             case _:
                 raise ValueError(f"thinker got an unexpected {type(msg).__name__}")
 
@@ -137,6 +148,9 @@ class ThinkerWorker:
         def send_rows(piece: p.ContextRows, session: str = msg.session) -> None:
             self.io.send("talker", piece.message(session))
 
+        def send_evicted(ranges: list[tuple[int, int]], session: str = msg.session) -> None:
+            self.io.send("talker", p.EvictRows(session, ranges))
+
         self.sessions[msg.session] = ThinkerConversation(
             self.model,
             self.ids,
@@ -147,6 +161,11 @@ class ThinkerWorker:
             send_rows,
             self.kv,
             self.max_frame_side,
+            budget=self.budget,
+            position_limit=self.position_limit,
+            truncation=truncation(msg.truncation, msg.retention_ratio),
+            on_evict=send_evicted,
+            first_exchange=msg.first_exchange,
         )
 
     def respond(self, msg: p.Respond) -> None:
@@ -201,7 +220,10 @@ class ThinkerWorker:
         if result.ran:
             self.io.count_step()
         for session_id in result.full:
-            self.fail(session_id, f"context_length_exceeded: the conversation is full ({self.kv.max_len} tokens)")
+            full = f"the conversation is full ({self.kv.max_len} tokens)"
+            self.fail(session_id, f"{CONTEXT_LENGTH_EXCEEDED}: {full}")
+        for session_id in result.over:
+            self.fail(session_id, self.over_budget(self.sessions[session_id]))
         for session_id in result.ready:
             self.emit_token(session_id)
 
@@ -215,6 +237,18 @@ class ThinkerWorker:
         self.io.send("frontend", p.WorkerError("thinker", message, session_id, reply))
         if active is not None:
             self.finish(session_id, "failed")
+
+    def over_budget(self, conv: ThinkerConversation) -> str:
+        why = (
+            "session.truncation is disabled"
+            if conv.truncation.mode == "disabled"
+            else f"what may not be evicted (the instructions and the last {KEEP_LAST_EXCHANGES} "
+            "exchanges) fills it"
+        )
+        return (
+            f"{CONTEXT_LENGTH_EXCEEDED}: the conversation would pass its {conv.budget}-token "
+            f"context budget ({why}); the input that did not fit was dropped"
+        )
 
     def emit_token(self, session_id: str) -> None:
         active = self.active.get(session_id)
@@ -267,6 +301,12 @@ class ThinkerWorker:
 def system_prompt(instructions: str | None) -> str:
     """The model's speech prompt always comes first (without it Qwen2.5-Omni can't speak)."""
     return f"{SPEECH_SYSTEM_PROMPT}\n{instructions}" if instructions else SPEECH_SYSTEM_PROMPT
+
+
+def truncation(mode: str, retention_ratio: float) -> Truncation:
+    if mode not in ("auto", "disabled", "retention_ratio"):
+        raise ValueError(f"unknown truncation {mode!r}")
+    return Truncation(mode, retention_ratio)  # type: ignore[arg-type]
 
 
 def token_ids(tokenizer, eos: int | list[int] | None) -> TokenIds:

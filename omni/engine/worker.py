@@ -55,6 +55,9 @@ class WorkerConfig:
     # batching (omni/engine/scheduler.py, kv_memory.py)
     kv_slots: int = 16  # sessions each worker holds KV memory for
     max_context_tokens: int = 32768  # per session, thinker and talker alike
+    # the thinker's context budget per session (None: max_context_tokens minus the reserve)
+    context_budget_tokens: int | None = None
+    reply_reserve_tokens: int = 1024  # room kept for a reply (and positions kept for it)
     step_token_budget: int = 512  # rows one batched forward runs at most
     max_batch: int = 16  # sessions in one forward; 1 turns batching off
     attn_implementation: str = "sdpa"
@@ -125,13 +128,15 @@ class WorkerIO:
     def send(self, to: str, msg: p.Msg) -> None:
         self.outputs[to].send(p.encode(msg))
 
-    def beat(self, kv: dict[str, int] | None = None) -> None:
+    def beat(
+        self, kv: dict[str, int] | None = None, contexts: dict[str, int] | None = None
+    ) -> None:
         now = time.monotonic()
         if now - self._last_beat >= 1.0:
             self._last_beat = now
             if self._parent is not None and not self._parent.is_alive():
                 _exit_orphaned(self.name)
-            self.send("frontend", p.Heartbeat(self.name, kv or {}))
+            self.send("frontend", p.Heartbeat(self.name, kv or {}, contexts or {}))
 
     def count_step(self) -> None:
         """Fault injection for tests: crash or hang after N model steps."""

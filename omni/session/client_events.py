@@ -70,6 +70,11 @@ class AudioIn(_Model):
     output: AudioOutputIn | None = None
 
 
+class RetentionRatioIn(_Model):
+    type: Literal["retention_ratio"]
+    retention_ratio: float = Field(ge=0.0, le=1.0)
+
+
 class SessionIn(_Model):
     """Every session field either shape may send; `model_fields_set` tells what was sent."""
 
@@ -80,6 +85,7 @@ class SessionIn(_Model):
     audio: AudioIn | None = None
     max_output_tokens: int | Literal["inf"] | None = None
     tools: list[Any] | None = None
+    truncation: Literal["auto", "disabled"] | RetentionRatioIn | None = None
     # beta shape
     modalities: list[Modality] | None = Field(None, min_length=1)
     voice: str | None = None

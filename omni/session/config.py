@@ -14,12 +14,13 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
-from omni.engine.api import OUTPUT_SAMPLE_RATE, VOICES
+from omni.engine.api import OUTPUT_SAMPLE_RATE, VOICES, Truncation
 from omni.session.client_events import (
     BETA_SESSION_FIELDS,
     GA_SESSION_FIELDS,
     AudioFormatIn,
     Modality,
+    RetentionRatioIn,
     SessionIn,
     TurnDetectionIn,
 )
@@ -65,6 +66,18 @@ def max_tokens(value: int | str | None) -> int | None:
     return value if isinstance(value, int) else None
 
 
+def truncation(value: str | RetentionRatioIn) -> Truncation:
+    if isinstance(value, RetentionRatioIn):
+        return Truncation("retention_ratio", value.retention_ratio)
+    return Truncation(value)  # type: ignore[arg-type]
+
+
+def truncation_wire(t: Truncation) -> str | dict[str, Any]:
+    if t.mode == "retention_ratio":
+        return {"type": "retention_ratio", "retention_ratio": t.retention_ratio}
+    return t.mode
+
+
 @dataclass(frozen=True)
 class TurnDetection:
     """server_vad parameters (OpenAI's names and meanings)."""
@@ -108,6 +121,7 @@ class SessionConfig:
     turn_detection: TurnDetection | None = None
     max_output_tokens: int | None = None
     seed: int | None = None
+    truncation: Truncation = Truncation()  # how the context keeps to its budget
     qwen: bool = False  # Qwen-Omni-Realtime dialect: beta "pcm16" input means 16 kHz
 
     @classmethod
@@ -142,6 +156,8 @@ class SessionConfig:
                 new["max_output_tokens"] = max_tokens(getattr(s, field))
         if s.seed is not None:
             new["seed"] = s.seed
+        if s.truncation is not None:
+            new["truncation"] = truncation(s.truncation)
         if s.voice:
             new["voice"] = normalize_voice(s.voice, f"{param}.voice")
 
@@ -230,6 +246,7 @@ class SessionConfig:
                 "output": {"format": self.output_format.to_ga(), "voice": self.voice, "speed": 1.0},
             },
             "max_output_tokens": max_out,
+            "truncation": truncation_wire(self.truncation),
             "tracing": None,
             "prompt": None,
             "include": None,

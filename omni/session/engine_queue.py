@@ -135,6 +135,8 @@ class EngineQueue:
             "text": self.engine.add_text,
         }
         await senders[piece.kind](self.session_id, piece.data)
+        if piece.item_id is not None:  # the engine's log knows which item the input is
+            await self.engine.label_input(self.session_id, piece.item_id, last_only=True)
 
     async def run(self) -> None:
         """The worker: runs until cancelled."""

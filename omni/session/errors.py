@@ -11,6 +11,8 @@ from __future__ import annotations
 import secrets
 from typing import Any
 
+from omni.engine.api import CONTEXT_LENGTH_EXCEEDED
+
 
 QUOTE_LIMIT = 64  # characters of client input an error message may repeat
 
@@ -25,6 +27,12 @@ def quoted(value: object, limit: int = QUOTE_LIMIT) -> str:
 def new_id(prefix: str) -> str:
     """OpenAI-style ids ("item_...", "resp_..."): a prefix and 20 random hex digits."""
     return f"{prefix}_{secrets.token_hex(10)}"
+
+
+def engine_error_code(message: str | None) -> str:
+    """The error code of an engine failure: the context budget's has its own (the engine's
+    message starts with it), anything else is engine_error."""
+    return CONTEXT_LENGTH_EXCEEDED if CONTEXT_LENGTH_EXCEEDED in (message or "") else "engine_error"
 
 
 class RealtimeError(Exception):

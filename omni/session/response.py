@@ -41,7 +41,7 @@ from omni.session.config import (
     output_modalities,
 )
 from omni.session.conversation import Item
-from omni.session.errors import RealtimeError, new_id
+from omni.session.errors import RealtimeError, engine_error_code, new_id
 from omni.session.outputs import AudioOut
 from omni.session.wire_audio import parse_beta_format, parse_ga_format
 
@@ -219,7 +219,11 @@ class Response:
         if self.status == "failed":
             return {
                 "type": "failed",
-                "error": {"type": "server_error", "code": "engine_error", "message": done.error},
+                "error": {
+                    "type": "server_error",
+                    "code": engine_error_code(done.error),
+                    "message": done.error,
+                },
             }
         return None
 
@@ -284,6 +288,13 @@ class Response:
                 self.truncated(await engine.truncate_reply(session_id, audio_ms), audio_ms)
             except EngineError as exc:
                 log.warning("response %s: truncating the cancelled reply failed: %s", self.id, exc)
+        elif self.status == "cancelled" and self._engine_asked and done.status != "failed":
+            # text only: the model keeps the tokens whose text was sent, and no more
+            sent = self._deltas[-1][0] if self._deltas else 0
+            try:
+                self.truncated(await engine.keep_reply_tokens(session_id, sent), 0)
+            except EngineError as exc:
+                log.warning("response %s: cutting the cancelled reply failed: %s", self.id, exc)
 
         if self.plan.audio_out:
             await emit({"type": "response.output_audio.done", **self._ref()})
@@ -323,7 +334,9 @@ class Response:
         done: ReplyDone | None = None
         error = "the engine ended the reply without a ReplyDone"
         self.streaming = self._engine_asked = True
-        stream = engine.respond(session_id, self.plan.reply_options())
+        options = self.plan.reply_options()
+        options.item_id = self.item.id  # so the engine can forget it (conversation.item.delete)
+        stream = engine.respond(session_id, options)
         try:
             # read to the end (ReplyDone is last) so the engine's reply is over before the next call
             async for event in stream:

@@ -33,7 +33,7 @@ from omni.session import client_events as ce
 from omni.session.config import SessionConfig, Shape, session_shape
 from omni.session.conversation import Conversation, Item
 from omni.session.engine_queue import EngineQueue, TurnInput
-from omni.session.errors import RealtimeError, new_id, quoted
+from omni.session.errors import RealtimeError, engine_error_code, new_id, quoted
 from omni.session.images import decode_base64_image
 from omni.session.input_buffer import InputAudioBuffer
 from omni.session.offload import OFFLOAD_BYTES, off_loop
@@ -122,6 +122,7 @@ class RealtimeSession:
             voice=self.config.voice,
             instructions=self.config.instructions,
             on_error=self._engine_problem,
+            truncation=self.config.truncation,
         )
         await self.engine.open_session(self.id, options)
         self._started = True
@@ -153,7 +154,8 @@ class RealtimeSession:
         """The engine found a problem outside this session's calls: a worker restart (a reply
         in progress failed; the conversation is rebuilt), input the model could not use."""
         if not self.closed:
-            await self.emit_error(RealtimeError("engine_error", message, type="server_error"))
+            code = engine_error_code(message)
+            await self.emit_error(RealtimeError(code, message, type="server_error"))
 
     def _client_not_reading(self) -> None:
         # the outbox dropped what it held and kept an error saying why; end the session
@@ -288,6 +290,8 @@ class RealtimeSession:
     async def _session_update(self, event: ce.SessionUpdate) -> None:
         config = self.config.updated(event.session)
         self.shape = session_shape(event.session) or self.shape
+        if config.truncation != self.config.truncation:
+            self._engine.call(partial(self.engine.set_truncation, self.id, config.truncation))
         self.config = config
         await self._input.set_format(config.input_format)
         await self._input.configure(config.turn_detection)
@@ -375,19 +379,19 @@ class RealtimeSession:
         self._engine.call(partial(self._truncate, response, event.audio_end_ms))
 
     async def _delete_item(self, event: ce.ConversationItemDelete) -> None:
+        """Any item: a pending user item leaves the pending turn; an item the model has (an
+        older user item, any finished reply) leaves its memory (engine.delete_item)."""
         item = self.conversation.get(event.item_id)
-        response = self._last_response
-        if any(i.item_id == item.id for i in self._engine.turn):
-            self._engine.rebuild([i for i in self._engine.turn if i.item_id != item.id])
-        elif response is not None and response.item is item and response.done:
-            # the latest reply: truncated to nothing, the model forgets what it said
-            self._engine.call(partial(self._truncate, response, 0, announce=False))
-        else:
+        if any(r.item is item for r in self._responses):
             raise RealtimeError(
-                "unsupported",
-                "only pending user items and the latest reply can be deleted",
+                "invalid_value",
+                "the item's response is still in progress; cancel it or wait for response.done",
                 param="item_id",
             )
+        if any(i.item_id == item.id for i in self._engine.turn):
+            self._engine.rebuild([i for i in self._engine.turn if i.item_id != item.id])
+        else:
+            self._engine.call(partial(self.engine.delete_item, self.id, item.id))
         self.conversation.remove(item.id)
         await self.emit({"type": "conversation.item.deleted", "item_id": item.id})
 
@@ -475,6 +479,7 @@ class RealtimeSession:
         )
         for piece in pending:
             piece.item_id = item.id
+        self._engine.call(partial(self.engine.label_input, self.id, item.id))
         self._input.committed()
         previous = self.conversation.add(item)
         await self.emit(
