@@ -106,7 +106,9 @@ async def test_memory_stays_flat_under_calls_and_fuzzing() -> None:
     warm_up = max(60.0, duration / 4)
     process = psutil.Process()
     utterance = speech()
-    async with running_server(forgetful_engine, max_sessions=CALLS + 4) as server:
+    # the calls must outlive the soak: at max_session_seconds they are closed (by design)
+    settings = {"max_sessions": CALLS + 4, "max_session_seconds": duration + 600}
+    async with running_server(forgetful_engine, **settings) as server:
         url = f"http://127.0.0.1:{server.port}"
         clients = [CallClient(url, API_KEY) for _ in range(CALLS)]
         for client in clients:
@@ -123,6 +125,8 @@ async def test_memory_stays_flat_under_calls_and_fuzzing() -> None:
                 if task.done():
                     task.result()  # a failure ends the soak with its error
         stop.set()
+        mib = [round(rss / 2**20) for _, rss in samples]
+        print(f"\nsoak {duration:g} s: RSS MiB every {SAMPLE_EVERY_S:g} s: {mib}")
         turns, inputs = (await asyncio.gather(*work))[:-1], work[-1].result()
         for client in clients:
             await client.hang_up()
@@ -131,8 +135,6 @@ async def test_memory_stays_flat_under_calls_and_fuzzing() -> None:
             assert time.monotonic() < deadline, "sessions were not released"
             await asyncio.sleep(0.1)
     after = [rss for at, rss in samples if at >= warm_up]
-    mib = [round(rss / 2**20) for _, rss in samples]
-    print(f"\nsoak {duration:g} s: {sum(turns)} turns on {CALLS} calls, {inputs} fuzz inputs; "
-          f"RSS MiB every {SAMPLE_EVERY_S:g} s: {mib}")
+    print(f"soak: {sum(turns)} turns on {CALLS} calls, {inputs} fuzz inputs")
     assert after, "the soak was shorter than its warm-up"
     assert max(after) <= after[0] * 1.10, f"RSS grew from {after[0]} to {max(after)} bytes"
