@@ -182,13 +182,28 @@ class Settings(BaseSettings):
     max_session_seconds: float = Field(
         1800.0, gt=0, description="A session is closed after this long."
     )
+    session_expiry_warning_seconds: float = Field(
+        60.0,
+        ge=0,
+        description="How long before max_session_seconds a session.expiring event warns the "
+        "client (at most half the session; 0: no warning).",
+    )
     max_message_bytes: int = Field(
         15 * 1024 * 1024,
         ge=1024,
         description="Largest client WebSocket message (OpenAI allows 15 MiB).",
     )
     max_buffered_audio_seconds: float = Field(
-        120.0, gt=0, description="Most uncommitted user audio a session holds; more is refused."
+        120.0,
+        gt=0,
+        description="Most uncommitted user audio a session holds, and most audio one append or "
+        "one input_audio part may carry; more is refused.",
+    )
+    max_input_text_chars: int = Field(
+        32_768,
+        ge=1,
+        description="Longest input_text part of a user item, in characters (about 8k tokens "
+        "of English); longer ones are refused.",
     )
     max_json_depth: int = Field(
         32, ge=4, le=1000, description="Deepest nesting of arrays/objects in a client event."

@@ -90,7 +90,16 @@ class InputAudioBuffer:
             self.decoder = AudioDecoder(fmt)
 
     async def append(self, data: bytes) -> None:
-        """Wire bytes in the session's input format."""
+        """Wire bytes in the session's input format. An append longer than the buffer can
+        ever hold is refused whole, before it is decoded, resampled or run through the VAD."""
+        seconds = self.decoder.format.seconds(len(data))
+        if seconds > self.max_seconds:
+            raise RealtimeError(
+                "input_audio_too_long",
+                f"this append holds {seconds:.1f} s of audio, over the "
+                f"{self.max_seconds:g} s limit (max_buffered_audio_seconds); send smaller appends",
+                param="audio",
+            )
         await self.push(self.decoder.decode(data, "audio"))
 
     async def push(self, pcm: np.ndarray) -> None:
@@ -167,8 +176,9 @@ class InputAudioBuffer:
         if self._uncommitted + len(pcm) > self.max_seconds * INPUT_SAMPLE_RATE:
             error = RealtimeError(
                 "input_audio_buffer_full",
-                f"over {self.max_seconds:g} s of uncommitted audio; commit or clear "
-                "the buffer (audio beyond the limit is dropped)",
+                f"over {self.max_seconds:g} s of uncommitted audio "
+                "(max_buffered_audio_seconds); commit or clear the buffer (audio beyond the "
+                "limit is dropped)",
             )
         else:
             try:

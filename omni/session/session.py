@@ -41,13 +41,12 @@ from omni.session.outbox import CLIENT_NOT_READING, Outbox
 from omni.session.outputs import AudioOut, Closed, Playout
 from omni.session.response import ReplyPlan, Response
 from omni.session.shape import to_beta
-from omni.session.user_content import user_content
+from omni.session.user_content import ItemCaps, user_content
 from omni.session.wire_audio import b64decode, b64encode_pcm16
 from omni.settings import Settings
 
 log = logging.getLogger(__name__)
 
-MIN_FRAME_INTERVAL_S = 0.5  # the engine takes at most 2 camera frames per second
 _EVENT_ID = re.compile(r'"event_id"\s*:\s*"([^"\\]{1,128})"')
 
 
@@ -57,6 +56,12 @@ def _engine_busy() -> RealtimeError:
         "the model is behind on this session's input; this event was dropped, try again soon",
         type="server_error",
     )
+
+
+def expiry_warning_lead(limit: float, warning: float) -> float:
+    """Seconds before the session cap that the client is warned: `warning`, at most half the
+    session (a short session is still warned, not at its start)."""
+    return min(warning, limit / 2)
 
 
 def _sniff_event_id(message: str) -> str | None:
@@ -108,8 +113,10 @@ class RealtimeSession:
             self,
             self.emit_error,
         )
+        self._item_caps = ItemCaps.from_settings(settings)
         self._idle_frame: np.ndarray | None = None  # latest camera frame while nobody talks
-        self._last_frame_at = -MIN_FRAME_INTERVAL_S
+        self._frame_interval = 1.0 / settings.video_max_fps
+        self._last_frame_at = -self._frame_interval
         self._responses: list[Response] = []  # running or queued, oldest first
         self._last_response: Response | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -163,8 +170,22 @@ class RealtimeSession:
         self._tasks.append(asyncio.create_task(self.close(CLIENT_NOT_READING)))
 
     async def _expire(self) -> None:
-        await asyncio.sleep(self.settings.max_session_seconds)
+        """The session length cap: a `session.expiring` warning `lead` seconds before it (a
+        custom event: clients that switch on `type` pass over it), then an error and a close."""
         limit = self.settings.max_session_seconds
+        lead = expiry_warning_lead(limit, self.settings.session_expiry_warning_seconds)
+        await asyncio.sleep(limit - lead)
+        if lead > 0:
+            await self.emit(
+                {
+                    "type": "session.expiring",
+                    "expires_at": self.expires_at,
+                    "seconds_left": lead,
+                    "message": f"the session ends in {lead:g} s, at its {limit:g} s limit "
+                    "(max_session_seconds)",
+                }
+            )
+            await asyncio.sleep(lead)
         await self.emit_error(
             RealtimeError("session_expired", f"the session reached its {limit:g} s limit")
         )
@@ -259,9 +280,10 @@ class RealtimeSession:
             await self.emit_error(error)
 
     async def push_video_frame(self, rgb: np.ndarray) -> None:
-        """A camera frame (uint8 HxWx3); frames over 2 per second are dropped."""
+        """A camera frame (uint8 HxWx3); frames over `video_max_fps` are dropped, and while the
+        caller is silent (server VAD) only the latest is kept, for the start of their speech."""
         now = time.monotonic()
-        if self.closed or now - self._last_frame_at < MIN_FRAME_INTERVAL_S:
+        if self.closed or now - self._last_frame_at < self._frame_interval:
             return
         self._last_frame_at = now
         if self._input.detection is not None and not self._input.speaking:
@@ -339,7 +361,7 @@ class RealtimeSession:
             user_content,
             event.item,
             self.config.input_format,
-            self.settings.image_max_pixels,
+            self._item_caps,
         )
         self._engine.check_room(sum(piece.nbytes for piece in inputs))
         new = Item("user", parts, id=event.item.id or new_id("item"))

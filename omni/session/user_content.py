@@ -7,6 +7,7 @@ media.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from omni.session.client_events import ItemIn
@@ -14,12 +15,30 @@ from omni.session.engine_queue import TurnInput
 from omni.session.errors import RealtimeError
 from omni.session.images import decode_image_url
 from omni.session.wire_audio import AudioFormat, b64decode, decode_clip
+from omni.settings import Settings
 
 _PAYLOAD = {"input_text": "text", "input_image": "image_url", "input_audio": "audio"}
 
 
+@dataclass(frozen=True)
+class ItemCaps:
+    """What one user item may hold; each refusal names its setting."""
+
+    max_image_pixels: int  # image_max_pixels: larger images are scaled down, not refused
+    max_text_chars: int  # max_input_text_chars
+    max_audio_seconds: float  # max_buffered_audio_seconds
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> ItemCaps:
+        return cls(
+            settings.image_max_pixels,
+            settings.max_input_text_chars,
+            settings.max_buffered_audio_seconds,
+        )
+
+
 def user_content(
-    item: ItemIn, fmt: AudioFormat, max_image_pixels: int
+    item: ItemIn, fmt: AudioFormat, caps: ItemCaps
 ) -> tuple[list[dict[str, Any]], list[TurnInput]]:
     """(content parts for the item, inputs for the engine) of a user message; CPU-heavy for
     images and audio clips, so the session runs it off the event loop."""
@@ -49,12 +68,29 @@ def user_content(
             )
         where = f"{param}.{field}"
         if part.type == "input_text":
+            if len(payload) > caps.max_text_chars:
+                raise RealtimeError(
+                    "input_text_too_long",
+                    f"{where} is {len(payload)} characters, over the limit of "
+                    f"{caps.max_text_chars} (max_input_text_chars)",
+                    param=where,
+                )
             inputs.append(TurnInput("text", payload))
             parts.append({"type": "input_text", "text": payload})
         elif part.type == "input_image":
-            inputs.append(TurnInput("image", decode_image_url(payload, where, max_image_pixels)))
+            image = decode_image_url(payload, where, caps.max_image_pixels)
+            inputs.append(TurnInput("image", image))
             parts.append({"type": "input_image", "detail": part.detail or "auto"})
         else:
-            inputs.append(TurnInput("audio", decode_clip(b64decode(payload, where), fmt, where)))
+            data = b64decode(payload, where)
+            seconds = fmt.seconds(len(data))
+            if seconds > caps.max_audio_seconds:
+                raise RealtimeError(
+                    "input_audio_too_long",
+                    f"{where} holds {seconds:.1f} s of audio, over the "
+                    f"{caps.max_audio_seconds:g} s limit (max_buffered_audio_seconds)",
+                    param=where,
+                )
+            inputs.append(TurnInput("audio", decode_clip(data, fmt, where)))
             parts.append({"type": "input_audio", "transcript": part.transcript})
     return parts, inputs

@@ -37,6 +37,11 @@ class AudioFormat:
             return {"type": "audio/pcm", "rate": self.rate}
         return {"type": f"audio/{self.encoding}"}
 
+    def seconds(self, n_bytes: int) -> float:
+        """How long `n_bytes` of this format play: caps are checked before decoding."""
+        bytes_per_sample = 2 if self.encoding == "pcm16" else 1
+        return n_bytes / (bytes_per_sample * self.rate)
+
     def to_beta(self) -> str:
         if self.beta_name:
             return self.beta_name
