@@ -61,11 +61,13 @@ class CloseSession(Msg):
 class AppendAudio(Msg):
     session: str
     pcm: Array  # float32, 16 kHz
+    timestamp: float | None = None  # its first sample on the caller's audio clock (api.py)
 
 
 class AppendFrame(Msg):
     session: str
     rgb: Array  # uint8 HxWx3
+    timestamp: float | None = None  # its capture on the caller's audio clock (api.py)
 
 
 class AddImage(Msg):
