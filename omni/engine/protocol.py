@@ -236,7 +236,9 @@ class Ready(Msg):
 
 class Heartbeat(Msg):
     worker: str
-    kv: dict[str, int] = {}  # the worker's KV memory (KVSlots.stats()), for /metrics
+    # the worker's KV memory (KVSlots.stats()), for /metrics; the thinker's adds
+    # frame_offset_ms_max (ThinkerWorker.stats)
+    kv: dict[str, int] = {}
     contexts: dict[str, int] = {}  # the thinker's context tokens per session, for /metrics
 
 
