@@ -8,6 +8,7 @@ context as the same frames in order, and without times they would not.
 
 from __future__ import annotations
 
+import asyncio
 import fractions
 
 import numpy as np
@@ -19,6 +20,8 @@ from transformers import Qwen2_5OmniForConditionalGeneration
 
 from omni.checkpoints.processor import load_processor
 from omni.engine import protocol as p
+from omni.engine.api import ReplyDone, ReplyOptions, SessionOptions
+from omni.engine.engine import EngineConfig, running_engine
 from omni.engine.kv_memory import KVSlots
 from omni.engine.replay import ReplayLog
 from omni.engine.scheduler import StepScheduler
@@ -151,6 +154,7 @@ def picture(k: int) -> np.ndarray:
 
 CAPTURED = [SLOT * k + 0.13 * np.sin(k) for k in range(12)]  # a jittery camera
 START = 30.0  # the speech begins 30 s into the call (the session's audio clock)
+TEXT_ONLY = ReplyOptions(greedy=True, output_audio=False, max_text_tokens=1)
 
 
 def first_logits(
@@ -189,3 +193,27 @@ def test_late_out_of_order_frames_with_times_give_the_in_order_context(tiny) -> 
     assert late_conv.frame_offset_max_s == conv.frame_offset_max_s
     _, by_arrival = first_logits(tiny, late, stamped=False)
     assert not torch.allclose(by_arrival, want, atol=1e-4)  # what the times are for
+
+
+def test_the_worst_offset_reaches_the_engines_heartbeat_stats(tiny_checkpoint) -> None:
+    """Real workers: a stamped video turn, then `kv_stats["thinker"]["frame_offset_ms_max"]`
+    (what the long-call bench reads)."""
+    audio = speech()
+
+    async def call() -> dict[str, int]:
+        async with running_engine(EngineConfig(str(tiny_checkpoint))) as engine:
+            await engine.open_session("s", SessionOptions())
+            for n in range(PIECES):
+                for k in {5 * k: [k] for k in range(12)}.get(n, []):
+                    await engine.append_video_frame("s", picture(k), START + CAPTURED[k])
+                piece = audio[n * PIECE : (n + 1) * PIECE]
+                await engine.append_audio("s", piece, START + n * PIECE / 16_000)
+            async for event in engine.respond("s", TEXT_ONLY):
+                if isinstance(event, ReplyDone):
+                    assert event.status == "completed", event.error
+            while engine.kv_stats.get("thinker", {}).get("frame_offset_ms_max", 0) == 0:
+                await asyncio.sleep(0.05)  # the next heartbeat (one a second)
+            return engine.kv_stats["thinker"]
+
+    stats = asyncio.run(asyncio.wait_for(call(), 300))
+    assert stats["frame_offset_ms_max"] == round(1000 * worst_jitter(CAPTURED))

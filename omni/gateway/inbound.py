@@ -36,7 +36,7 @@ FRAME_SLACK_S = 0.01
 
 class MicReader:
     """Reads one audio track into `push` as float32 16 kHz mono; `heard` on every frame;
-    `clock` learns when the first one came (where the session's audio clock begins)."""
+    `clock` is told of each one (the session's audio clock, for the camera's frames)."""
 
     def __init__(
         self, track: MediaStreamTrack, push: Push, heard: Callable[[], None], clock: CallClock
