@@ -47,6 +47,8 @@ class FakeTurn:
     audio_samples: int = 0
     audio: list[np.ndarray] = field(default_factory=list)
     frames: int = 0
+    frame_times: list[float | None] = field(default_factory=list)  # each frame's timestamp
+    audio_times: list[float | None] = field(default_factory=list)  # each audio append's
     images: list[tuple[int, int]] = field(default_factory=list)  # (width, height)
     texts: list[str] = field(default_factory=list)
 
@@ -137,18 +139,24 @@ class FakeEngine:
         self.sessions[session_id].closed = True  # kept, so tests can look after the call
         self.closed.append(session_id)
 
-    async def append_audio(self, session_id: str, pcm: np.ndarray) -> None:
+    async def append_audio(
+        self, session_id: str, pcm: np.ndarray, timestamp: float | None = None
+    ) -> None:
         conversation = self._enter("append_audio", session_id)
         assert pcm.dtype == np.float32 and pcm.ndim == 1
         conversation.turn.audio_samples += len(pcm)
         conversation.turn.audio.append(pcm)
+        conversation.turn.audio_times.append(timestamp)
         await asyncio.sleep(0)
         self._leave(conversation)
 
-    async def append_video_frame(self, session_id: str, rgb: np.ndarray) -> None:
+    async def append_video_frame(
+        self, session_id: str, rgb: np.ndarray, timestamp: float | None = None
+    ) -> None:
         conversation = self._enter("append_video_frame", session_id)
         assert rgb.dtype == np.uint8 and rgb.ndim == 3 and rgb.shape[2] == 3
         conversation.turn.frames += 1
+        conversation.turn.frame_times.append(timestamp)
         self._leave(conversation)
 
     async def add_image(self, session_id: str, rgb: np.ndarray) -> None:

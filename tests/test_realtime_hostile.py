@@ -113,9 +113,9 @@ async def stalled_engine() -> AsyncIterator[FakeEngine]:
     engine.go = asyncio.Event()  # type: ignore[attr-defined]
     append = engine.append_audio
 
-    async def slow_append(session_id: str, pcm: np.ndarray) -> None:
+    async def slow_append(session_id: str, pcm: np.ndarray, timestamp: float | None = None) -> None:
         await engine.go.wait()  # type: ignore[attr-defined]
-        await append(session_id, pcm)
+        await append(session_id, pcm, timestamp)
 
     engine.append_audio = slow_append  # type: ignore[method-assign]
     yield engine

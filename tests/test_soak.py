@@ -36,8 +36,10 @@ AUTH = {"Authorization": f"Bearer {API_KEY}"}
 class ForgetfulEngine(FakeEngine):
     """The fake engine without its records: closed conversations, call logs, turn audio."""
 
-    async def append_audio(self, session_id: str, pcm: np.ndarray) -> None:
-        await super().append_audio(session_id, pcm)
+    async def append_audio(
+        self, session_id: str, pcm: np.ndarray, timestamp: float | None = None
+    ) -> None:
+        await super().append_audio(session_id, pcm, timestamp)
         self.sessions[session_id].turn.audio.clear()  # the sample count is kept
 
     async def close_session(self, session_id: str) -> None:

@@ -132,9 +132,11 @@ class FrameLog(FakeEngine):
         super().__init__()
         self.frames: list[tuple[int, ...]] = []  # shapes
 
-    async def append_video_frame(self, session_id: str, rgb: np.ndarray) -> None:
+    async def append_video_frame(
+        self, session_id: str, rgb: np.ndarray, timestamp: float | None = None
+    ) -> None:
         self.frames.append(rgb.shape)
-        await super().append_video_frame(session_id, rgb)
+        await super().append_video_frame(session_id, rgb, timestamp)
 
 
 async def test_video_call_sends_scaled_frames_with_speech() -> None:
@@ -156,6 +158,16 @@ async def test_video_call_sends_scaled_frames_with_speech() -> None:
         assert isinstance(engine, FrameLog)
         assert engine.frames and all(shape == (180, 320, 3) for shape in engine.frames)
         assert len(engine.frames) <= 2 * seconds + 1  # at most 2 per second
+        # each frame stamped with its capture on the audio clock: the camera's media time
+        # (10 fps), so stamps are about 0.1 s apart times the frames skipped (exactly, but for
+        # the anchor moving to a frame that came sooner: test_video_clock.py)
+        turn = engine.conversation().history[0][0]
+        stamps = np.array(turn.frame_times, dtype=float)
+        assert not np.isnan(stamps).any() and (np.diff(stamps) > 0.45).all()
+        tenths = np.diff(stamps) * 10
+        assert np.abs(tenths - tenths.round()).max() < 0.3
+        audio_end = turn.audio_times[-1] + len(turn.audio[-1]) / 16_000
+        assert -1.0 < stamps[0] and stamps[-1] < audio_end + 1.0  # on the same clock as the audio
 
 
 async def test_two_calls_at_once_are_separate() -> None:

@@ -16,6 +16,7 @@ from aiortc.mediastreams import MediaStreamError
 from av import AudioFrame, VideoFrame
 
 from omni.gateway.inbound import MAX_BACKLOG_SAMPLES, MicReader, read_video, to_rgb
+from omni.gateway.media_clock import CallClock
 from omni.gateway.playout import FRAME, RATE, ReplyAudioTrack
 from omni.session.outputs import AudioOut, Played
 
@@ -185,7 +186,7 @@ async def test_mic_becomes_16k_mono_float() -> None:
 
     track = FakeTrack("audio", opus_like_frames(1.0), interval=0.001)
     track.end.clear()
-    reader = asyncio.create_task(MicReader(track, push, lambda: heard.append(1)).run())
+    reader = asyncio.create_task(MicReader(track, push, lambda: heard.append(1), CallClock()).run())
     while track.frames:
         await asyncio.sleep(0.01)
     await asyncio.sleep(0.01)
@@ -210,7 +211,7 @@ async def test_mic_reader_keeps_reading_while_the_session_is_slow() -> None:
 
     track = FakeTrack("audio", opus_like_frames(8.0), interval=0.0001)
     track.end.clear()
-    reader = asyncio.create_task(MicReader(track, stuck_push, lambda: None).run())
+    reader = asyncio.create_task(MicReader(track, stuck_push, lambda: None, CallClock()).run())
     while track.frames:
         await asyncio.sleep(0.01)
     # every frame left aiortc's queue although the session took only the first batch;
@@ -233,12 +234,13 @@ def video_frame(width: int, height: int) -> VideoFrame:
 async def test_video_sampled_scaled_and_drained() -> None:
     pushed: list[tuple[float, tuple[int, ...]]] = []
 
-    async def push(rgb: np.ndarray) -> None:
+    async def push(rgb: np.ndarray, captured: float | None) -> None:
+        assert captured is None  # no microphone in this call: no audio clock to map onto
         pushed.append((time.monotonic(), rgb.shape))
 
     track = FakeTrack("video", [video_frame(1280, 720) for _ in range(45)], interval=1 / 30)
     start = time.monotonic()
-    await read_video(track, push, lambda: None, max_fps=2.0, max_side=448)
+    await read_video(track, push, lambda: None, CallClock(), max_fps=2.0, max_side=448)
     seconds = time.monotonic() - start  # 1.5 s, more on a busy machine
     assert track.read == 45  # all read: nothing waits in aiortc's queue
     assert 2 <= len(pushed) <= 2 * seconds + 1

@@ -123,11 +123,29 @@ class Engine(Protocol):
 
     async def close_session(self, session_id: str) -> None: ...
 
-    async def append_audio(self, session_id: str, pcm: np.ndarray) -> None:
-        """User speech as it arrives (float32, 16 kHz); prefilled in 2-second chunks."""
+    async def append_audio(
+        self, session_id: str, pcm: np.ndarray, timestamp: float | None = None
+    ) -> None:
+        """User speech as it arrives (float32, 16 kHz); prefilled in 2-second chunks.
 
-    async def append_video_frame(self, session_id: str, rgb: np.ndarray) -> None:
-        """A camera frame (uint8 HxWx3) taken while the user is talking; at most 2 per second."""
+        `timestamp`: where its first sample is on the caller's audio clock, in seconds after
+        the first audio sample the session received (the session counts every sample it got,
+        also the silence server VAD keeps from the engine). The first audio of a turn's speech
+        is where its video's time begins; None: unknown (its frames go in arrival order).
+        """
+
+    async def append_video_frame(
+        self, session_id: str, rgb: np.ndarray, timestamp: float | None = None
+    ) -> None:
+        """A camera frame (uint8 HxWx3) taken while the user is talking; at most 2 per second.
+
+        `timestamp`: its capture time on the same audio clock as `append_audio`'s. A stamped
+        frame stands for the video instant captured nearest it (omni/engine/video_clock.py),
+        however late or out of order it arrives, as long as it comes before the audio that
+        completes its 2-second chunk; None: frames fill the video's instants in arrival order.
+        Frames before the speech (negative times relative to it too) make the speech a video;
+        the earliest stands for its start until a nearer one comes.
+        """
 
     async def add_image(self, session_id: str, rgb: np.ndarray) -> None:
         """A still image for the current user turn."""

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import multiprocessing
 import tempfile
 import time
@@ -340,12 +341,21 @@ class OmniEngine:
                 self._send(name, p.Cancel(session_id, session.reply))
         self._send("thinker", p.CloseSession(session_id))  # the thinker relays it to the talker
 
-    async def append_audio(self, session_id: str, pcm: np.ndarray) -> None:
+    async def append_audio(
+        self, session_id: str, pcm: np.ndarray, timestamp: float | None = None
+    ) -> None:
         pcm = np.asarray(pcm, np.float32)
-        self._add_input(session_id, lambda: p.AppendAudio(session_id, p.Array.of(pcm)))
+        self._add_input(
+            session_id, lambda: p.AppendAudio(session_id, p.Array.of(pcm), _seconds(timestamp))
+        )
 
-    async def append_video_frame(self, session_id: str, rgb: np.ndarray) -> None:
-        self._add_input(session_id, lambda: p.AppendFrame(session_id, p.Array.of(_rgb(rgb))))
+    async def append_video_frame(
+        self, session_id: str, rgb: np.ndarray, timestamp: float | None = None
+    ) -> None:
+        self._add_input(
+            session_id,
+            lambda: p.AppendFrame(session_id, p.Array.of(_rgb(rgb)), _seconds(timestamp)),
+        )
 
     async def add_image(self, session_id: str, rgb: np.ndarray) -> None:
         self._add_input(session_id, lambda: p.AddImage(session_id, p.Array.of(_rgb(rgb))))
@@ -662,6 +672,16 @@ def _rgb(rgb: np.ndarray) -> np.ndarray:
     if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
         raise EngineError(f"expected a uint8 HxWx3 RGB image, got {rgb.dtype} {rgb.shape}")
     return rgb
+
+
+def _seconds(timestamp: float | None) -> float | None:
+    """A media timestamp as a finite float (numpy scalars and ints too); bad ones refused."""
+    if timestamp is None:
+        return None
+    seconds = float(timestamp)
+    if not math.isfinite(seconds):
+        raise EngineError(f"a media timestamp must be a finite number of seconds, got {timestamp}")
+    return seconds
 
 
 def _solver_for(solver: str, device: str) -> str:

@@ -61,11 +61,13 @@ class CloseSession(Msg):
 class AppendAudio(Msg):
     session: str
     pcm: Array  # float32, 16 kHz
+    timestamp: float | None = None  # its first sample on the caller's audio clock (api.py)
 
 
 class AppendFrame(Msg):
     session: str
     rgb: Array  # uint8 HxWx3
+    timestamp: float | None = None  # its capture on the caller's audio clock (api.py)
 
 
 class AddImage(Msg):
@@ -234,7 +236,9 @@ class Ready(Msg):
 
 class Heartbeat(Msg):
     worker: str
-    kv: dict[str, int] = {}  # the worker's KV memory (KVSlots.stats()), for /metrics
+    # the worker's KV memory (KVSlots.stats()), for /metrics; the thinker's adds
+    # frame_offset_ms_max (ThinkerWorker.stats)
+    kv: dict[str, int] = {}
     contexts: dict[str, int] = {}  # the thinker's context tokens per session, for /metrics
 
 

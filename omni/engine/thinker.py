@@ -46,6 +46,7 @@ from omni.engine.positions import AudioVideoChunker, PositionTracker
 from omni.engine.protocol import ContextRows
 from omni.engine.sampling import choose, sampling_generator, thinker_processors
 from omni.engine.scheduler import Demand, StepScheduler
+from omni.engine.video_clock import Frame, FrameTimeline
 from omni.engine.vision import VideoPatcher, image_to_patches
 
 # the system prompt Qwen2.5-Omni needs to produce speech (from Qwen's model card)
@@ -93,8 +94,9 @@ class _Turn:
     start_len: int
     start_pos: int
     tail_before: list[int]
-    # raw inputs, replayed when the reply before this turn is truncated after the turn began
-    inputs: list[tuple[str, object]] = field(default_factory=list)
+    # raw inputs (a method's name and arguments), replayed when the reply before this turn is
+    # truncated after the turn began
+    inputs: list[tuple[str, tuple[object, ...]]] = field(default_factory=list)
     mel: StreamingLogMel | None = None
     mel_frames: list[np.ndarray] = field(default_factory=list)
     mel_buffered: int = 0
@@ -102,8 +104,10 @@ class _Turn:
     video: VideoPatcher | None = None
     chunker: AudioVideoChunker | None = None
     mel_done: int = 0  # log-mel frames prefilled so far (the video timeline follows them)
-    pending_frames: list[np.ndarray] = field(default_factory=list)
-    last_frame: np.ndarray | None = None
+    # where the open span's audio begins on the caller's audio clock (None: not said)
+    span_start: float | None = None
+    # camera frames waiting for their video steps; one slot is 1 / VIDEO_FPS seconds
+    frames: FrameTimeline = field(default_factory=lambda: FrameTimeline(1 / VIDEO_FPS))
 
 
 @dataclass
@@ -186,6 +190,8 @@ class ThinkerConversation:
         self.last_reply_tokens: list[int] = []
         self.system_prompt = system_prompt
         self._closing: _Segment | None = None  # the end of the last end_turn()
+        # the worst distance of a stamped camera frame's capture from the instant it stood for
+        self.frame_offset_max_s = 0.0
         # the context budget (context_budget.py): input stays within `budget` tokens (a reply
         # may use the rest of the slot), positions below `position_limit`
         self.budget = kv.max_len if budget is None else min(budget, kv.max_len)
@@ -219,13 +225,13 @@ class ThinkerConversation:
 
     def add_text(self, text: str) -> None:
         turn = self._open_turn()
-        turn.inputs.append(("text", text))
+        turn.inputs.append(("add_text", (text,)))
         self._close_audio_span(turn)
         self._prefill_text(self.encode_text(text))
 
     def add_image(self, rgb: np.ndarray) -> None:
         turn = self._open_turn()
-        turn.inputs.append(("image", rgb))
+        turn.inputs.append(("add_image", (rgb,)))
         self._close_audio_span(turn)
         pixels, grid = image_to_patches(rgb, self.processor_config)
         grid_t = torch.tensor([grid], device=self.device)
@@ -238,19 +244,27 @@ class ThinkerConversation:
         )
         self._prefill_text([self.ids.vision_eos])
 
-    def append_video_frame(self, rgb: np.ndarray) -> None:
-        """Camera frames before or during the user's speech make the speech a video with audio."""
+    def append_video_frame(self, rgb: np.ndarray, timestamp: float | None = None) -> None:
+        """Camera frames before or during the user's speech make the speech a video with audio.
+
+        `timestamp`: the capture time on the caller's audio clock (omni/engine/api.py); the
+        frame then stands for the video instant nearest it (video_clock.py). A frame before
+        the speech starts counts from its time too: the earliest frame stands for the speech's
+        first instants until a nearer one comes, as an unstamped one would.
+        """
         turn = self._open_turn()
-        turn.inputs.append(("frame", rgb))
+        turn.inputs.append(("append_video_frame", (rgb, timestamp)))
         if turn.mel is not None and turn.chunker is None:
             return  # speech already started as plain audio; the model can't switch mid-span
-        turn.pending_frames.append(rgb)
+        turn.frames.add(Frame(rgb, timestamp))
 
-    def append_audio(self, pcm: np.ndarray) -> None:
+    def append_audio(self, pcm: np.ndarray, timestamp: float | None = None) -> None:
+        """`timestamp`: where the first sample is on the caller's audio clock; the first
+        audio of a span sets where its video's instants are."""
         turn = self._open_turn()
-        turn.inputs.append(("audio", pcm))
+        turn.inputs.append(("append_audio", (pcm, timestamp)))
         if turn.mel is None:
-            self._open_audio_span(turn)
+            self._open_audio_span(turn, timestamp)
         frames = turn.mel.push(pcm)
         if frames.shape[1]:
             turn.mel_frames.append(frames)
@@ -364,14 +378,8 @@ class ThinkerConversation:
         else:
             self.tail = [*tokens[fed:keep], self.ids.im_end, self.ids.newline]
         del self.last_reply_tokens[keep:]
-        replayers = {
-            "text": self.add_text,
-            "image": self.add_image,
-            "frame": self.append_video_frame,
-            "audio": self.append_audio,
-        }
-        for kind, value in replay:
-            replayers[kind](value)
+        for method, args in replay:
+            getattr(self, method)(*args)
         return keep
 
     def _close_reply(self) -> None:
@@ -610,9 +618,10 @@ class ThinkerConversation:
             self.tail = []
         return self.turn
 
-    def _open_audio_span(self, turn: _Turn) -> None:
+    def _open_audio_span(self, turn: _Turn, start: float | None) -> None:
         turn.mel = StreamingLogMel(self.feature_extractor)
-        if turn.pending_frames:
+        turn.span_start = start
+        if turn.frames.pending:
             turn.video = VideoPatcher(self.max_frame_side, self.processor_config)
             self._prefill([self.ids.vision_bos, self.ids.audio_bos], None, self.positions.repeat_last(2))
             turn.chunker = AudioVideoChunker(self.positions, seconds_per_grid=2 / VIDEO_FPS)
@@ -687,16 +696,18 @@ class ThinkerConversation:
         seconds_per_step = turn.chunker.seconds_per_grid
         steps_due = int(np.ceil(turn.mel_done / 100 / seconds_per_step)) - turn.chunker.grids_done
         per_step = turn.video.temporal_patch_size
+        slot = seconds_per_step / per_step
         for _ in range(steps_due):
-            frames = turn.pending_frames[:per_step]
-            # a slow camera: hold its last frame
-            frames += [frames[-1] if frames else turn.last_frame] * (per_step - len(frames))
-            turn.pending_frames = turn.pending_frames[per_step:]
-            turn.last_frame = frames[-1]
+            # the step's frames stand for instants g*S + j*S/T of the span (video_clock.py)
+            step_start = turn.chunker.grids_done * seconds_per_step
             step = None
-            for frame in frames:
-                step = turn.video.push(frame)
+            for j in range(per_step):
+                instant = None
+                if turn.span_start is not None:
+                    instant = turn.span_start + step_start + j * slot
+                step = turn.video.push(turn.frames.take(instant))
             assert step is not None
+            self.frame_offset_max_s = max(self.frame_offset_max_s, turn.frames.worst_offset_s)
             grid = torch.tensor([step.grid_thw], device=self.device)
             pixels = torch.from_numpy(step.pixel_values).to(self.device)
             embeds = torch.cat(self.model.model.get_video_features(pixels, grid).pooler_output)

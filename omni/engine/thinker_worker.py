@@ -75,7 +75,13 @@ class ThinkerWorker:
                 self.handle(msg)
             self.step()
             contexts = {key: len(conv.tokens) for key, conv in self.sessions.items()}
-            self.io.beat(self.kv.stats(), contexts)
+            self.io.beat(self.stats(), contexts)
+
+    def stats(self) -> dict[str, int]:
+        """The heartbeat's numbers: KV memory, and the worst distance (ms) between a stamped
+        camera frame's capture and the video instant it stood for, over the open sessions."""
+        offsets = [conv.frame_offset_max_s for conv in self.sessions.values()]
+        return {**self.kv.stats(), "frame_offset_ms_max": round(1000 * max(offsets, default=0.0))}
 
     # -- messages -------------------------------------------------------------------------
 
@@ -107,10 +113,10 @@ class ThinkerWorker:
                 # relayed, so the talker drops the session before any rows of a reopened one
                 self.io.send("talker", msg)
             case p.AppendAudio():
-                self.conv(msg.session).append_audio(msg.pcm.numpy())
+                self.conv(msg.session).append_audio(msg.pcm.numpy(), msg.timestamp)
                 self.io.count_step()
             case p.AppendFrame():
-                self.conv(msg.session).append_video_frame(msg.rgb.numpy())
+                self.conv(msg.session).append_video_frame(msg.rgb.numpy(), msg.timestamp)
             case p.AddImage():
                 self.conv(msg.session).add_image(msg.rgb.numpy())
             case p.AddText():

@@ -22,10 +22,12 @@ from av import AudioFrame, VideoFrame
 
 from omni.engine.api import INPUT_SAMPLE_RATE
 from omni.engine.resample import StreamResampler
+from omni.gateway.media_clock import CallClock
 
 log = logging.getLogger(__name__)
 
 Push = Callable[[np.ndarray], Awaitable[None]]
+PushFrame = Callable[[np.ndarray, float | None], Awaitable[None]]  # RGB, capture time
 MAX_BACKLOG_SAMPLES = 5 * INPUT_SAMPLE_RATE
 # the session enforces the same frame cap on its own clock; a little slack keeps the two
 # clocks from disagreeing about a frame that is exactly on time
@@ -33,12 +35,16 @@ FRAME_SLACK_S = 0.01
 
 
 class MicReader:
-    """Reads one audio track into `push` as float32 16 kHz mono; `heard` on every frame."""
+    """Reads one audio track into `push` as float32 16 kHz mono; `heard` on every frame;
+    `clock` is told of each one (the session's audio clock, for the camera's frames)."""
 
-    def __init__(self, track: MediaStreamTrack, push: Push, heard: Callable[[], None]) -> None:
+    def __init__(
+        self, track: MediaStreamTrack, push: Push, heard: Callable[[], None], clock: CallClock
+    ) -> None:
         self.track = track
         self.push = push
         self.heard = heard
+        self.clock = clock
         self._pending: list[np.ndarray] = []
         self._pending_samples = 0
         self._ready = asyncio.Event()
@@ -54,6 +60,7 @@ class MicReader:
                 except MediaStreamError:
                     return
                 self.heard()
+                self.clock.audio_frame(frame)  # type: ignore[arg-type]
                 try:
                     self._add(self._to_16k(frame))  # type: ignore[arg-type]
                 except Exception:  # one odd frame must not stop the reading
@@ -101,13 +108,14 @@ class MicReader:
 
 async def read_video(
     track: MediaStreamTrack,
-    push: Push,
+    push: PushFrame,
     heard: Callable[[], None],
+    clock: CallClock,
     max_fps: float,
     max_side: int,
 ) -> None:
     """Reads one camera or screen track; at most `max_fps` frames go to `push`, as RGB whose
-    longest side is at most `max_side`."""
+    longest side is at most `max_side`, each with its capture time on the audio clock."""
     interval = 1.0 / max_fps + FRAME_SLACK_S
     next_at = 0.0
     while True:
@@ -116,6 +124,7 @@ async def read_video(
         except MediaStreamError:
             return
         heard()
+        captured = clock.video_time(frame)  # type: ignore[arg-type]
         if time.monotonic() < next_at:
             continue
         try:
@@ -125,7 +134,7 @@ async def read_video(
             continue
         # spaced from the push, not the arrival: the session checks the rate at the push
         next_at = time.monotonic() + interval
-        await push(rgb)
+        await push(rgb, captured)
 
 
 def to_rgb(frame: VideoFrame, max_side: int) -> np.ndarray:

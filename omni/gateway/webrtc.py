@@ -57,6 +57,7 @@ from prometheus_client import Counter
 from omni.engine.api import VOICES, EngineCapacityError, EngineError
 from omni.gateway.auth import Denied, Grant, bearer_token
 from omni.gateway.inbound import MicReader, read_video
+from omni.gateway.media_clock import CallClock
 from omni.gateway.playout import ReplyAudioTrack
 from omni.gateway.state import Gateway, openai_error
 from omni.gateway.turn import ice_servers_for_client
@@ -186,10 +187,11 @@ class Call:
             self._watch_connect(settings.call_connect_timeout_seconds),
         ]
         mic_taken = False
+        clock = CallClock()  # camera frames onto the microphone's time
         for track in self._remote:
             if track.kind == "audio" and not mic_taken:
                 mic_taken = True
-                tasks.append(MicReader(track, session.push_audio, self._heard).run())
+                tasks.append(MicReader(track, session.push_audio, self._heard, clock).run())
                 tasks.append(self._watch_idle(settings.call_idle_timeout_seconds))
             elif track.kind == "video":
                 tasks.append(
@@ -197,6 +199,7 @@ class Call:
                         track,
                         session.push_video_frame,
                         self._heard,
+                        clock,
                         settings.video_max_fps,
                         settings.video_max_side,
                     )

@@ -42,6 +42,8 @@ class TurnInput:
     kind: Literal["audio", "frame", "image", "text"]
     data: Any  # float32 16 kHz audio, uint8 HxWx3 image, or text
     item_id: str | None = None  # None: still in the input buffer (uncommitted)
+    # audio and camera frames: seconds on the caller's audio clock (Engine.append_audio)
+    timestamp: float | None = None
 
     @property
     def nbytes(self) -> int:
@@ -128,13 +130,15 @@ class EngineQueue:
             self.add(piece)
 
     async def _send(self, piece: TurnInput) -> None:
-        senders: dict[str, Callable[[str, Any], Awaitable[None]]] = {
-            "audio": self.engine.append_audio,
-            "frame": self.engine.append_video_frame,
-            "image": self.engine.add_image,
-            "text": self.engine.add_text,
-        }
-        await senders[piece.kind](self.session_id, piece.data)
+        match piece.kind:
+            case "audio":
+                await self.engine.append_audio(self.session_id, piece.data, piece.timestamp)
+            case "frame":
+                await self.engine.append_video_frame(self.session_id, piece.data, piece.timestamp)
+            case "image":
+                await self.engine.add_image(self.session_id, piece.data)
+            case "text":
+                await self.engine.add_text(self.session_id, piece.data)
         if piece.item_id is not None:  # the engine's log knows which item the input is
             await self.engine.label_input(self.session_id, piece.item_id, last_only=True)
 

@@ -112,20 +112,20 @@ class InputAudioBuffer:
         base = self.received
         self.received += len(pcm)
         if self._vad is None:
-            await self._buffer(pcm)
+            await self._buffer(pcm, base)
             return
         done = 0
         for event in await self._vad.feed(pcm):
             cut = min(max(event.at - base, done), len(pcm))
-            await self._route(pcm[done:cut])
+            await self._route(pcm[done:cut], base + done)
             done = cut
             await (self._started if event.kind == "start" else self._stopped)(event)
-        await self._route(pcm[done:])
+        await self._route(pcm[done:], base + done)
 
     async def end_of_input(self) -> None:
         """Before a manual commit: the resampler's last samples belong to this turn."""
         if self._vad is None:
-            await self._buffer(self.decoder.flush())
+            await self._buffer(self.decoder.flush(), self.received)
 
     async def stop_speech(self) -> str | None:
         """The client commits or clears mid-speech: forget it; returns its item id if any."""
@@ -147,9 +147,9 @@ class InputAudioBuffer:
         self._ring = self._ring[:0]
         self.committed()
 
-    async def _route(self, pcm: np.ndarray) -> None:
+    async def _route(self, pcm: np.ndarray, at: int) -> None:
         if self.speaking:
-            await self._buffer(pcm)
+            await self._buffer(pcm, at)
         elif len(pcm) and self.detection is not None:
             keep = samples(self.detection.prefix_padding_ms) + 2 * WINDOW
             self._ring = np.concatenate([self._ring, pcm])[-keep:]
@@ -162,15 +162,16 @@ class InputAudioBuffer:
         await self.listener.speech_started(self.speech_item, ms(start))
         ring_start = event.at - len(self._ring)  # the ring ends where the VAD decided
         head, self._ring = self._ring[max(start - ring_start, 0) :], self._ring[:0]
-        await self._buffer(head)
+        await self._buffer(head, max(start, ring_start))
 
     async def _stopped(self, event: VadEvent) -> None:
         self.speaking = False
         assert self.speech_item is not None
         await self.listener.speech_stopped(self.speech_item, ms(event.sample))
 
-    async def _buffer(self, pcm: np.ndarray) -> None:
-        """Uncommitted audio into the engine now, within the cap (beyond it, dropped)."""
+    async def _buffer(self, pcm: np.ndarray, at: int) -> None:
+        """Uncommitted audio (its first sample at `at` on the sample clock) into the engine
+        now, within the cap (beyond it, dropped)."""
         if not len(pcm):
             return
         if self._uncommitted + len(pcm) > self.max_seconds * INPUT_SAMPLE_RATE:
@@ -182,7 +183,7 @@ class InputAudioBuffer:
             )
         else:
             try:
-                self.engine.add(TurnInput("audio", pcm))
+                self.engine.add(TurnInput("audio", pcm, timestamp=at / INPUT_SAMPLE_RATE))
             except RealtimeError as full:  # the turn's media budget (audio and frames)
                 error = full
             else:

@@ -114,7 +114,7 @@ class RealtimeSession:
             self.emit_error,
         )
         self._item_caps = ItemCaps.from_settings(settings)
-        self._idle_frame: np.ndarray | None = None  # latest camera frame while nobody talks
+        self._idle_frame: TurnInput | None = None  # latest camera frame while nobody talks
         self._frame_interval = 1.0 / settings.video_max_fps
         self._last_frame_at = -self._frame_interval
         self._responses: list[Response] = []  # running or queued, oldest first
@@ -279,18 +279,23 @@ class RealtimeSession:
         except RealtimeError as error:
             await self.emit_error(error)
 
-    async def push_video_frame(self, rgb: np.ndarray) -> None:
+    async def push_video_frame(self, rgb: np.ndarray, timestamp: float | None = None) -> None:
         """A camera frame (uint8 HxWx3); frames over `video_max_fps` are dropped, and while the
-        caller is silent (server VAD) only the latest is kept, for the start of their speech."""
+        caller is silent (server VAD) only the latest is kept, for the start of their speech.
+
+        `timestamp`: its capture time in seconds after the first audio sample this session
+        received, on that audio's clock (a WebRTC camera's, mapped by the gateway); the
+        engine then places it by time, not by arrival (Engine.append_video_frame)."""
         now = time.monotonic()
         if self.closed or now - self._last_frame_at < self._frame_interval:
             return
         self._last_frame_at = now
+        frame = TurnInput("frame", rgb, timestamp=timestamp)
         if self._input.detection is not None and not self._input.speaking:
-            self._idle_frame = rgb  # the turn starts with the latest view, sent on speech start
+            self._idle_frame = frame  # the turn starts with the latest view, sent on speech start
             return
         if await self._media_fits("frame", rgb.nbytes):
-            self._engine.add(TurnInput("frame", rgb))
+            self._engine.add(frame)
 
     async def _media_fits(self, kind: str, nbytes: int = 0) -> bool:
         """Whether media from a track can be taken now; said once per stretch of refusals,
@@ -471,7 +476,7 @@ class RealtimeSession:
             await self._interrupt("turn_detected")
         if self._idle_frame is not None:
             if await self._media_fits("frame", self._idle_frame.nbytes):
-                self._engine.add(TurnInput("frame", self._idle_frame))
+                self._engine.add(self._idle_frame)
             self._idle_frame = None
 
     async def speech_stopped(self, item_id: str, audio_end_ms: int) -> None:
