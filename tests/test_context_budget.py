@@ -17,7 +17,7 @@ from engine_helpers import thinker_conversation
 from transformers import Qwen2_5OmniForConditionalGeneration
 
 from omni.checkpoints.processor import load_processor
-from omni.engine.api import ReplyDone, ReplyOptions, SessionOptions, Truncation
+from omni.engine.api import AudioChunk, ReplyDone, ReplyOptions, SessionOptions, Truncation
 from omni.engine.buffers import GrowingTensor
 from omni.engine.context_budget import KEEP_LAST_EXCHANGES
 from omni.engine.engine import EngineConfig, running_engine
@@ -160,11 +160,21 @@ def test_eviction_order_by_kind(tiny) -> None:
     left = kinds_left(conv)
     assert 0 not in left and left[1] == {"text"} and left[-1] == {"system"}
     assert {"video", "audio", "text"} <= left[2] and {"video", "audio", "text"} <= left[3]
-    # nothing more may go: the budget can't be met, and the protected content is untouched
+    # past what the older exchanges free, the one before the current goes, media first
+    size = lambda exchange, kind: sum(  # noqa: E731
+        s.size for s in conv.ledger if s.exchange == exchange and s.kind == kind
+    )
+    before_2 = {kind: size(2, kind) for kind in ("video", "audio", "text")}
+    squeeze(old("text") + 1)  # exchange 1's words, then one grid step of exchange 2's video
+    assert 1 not in kinds_left(conv)
+    assert 0 < size(2, "video") < before_2["video"]
+    assert (size(2, "audio"), size(2, "text")) == (before_2["audio"], before_2["text"])
+    # nothing more may go: the budget can't be met, and the current exchange is untouched
     conv.budget = 10
-    before = [(s.kind, s.exchange, s.size) for s in conv.ledger if s.exchange >= 2]
+    before = [(s.kind, s.exchange, s.size) for s in conv.ledger if s.exchange == 3]
     assert conv.fit_budget(0) == 0
-    assert [(s.kind, s.exchange, s.size) for s in conv.ledger if s.exchange >= 2] == before
+    assert 2 not in kinds_left(conv)
+    assert [(s.kind, s.exchange, s.size) for s in conv.ledger if s.exchange == 3] == before
     assert conv.ledger[0].kind == "system"
 
 
@@ -330,11 +340,55 @@ def test_disabled_truncation_through_the_workers(tiny_checkpoint) -> None:
     asyncio.run(run())
 
 
-async def respond(engine, tokens: int, item: str) -> ReplyDone:
+def test_a_turn_bigger_than_the_budget_is_dropped_and_the_call_goes_on(tiny_checkpoint) -> None:
+    """A spoken reply asked for after a turn that cannot fit (truncation auto: the turn in
+    progress may not be evicted): the reply ends failed with context_length_exceeded, the
+    turn leaves the model's context (the part that ran too), and the next spoken turn is
+    answered with audio. (It once left the talker waiting for rows that never came.)"""
+
+    async def run() -> None:
+        errors: list[str] = []
+
+        async def on_error(message: str) -> None:
+            errors.append(message)
+
+        config = EngineConfig(
+            str(tiny_checkpoint), max_context_tokens=160, context_budget_tokens=100, reply_reserve_tokens=60
+        )
+        async with running_engine(config) as engine:
+            await engine.open_session("s", SessionOptions(on_error=on_error))
+            await engine.add_text("s", "Hello.")
+            assert (await respond(engine, 4, "a0", audio=True)).status == "completed"
+            await engine.add_text("s", " ".join(f"word{i}" for i in range(100)))
+            failed = await respond(engine, 4, "a1", audio=True)
+            assert failed.status == "failed" and "context_length_exceeded" in (failed.error or "")
+            await engine.add_text("s", "Still there?")
+            chunks: list[AudioChunk] = []
+            done = await respond(engine, 4, "a2", audio=True, chunks=chunks)
+            assert done.status == "completed" and done.text_tokens == 4 and chunks
+            while "s" not in engine.context_tokens:  # the thinker's heartbeat, each second
+                await asyncio.sleep(0.1)
+            assert 0 < engine.context_tokens["s"] <= 100  # the big turn is gone
+            replayed = b"".join(engine._sessions["s"].replay.messages())
+            assert b"Still there?" in replayed and b"word99" not in replayed  # the log forgot it
+
+    asyncio.run(asyncio.wait_for(run(), 180))
+
+
+async def respond(
+    engine, tokens: int, item: str, audio: bool = False, chunks: list | None = None
+) -> ReplyDone:
     options = ReplyOptions(
-        greedy=True, output_audio=False, max_text_tokens=tokens, min_text_tokens=tokens, item_id=item
+        greedy=True,
+        output_audio=audio,
+        max_text_tokens=tokens,
+        min_text_tokens=tokens,
+        max_codec_tokens=8,
+        item_id=item,
     )
     async for event in engine.respond("s", options):
+        if isinstance(event, AudioChunk) and chunks is not None:
+            chunks.append(event)
         if isinstance(event, ReplyDone):
             return event
     raise AssertionError("respond() ended without ReplyDone")

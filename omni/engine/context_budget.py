@@ -6,7 +6,10 @@ exchange is a user turn and the reply to it, numbered as the engine's replay log
 turns), its token range and its TMRoPE positions. When the context reaches its budget the
 oldest content goes first by kind: old video frames and images, then old audio, then old
 words (whole exchanges, so what stays is still well-formed chat). Never evicted: system turns
-(the instructions and the model's speech prompt) and the last `KEEP_LAST_EXCHANGES` exchanges.
+(the instructions and the model's speech prompt), the current exchange, and the one before it
+unless nothing else would make room (the last `KEEP_LAST_EXCHANGES` exchanges). Input that does
+not fit even so ends its reply with context_length_exceeded, and its whole exchange is forgotten
+(ThinkerConversation.drop_exchange).
 
 Two ways to drop content, and what each is compared with recomputing the retained content
 from scratch:
@@ -56,11 +59,34 @@ def choose_evictions(
 ) -> list[Span]:
     """The spans to evict, in order, to free at least `need` tokens (retention_ratio: at
     least the share it drops); fewer when not enough is evictable. Only spans wholly in the
-    cache are candidates (queued rows have not run yet)."""
+    cache are candidates (queued rows have not run yet). When the older exchanges are not
+    enough, the exchange before the current one goes too, media first: else a call whose
+    last two exchanges fill the budget could never take another turn."""
+    chosen = _choose(spans, cached, exchange - KEEP_LAST_EXCHANGES, need, truncation)
+    freed = sum(s.size for s in chosen)
+    if freed < need:  # only what is needed of it, whatever the retention ratio
+        previous = exchange - 1
+        last = _choose(spans, cached, previous, need - freed, Truncation(), after=previous - 1)
+        chosen = sorted(chosen + last, key=lambda s: s.start)
+    return chosen
+
+
+def _choose(
+    spans: list[Span],
+    cached: int,
+    newest: int,
+    need: int,
+    truncation: Truncation,
+    after: int | None = None,
+) -> list[Span]:
+    """`choose_evictions` over the exchanges up to `newest` (and past `after`)."""
     candidates = [
         s
         for s in spans
-        if s.kind != "system" and s.exchange <= exchange - KEEP_LAST_EXCHANGES and s.end <= cached
+        if s.kind != "system"
+        and s.exchange <= newest
+        and (after is None or s.exchange > after)
+        and s.end <= cached
     ]
     total = sum(s.size for s in candidates)
     if truncation.mode == "retention_ratio":

@@ -606,7 +606,10 @@ class OmniEngine:
                     if future is not None and not future.done():
                         future.set_result(msg.value)
                 case _:
-                    self._route(msg)
+                    try:
+                        self._route(msg)
+                    except Exception:  # one bad message must not stop every call's replies
+                        log.exception("routing a worker's %s failed", type(msg).__name__)
 
     def _route(self, msg: p.Msg) -> None:
         """A reply's message to its consumer (and its tokens to the session's replay log);
@@ -618,6 +621,9 @@ class OmniEngine:
                     session.replay.reply_tokens(msg.reply, msg.token_ids)
                 case p.ThinkerDone():
                     session.replay.reply_finished(msg.reply, msg.token_ids[: msg.text_tokens])
+                case p.TurnDropped():
+                    session.replay.drop_turn(msg.turn)
+                    return
         reply_id = getattr(msg, "reply", None) or ""
         reply = self._replies.get(reply_id)
         if reply is not None:

@@ -290,6 +290,14 @@ class VocoderDone(Msg):
     audio_samples: int
 
 
+class TurnDropped(Msg):
+    """The thinker forgot turn `turn` (a replay-log turn number): its input could not fit the
+    context, so the conversation is back where it was before the turn began."""
+
+    session: str
+    turn: int
+
+
 class Result(Msg):
     request: str
     value: int
@@ -329,6 +337,7 @@ Message = Union[
     Codes,
     CodesEnd,
     VocoderDone,
+    TurnDropped,
     Result,
     WorkerError,
     SetTruncation,

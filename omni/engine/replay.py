@@ -148,6 +148,17 @@ class ReplayLog:
                 return self.first_turn + index
         raise KeyError(item_id)
 
+    def drop_turn(self, number: int) -> None:
+        """The thinker forgot turn `number` (its input could not fit): it goes from the log
+        too, leaving an empty turn that the next input fills, as the thinker's next exchange
+        takes the same number."""
+        index = number - self.first_turn
+        if not 0 <= index < len(self._turns):
+            return
+        while len(self._turns) > index:
+            self._size -= self._turns.pop().size
+        self._turns.append(_Turn())
+
     def messages(self, from_turn: int | None = None) -> Iterator[bytes]:
         """The conversation again (from turn `from_turn` on), as encoded messages for the
         thinker, oldest first."""

@@ -263,6 +263,7 @@ class TalkerStage:
         decode_inputs: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         demands = []
         for key, conv in conversations.items():
+            self.last_plan = [key]  # so a failure building one session's inputs is its own
             if conv.can_step():
                 inputs = conv.step_inputs()
                 if inputs is None:

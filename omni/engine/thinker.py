@@ -113,6 +113,7 @@ class _Turn:
 @dataclass
 class Reply:
     start_len: int  # conversation length where the reply's first token goes
+    exchange: int  # the exchange it answers
     processors: LogitsProcessorList
     max_tokens: int
     greedy: bool
@@ -320,6 +321,7 @@ class ThinkerConversation:
         generator = None if greedy else sampling_generator(self.device, seed)
         self.reply = Reply(
             start_len=start,
+            exchange=self.exchange,
             processors=thinker_processors(gen_cfg, greedy, min_tokens, self.ids.eos, start),
             max_tokens=max_tokens,
             greedy=greedy,
@@ -433,6 +435,29 @@ class ThinkerConversation:
         """Forget queued rows that could not run (a failed step): the conversation is what ran."""
         self.pending.clear()
         self._truncate_tokens(self.cached)
+        self._clamp_reply_start()
+
+    def drop_exchange(self) -> int | None:
+        """Forget the exchange in progress, the part of its input that ran too, when its reply
+        has said nothing yet (an input that does not fit the context never will: keeping half
+        of it would only fail the next turn as well). Returns its number; None (nothing said
+        is forgotten): what could not run is dropped, as `drop_pending`."""
+        reply = self.reply
+        answering = reply is not None and reply.exchange == self.exchange and not reply.tokens
+        if not self.exchanges or not (self.turn is not None or answering):
+            self.drop_pending()
+            return None
+        if reply is not None:
+            reply.done = True
+        exchange = self.exchange
+        self.rewind(exchange)
+        self._clamp_reply_start()
+        return exchange
+
+    def _clamp_reply_start(self) -> None:
+        """A reply asked for after input that never ran starts where the conversation ends."""
+        if self.reply is not None:
+            self.reply.start_len = min(self.reply.start_len, len(self.tokens))
 
     # -- rebuilding a conversation on a restarted worker ---------------------------------
 

@@ -17,7 +17,6 @@ import torch
 
 from omni.engine import protocol as p
 from omni.engine.api import CONTEXT_LENGTH_EXCEEDED, Truncation
-from omni.engine.context_budget import KEEP_LAST_EXCHANGES
 from omni.engine.scheduler import StepScheduler
 from omni.engine.thinker import SPEECH_SYSTEM_PROMPT, ThinkerConversation, ThinkerStage, TokenIds
 from omni.engine.varlen_attention import set_attn_implementation
@@ -227,17 +226,22 @@ class ThinkerWorker:
             self.io.count_step()
         for session_id in result.full:
             full = f"the conversation is full ({self.kv.max_len} tokens)"
-            self.fail(session_id, f"{CONTEXT_LENGTH_EXCEEDED}: {full}")
+            self.fail(session_id, f"{CONTEXT_LENGTH_EXCEEDED}: {full}", too_big=True)
         for session_id in result.over:
-            self.fail(session_id, self.over_budget(self.sessions[session_id]))
+            self.fail(session_id, self.over_budget(self.sessions[session_id]), too_big=True)
         for session_id in result.ready:
             self.emit_token(session_id)
 
-    def fail(self, session_id: str, message: str) -> None:
-        """Drop a session's queued rows; its reply (if any) ends failed with `message`."""
+    def fail(self, session_id: str, message: str, too_big: bool = False) -> None:
+        """Drop a session's queued rows (`too_big`: input that cannot fit the context, the
+        whole exchange it is in, if nothing of its reply was said); its reply (if any) ends
+        failed with `message`."""
         conv = self.sessions[session_id]
         conv.cancel_reply()
-        conv.drop_pending()
+        if too_big and (turn := conv.drop_exchange()) is not None:
+            self.io.send("frontend", p.TurnDropped(session_id, turn))
+        else:
+            conv.drop_pending()
         active = self.active.get(session_id)
         reply = active.msg.reply if active is not None else None
         self.io.send("frontend", p.WorkerError("thinker", message, session_id, reply))
@@ -248,12 +252,11 @@ class ThinkerWorker:
         why = (
             "session.truncation is disabled"
             if conv.truncation.mode == "disabled"
-            else f"what may not be evicted (the instructions and the last {KEEP_LAST_EXCHANGES} "
-            "exchanges) fills it"
+            else "what may not be evicted (the instructions and the turn in progress) fills it"
         )
         return (
             f"{CONTEXT_LENGTH_EXCEEDED}: the conversation would pass its {conv.budget}-token "
-            f"context budget ({why}); the input that did not fit was dropped"
+            f"context budget ({why}); the turn whose input did not fit was dropped"
         )
 
     def emit_token(self, session_id: str) -> None:

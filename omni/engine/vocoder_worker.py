@@ -90,6 +90,8 @@ class VocoderWorker:
                     return
                 if msg.status == "completed":
                     voicing.stream.finish()  # the last chunk comes with a coming decode
+                    if voicing.stream.done:  # no codes at all (a reply with nothing to say)
+                        self.stop(msg.session, "completed")
                 else:
                     self.stop(msg.session, msg.status)
             case p.Cancel():
