@@ -305,6 +305,9 @@ class ThinkerWorker:
                 list(reply.tokens),
             ),
         )
+        # the reply may have used the reserve: the context goes back within its budget now,
+        # not with the next input (the same evictions, while nobody waits on them)
+        conv.fit_budget(0)
 
 
 def system_prompt(instructions: str | None) -> str:
