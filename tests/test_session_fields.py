@@ -15,6 +15,7 @@ from realtime_helpers import b64, chunks, recv_until, send_event, silence, speec
 from omni.session.client_events import SessionIn, parse_client_event
 from omni.session.config import SessionConfig
 from omni.session.errors import RealtimeError
+from omni.session.response import ReplyPlan
 from omni.session.turn_detection import MAX_WAIT_MS, semantic_silence_ms
 from omni.settings import Settings
 
@@ -211,6 +212,20 @@ def test_values_outside_the_protocol_are_refused_by_name(
     err = refusal({"instructions": "changed", **session})
     assert err.param == param and err.code in ("invalid_value", "missing_field"), err.message
     assert param.split(".")[-1] in err.message
+
+
+def test_a_response_may_name_tools_as_livekit_generate_reply_does() -> None:
+    tools = [{"type": "function", "name": "weather", "parameters": {"type": "object"}}]
+    event = parse_client_event(
+        {
+            "type": "response.create",
+            "response": {"instructions": "hi", "tools": tools, "tool_choice": "auto"},
+        }
+    )
+    assert ReplyPlan.from_request(config(), event.response).instructions == "hi"
+    with pytest.raises(RealtimeError) as caught:
+        parse_client_event({"type": "response.create", "response": {"tool_choice": "always"}})
+    assert caught.value.param == "response.tool_choice"
 
 
 async def test_livekit_default_session_update_over_a_websocket(server: Any) -> None:

@@ -211,7 +211,8 @@ class ResponseIn(_Model):
     metadata: dict[str, str] | None = None
     conversation: str | None = None
     input: list[Any] | None = None
-    tools: list[Any] | None = None
+    tools: list[ToolIn] | None = None  # accepted, never called (as the session's)
+    tool_choice: ToolChoice | None = None
     # beta shape
     modalities: list[Modality] | None = Field(None, min_length=1)
     voice: str | None = None
