@@ -281,10 +281,14 @@ class SessionConfig:
         out: dict[str, Any] = {}
         if s.tool_choice is not None:
             choice = s.tool_choice
-            out["tool_choice"] = choice if isinstance(choice, str) else choice.model_dump()
+            out["tool_choice"] = (
+                choice if isinstance(choice, str) else choice.model_dump(exclude_none=True)
+            )
         if "tracing" in sent:
             tracing = s.tracing
-            out["tracing"] = tracing.model_dump() if isinstance(tracing, TracingIn) else tracing
+            out["tracing"] = (
+                tracing.model_dump(exclude_none=True) if isinstance(tracing, TracingIn) else tracing
+            )
         if "include" in sent:
             out["include"] = tuple(s.include) if s.include is not None else None
         if "prompt" in sent:
