@@ -22,12 +22,19 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from omni.session.errors import QUOTE_LIMIT, RealtimeError, quoted
+from omni.session.turn_detection import Eagerness
 
 Modality = Literal["text", "audio"]
 MAX_EVENT_ID = 128  # longer client event ids are not echoed back
 MAX_MODEL_NAME = 256  # a model name is echoed in every session object
+MAX_NAME = 256  # other echoed names: tools, tracing, prompt ids, a transcription language
+MAX_TRANSCRIPTION_PROMPT = 4096  # characters; echoed in every session object
 # a JSON string, quotes and escapes included (the unrolled form: no backtracking)
 _JSON_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
+# what pydantic puts in an error's loc for the member of a union it tried: not a field name
+_UNION_MEMBER = re.compile(
+    r"(literal|list|dict|function-\w+)\[.*\]|int|str|float|bool|[A-Z]\w*In"
+)
 _OPEN = (ord("["), ord("{"))
 _CLOSE = (ord("]"), ord("}"))
 
@@ -43,7 +50,54 @@ class TurnDetectionIn(_Model):
     silence_duration_ms: int | None = Field(None, ge=0, le=10_000)
     create_response: bool | None = None
     interrupt_response: bool | None = None
-    idle_timeout_ms: int | None = None
+    idle_timeout_ms: int | None = Field(None, ge=0)
+    eagerness: Eagerness | None = None  # semantic_vad only
+
+
+class NoiseReductionIn(_Model):
+    type: Literal["near_field", "far_field"]
+
+
+class TranscriptionIn(_Model):
+    model: str | None = Field(None, max_length=MAX_MODEL_NAME)
+    language: str | None = Field(None, max_length=MAX_NAME)
+    prompt: str | None = Field(None, max_length=MAX_TRANSCRIPTION_PROMPT)
+
+
+class ToolIn(_Model):
+    type: Literal["function", "mcp"] = "function"
+    name: str | None = Field(None, max_length=MAX_NAME)
+
+
+class ToolChoiceFunctionIn(_Model):
+    type: Literal["function"]
+    name: str = Field(max_length=MAX_NAME)
+
+
+class ToolChoiceMcpIn(_Model):
+    type: Literal["mcp"]
+    server_label: str = Field(max_length=MAX_NAME)
+    name: str | None = Field(None, max_length=MAX_NAME)
+
+
+class TracingIn(_Model):
+    workflow_name: str | None = Field(None, max_length=MAX_NAME)
+    group_id: str | None = Field(None, max_length=MAX_NAME)
+    metadata: dict[str, Any] | None = None
+
+
+class PromptIn(_Model):
+    id: str = Field(max_length=MAX_NAME)
+    version: str | None = Field(None, max_length=MAX_NAME)
+    variables: dict[str, Any] | None = None
+
+
+ToolChoice = (
+    Literal["none", "auto", "required"]
+    | Annotated[ToolChoiceFunctionIn | ToolChoiceMcpIn, Field(discriminator="type")]
+)
+Tracing = Literal["auto"] | TracingIn
+Include = Literal["item.input_audio_transcription.logprobs"]
 
 
 class AudioFormatIn(_Model):
@@ -55,14 +109,14 @@ class AudioInputIn(_Model):
     format: AudioFormatIn | None = None
     # explicitly null turns VAD off, so "set to null" and "not given" differ (model_fields_set)
     turn_detection: TurnDetectionIn | None = None
-    transcription: dict[str, Any] | None = None
-    noise_reduction: dict[str, Any] | None = None
+    transcription: TranscriptionIn | None = None
+    noise_reduction: NoiseReductionIn | None = None
 
 
 class AudioOutputIn(_Model):
     format: AudioFormatIn | None = None
     voice: str | None = None
-    speed: float | None = None
+    speed: float | None = Field(None, ge=0.25, le=1.5)
 
 
 class AudioIn(_Model):
@@ -84,7 +138,11 @@ class SessionIn(_Model):
     output_modalities: list[Modality] | None = Field(None, min_length=1)
     audio: AudioIn | None = None
     max_output_tokens: int | Literal["inf"] | None = None
-    tools: list[Any] | None = None
+    tools: list[ToolIn] | None = None
+    tool_choice: ToolChoice | None = None
+    tracing: Tracing | None = None
+    include: list[Include] | None = None
+    prompt: PromptIn | None = None
     truncation: Literal["auto", "disabled"] | RetentionRatioIn | None = None
     # beta shape
     modalities: list[Modality] | None = Field(None, min_length=1)
@@ -93,7 +151,9 @@ class SessionIn(_Model):
     output_audio_format: str | None = None
     turn_detection: TurnDetectionIn | None = None
     max_response_output_tokens: int | Literal["inf"] | None = None
-    input_audio_transcription: dict[str, Any] | None = None
+    input_audio_transcription: TranscriptionIn | None = None
+    input_audio_noise_reduction: NoiseReductionIn | None = None
+    speed: float | None = Field(None, ge=0.25, le=1.5)
     # Qwen-Omni-Realtime
     seed: int | None = None
     max_tokens: int | None = Field(None, ge=1)
@@ -108,9 +168,12 @@ BETA_SESSION_FIELDS = frozenset(
         "turn_detection",
         "max_response_output_tokens",
         "input_audio_transcription",
+        "input_audio_noise_reduction",
     }
 )
-GA_SESSION_FIELDS = frozenset({"type", "audio", "output_modalities", "max_output_tokens"})
+GA_SESSION_FIELDS = frozenset(
+    {"type", "audio", "output_modalities", "max_output_tokens", "include", "prompt"}
+)
 
 
 class ContentIn(_Model):
@@ -148,7 +211,8 @@ class ResponseIn(_Model):
     metadata: dict[str, str] | None = None
     conversation: str | None = None
     input: list[Any] | None = None
-    tools: list[Any] | None = None
+    tools: list[ToolIn] | None = None  # accepted, never called (as the session's)
+    tool_choice: ToolChoice | None = None
     # beta shape
     modalities: list[Modality] | None = Field(None, min_length=1)
     voice: str | None = None
@@ -290,13 +354,27 @@ def parse_client_event(raw: object) -> ClientEvent:
         raise validation_error(exc, kind, skip=1, event_id=event_id) from None
 
 
+def field_path(loc: tuple[int | str, ...]) -> list[str]:
+    """An error's loc without the union members pydantic tried (a tagged union's tag too)."""
+    path: list[str] = []
+    parts = iter(str(part) for part in loc)
+    for part in parts:
+        if part.startswith("tagged-union["):
+            next(parts, None)
+        elif not _UNION_MEMBER.fullmatch(part):
+            path.append(part)
+    return path
+
+
 def validation_error(
     exc: ValidationError, what: str, skip: int = 0, event_id: str | None = None
 ) -> RealtimeError:
     """pydantic's first complaint as a RealtimeError naming the field (`param`)."""
-    first = exc.errors()[0]
+    errors = [(error, field_path(error["loc"][skip:])) for error in exc.errors()]
+    # of a union's complaints, the one that got deepest says most (the first among equals)
+    first, path = max(errors, key=lambda pair: len(pair[1]))
     # a loc can hold a client's dict key: never echo more than a short prefix of it
-    param = ".".join(str(part) for part in first["loc"][skip:])[:QUOTE_LIMIT] or None
+    param = ".".join(path)[:QUOTE_LIMIT] or None
     if first["type"] == "missing":
         message = f"{what}: missing required field {param!r}"
         return RealtimeError("missing_field", message, param=param, event_id=event_id)

@@ -4,9 +4,13 @@
 new config or raises, so a rejected update changes nothing (OpenAI's rule). The same parser
 handles the session attached to an ephemeral client secret.
 
-What this server does not do is refused loudly when it would change behaviour (tools,
-semantic_vad, output formats other than pcm16 24 kHz) and echoed back as off when it is
-advisory (input transcription, noise reduction, idle timeout, speed).
+Every field of the protocol is accepted; only a value outside it is refused, naming the
+field. What the service cannot do is refused when it would change what the caller hears
+(output formats other than pcm16 24 kHz, unknown voices); what is advisory is accepted,
+kept and echoed (noise reduction, tracing, prompt, include, speed, idle timeout, the
+transcription settings). semantic_vad is approximated by a silence window per eagerness
+(omni/session/turn_detection.py). Tools are accepted and echoed as none: the model never
+calls one. OpenAI's built-in voice names speak in this model's default voice.
 """
 
 from __future__ import annotations
@@ -19,16 +23,26 @@ from omni.session.client_events import (
     BETA_SESSION_FIELDS,
     GA_SESSION_FIELDS,
     AudioFormatIn,
+    Include,
     Modality,
+    NoiseReductionIn,
     RetentionRatioIn,
     SessionIn,
+    TracingIn,
+    TranscriptionIn,
     TurnDetectionIn,
 )
 from omni.session.errors import RealtimeError, quoted
+from omni.session.turn_detection import Eagerness, semantic_silence_ms
 from omni.session.wire_audio import PCM24K, AudioFormat, parse_beta_format, parse_ga_format
 from omni.settings import Settings
 
 Shape = Literal["ga", "beta"]
+NoiseReduction = Literal["near_field", "far_field"]
+# the GA protocol's built-in voices: clients send one by default (LiveKit "marin")
+OPENAI_VOICES = frozenset(
+    {"alloy", "ash", "ballad", "coral", "echo", "sage", "shimmer", "verse", "marin", "cedar"}
+)
 
 
 def session_shape(fields: SessionIn) -> Shape | None:
@@ -45,6 +59,8 @@ def normalize_voice(voice: str, param: str) -> str:
     for name in VOICES:
         if voice.lower() == name.lower():
             return name
+    if voice.lower() in OPENAI_VOICES:
+        return VOICES[0]
     raise RealtimeError(
         "invalid_value",
         f"unknown voice {quoted(voice)}; this model speaks as {', '.join(VOICES)}",
@@ -72,6 +88,14 @@ def truncation(value: str | RetentionRatioIn) -> Truncation:
     return Truncation(value)  # type: ignore[arg-type]
 
 
+def transcription(value: TranscriptionIn | None) -> Transcription | None:
+    return Transcription.from_wire(value) if value is not None else None
+
+
+def noise_reduction(value: NoiseReductionIn | None) -> NoiseReduction | None:
+    return value.type if value is not None else None
+
+
 def truncation_wire(t: Truncation) -> str | dict[str, Any]:
     if t.mode == "retention_ratio":
         return {"type": "retention_ratio", "retention_ratio": t.retention_ratio}
@@ -80,33 +104,77 @@ def truncation_wire(t: Truncation) -> str | dict[str, Any]:
 
 @dataclass(frozen=True)
 class TurnDetection:
-    """server_vad parameters (OpenAI's names and meanings)."""
+    """Turn detection with OpenAI's names and meanings. Silero VAD runs with `threshold` and
+    `silence_duration_ms` in both modes; for semantic_vad the silence window stands for the
+    eagerness (turn_detection.py) and the server_vad numbers are not on the wire."""
 
     threshold: float
     prefix_padding_ms: int
     silence_duration_ms: int
     create_response: bool = True
     interrupt_response: bool = True
+    type: Literal["server_vad", "semantic_vad"] = "server_vad"
+    eagerness: Eagerness = "auto"
+    idle_timeout_ms: int | None = None  # accepted and kept; no response is triggered by it
 
-    def merged(self, update: TurnDetectionIn, param: str) -> TurnDetection:
-        if update.type == "semantic_vad":
-            raise RealtimeError(
-                "unsupported",
-                "semantic_vad is not supported; use server_vad",
-                param=f"{param}.type",
-            )
+    def merged(self, update: TurnDetectionIn, defaults: TurnDetection) -> TurnDetection:
+        """Fields not given keep their values; a change of type starts from the defaults."""
         given = {
             k: v
-            for k, v in update.model_dump(exclude_none=True).items()
+            for k, v in update.model_dump(exclude_unset=True, exclude_none=True).items()
             if k in self.__dataclass_fields__
         }
-        return replace(self, **given)
+        base = self if given.get("type", self.type) == self.type else defaults
+        merged = replace(base, **given)
+        if merged.type == "semantic_vad":
+            return replace(merged, silence_duration_ms=semantic_silence_ms(merged.eagerness))
+        return merged
 
     def to_wire(self, shape: Shape) -> dict[str, Any]:
-        wire: dict[str, Any] = {"type": "server_vad", **self.__dict__}
+        common = {
+            "type": self.type,
+            "create_response": self.create_response,
+            "interrupt_response": self.interrupt_response,
+        }
+        if self.type == "semantic_vad":
+            return {**common, "eagerness": self.eagerness}
+        wire: dict[str, Any] = {
+            **common,
+            "threshold": self.threshold,
+            "prefix_padding_ms": self.prefix_padding_ms,
+            "silence_duration_ms": self.silence_duration_ms,
+        }
         if shape == "ga":
-            wire["idle_timeout_ms"] = None
+            wire["idle_timeout_ms"] = self.idle_timeout_ms
         return wire
+
+
+@dataclass(frozen=True)
+class Transcription:
+    """`audio.input.transcription` as the client set it (beta: `input_audio_transcription`)."""
+
+    model: str | None = None
+    language: str | None = None
+    prompt: str | None = None
+
+    @classmethod
+    def from_wire(cls, t: TranscriptionIn) -> Transcription:
+        return cls(t.model, t.language, t.prompt)
+
+    def to_wire(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if v is not None}
+
+
+@dataclass(frozen=True)
+class Advisory:
+    """Accepted fields that change nothing the caller hears, kept to be echoed back."""
+
+    noise_reduction: NoiseReduction | None = None
+    speed: float = 1.0
+    tool_choice: str | dict[str, Any] = "auto"
+    tracing: str | dict[str, Any] | None = None
+    include: tuple[Include, ...] | None = None
+    prompt: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -122,6 +190,8 @@ class SessionConfig:
     max_output_tokens: int | None = None
     seed: int | None = None
     truncation: Truncation = Truncation()  # how the context keeps to its budget
+    transcription: Transcription | None = None
+    advisory: Advisory = Advisory()
     qwen: bool = False  # Qwen-Omni-Realtime dialect: beta "pcm16" input means 16 kHz
 
     @classmethod
@@ -139,10 +209,7 @@ class SessionConfig:
     def updated(self, s: SessionIn, param: str = "session") -> SessionConfig:
         sent = s.model_fields_set
         new: dict[str, Any] = {}
-        if s.tools:
-            raise RealtimeError(
-                "unsupported", "tools (function calling) are not supported", param=f"{param}.tools"
-            )
+        advisory = self._advisory(s)
         if s.model:
             new["model"] = s.model
         if "instructions" in sent:
@@ -175,9 +242,13 @@ class SessionConfig:
             check_output_format(fmt, f"{param}.output_audio_format")
             new["output_format"] = fmt
         if "turn_detection" in sent:
-            new["turn_detection"] = self._turn_detection(
-                s.turn_detection, f"{param}.turn_detection"
-            )
+            new["turn_detection"] = self._turn_detection(s.turn_detection)
+        if "input_audio_transcription" in sent:
+            new["transcription"] = transcription(s.input_audio_transcription)
+        if "input_audio_noise_reduction" in sent:
+            advisory["noise_reduction"] = noise_reduction(s.input_audio_noise_reduction)
+        if s.speed is not None:
+            advisory["speed"] = s.speed
 
         # GA nested audio config
         audio_in = s.audio.input if s.audio else None
@@ -188,9 +259,11 @@ class SessionConfig:
                     audio_in.format, f"{param}.audio.input.format"
                 )
             if "turn_detection" in audio_in.model_fields_set:
-                new["turn_detection"] = self._turn_detection(
-                    audio_in.turn_detection, f"{param}.audio.input.turn_detection"
-                )
+                new["turn_detection"] = self._turn_detection(audio_in.turn_detection)
+            if "transcription" in audio_in.model_fields_set:
+                new["transcription"] = transcription(audio_in.transcription)
+            if "noise_reduction" in audio_in.model_fields_set:
+                advisory["noise_reduction"] = noise_reduction(audio_in.noise_reduction)
         if audio_out is not None:
             if audio_out.format is not None:
                 fmt = self._ga_format(audio_out.format, f"{param}.audio.output.format")
@@ -198,12 +271,35 @@ class SessionConfig:
                 new["output_format"] = fmt
             if audio_out.voice:
                 new["voice"] = normalize_voice(audio_out.voice, f"{param}.audio.output.voice")
-        return replace(self, **new)
+            if audio_out.speed is not None:
+                advisory["speed"] = audio_out.speed
+        return replace(self, **new, advisory=replace(self.advisory, **advisory))
 
-    def _turn_detection(self, update: TurnDetectionIn | None, param: str) -> TurnDetection | None:
+    def _advisory(self, s: SessionIn) -> dict[str, Any]:
+        """The top-level advisory fields this update sets (null means off, as sent)."""
+        sent = s.model_fields_set
+        out: dict[str, Any] = {}
+        if s.tool_choice is not None:
+            choice = s.tool_choice
+            out["tool_choice"] = (
+                choice if isinstance(choice, str) else choice.model_dump(exclude_none=True)
+            )
+        if "tracing" in sent:
+            tracing = s.tracing
+            out["tracing"] = (
+                tracing.model_dump(exclude_none=True) if isinstance(tracing, TracingIn) else tracing
+            )
+        if "include" in sent:
+            out["include"] = tuple(s.include) if s.include is not None else None
+        if "prompt" in sent:
+            out["prompt"] = s.prompt.model_dump(exclude_none=True) if s.prompt else None
+        return out
+
+    def _turn_detection(self, update: TurnDetectionIn | None) -> TurnDetection | None:
         if update is None:
             return None
-        return (self.turn_detection or self.vad_defaults).merged(update, param)
+        current = self.turn_detection or self.vad_defaults
+        return current.merged(update, self.vad_defaults)
 
     @staticmethod
     def _ga_format(spec: AudioFormatIn, param: str) -> AudioFormat:
@@ -218,9 +314,12 @@ class SessionConfig:
             "model": self.model,
             "expires_at": expires_at,
             "instructions": self.instructions or "",
-            "tools": [],
-            "tool_choice": "auto",
+            "tools": [],  # accepted, never called: this model has no function calling here
+            "tool_choice": self.advisory.tool_choice,
+            "tracing": self.advisory.tracing,
         }
+        transcription = self.transcription.to_wire() if self.transcription else None
+        noise = {"type": self.advisory.noise_reduction} if self.advisory.noise_reduction else None
         if shape == "beta":
             return {
                 **common,
@@ -228,8 +327,10 @@ class SessionConfig:
                 "voice": self.voice,
                 "input_audio_format": self.input_format.to_beta(),
                 "output_audio_format": self.output_format.to_beta(),
-                "input_audio_transcription": None,
+                "input_audio_transcription": transcription,
+                "input_audio_noise_reduction": noise,
                 "turn_detection": turn_detection,
+                "speed": self.advisory.speed,
                 "max_response_output_tokens": max_out,
             }
         return {
@@ -239,15 +340,18 @@ class SessionConfig:
             "audio": {
                 "input": {
                     "format": self.input_format.to_ga(),
-                    "transcription": None,
-                    "noise_reduction": None,
+                    "transcription": transcription,
+                    "noise_reduction": noise,
                     "turn_detection": turn_detection,
                 },
-                "output": {"format": self.output_format.to_ga(), "voice": self.voice, "speed": 1.0},
+                "output": {
+                    "format": self.output_format.to_ga(),
+                    "voice": self.voice,
+                    "speed": self.advisory.speed,
+                },
             },
             "max_output_tokens": max_out,
             "truncation": truncation_wire(self.truncation),
-            "tracing": None,
-            "prompt": None,
-            "include": None,
+            "prompt": self.advisory.prompt,
+            "include": list(self.advisory.include) if self.advisory.include is not None else None,
         }

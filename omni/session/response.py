@@ -84,10 +84,6 @@ class ReplyPlan:
             raise RealtimeError(
                 "unsupported", "custom response input is not supported", param="response.input"
             )
-        if r.tools:
-            raise RealtimeError(
-                "unsupported", "tools (function calling) are not supported", param="response.tools"
-            )
         new: dict[str, Any] = {}
         if r.instructions is not None:
             new["instructions"] = r.instructions
