@@ -52,3 +52,29 @@ async def test_silence_and_reset() -> None:
     detector.reset()
     assert not detector.speaking
     assert await detector.feed(np.zeros(16000, np.float32)) == []  # no stop for a forgotten start
+
+
+async def test_pauses_and_resumes_within_a_turn() -> None:
+    """pause_ms of silence inside speech is a pause; speech after it, before the stop, a
+    resume; the stop still waits for silence_duration_ms. Without pause_ms: neither."""
+    first, second = spoken("I was thinking that"), spoken("we could go tomorrow")
+    gap = np.zeros(int(0.4 * 16000), np.float32)
+    audio = np.concatenate([np.zeros(8000, np.float32), first, gap, second, np.zeros(16000, np.float32)])
+
+    async def kinds_and_events(pause_ms: int | None) -> list:
+        detector = await SpeechDetector.create(0.5, 700, pause_ms=pause_ms)
+        events = []
+        for i in range(0, len(audio), 1600):
+            events += await detector.feed(audio[i : i + 1600])
+        return events
+
+    events = await kinds_and_events(200)
+    assert [e.kind for e in events] == ["start", "pause", "resume", "pause", "stop"]
+    _, pause, resume, last_pause, stop = events
+    first_end = 8000 + len(first)
+    assert abs(pause.sample - first_end) < 0.3 * 16000
+    assert pause.at - pause.sample >= 200 * 16 and pause.at < resume.at
+    assert abs(resume.sample - (first_end + len(gap))) < 0.3 * 16000
+    assert last_pause.sample == stop.sample  # the stop's silence is the last pause's
+    assert stop.at - last_pause.at >= 500 * 16 - WINDOW
+    assert [e.kind for e in await kinds_and_events(None)] == ["start", "stop"]

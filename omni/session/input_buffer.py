@@ -119,7 +119,10 @@ class InputAudioBuffer:
             cut = min(max(event.at - base, done), len(pcm))
             await self._route(pcm[done:cut], base + done)
             done = cut
-            await (self._started if event.kind == "start" else self._stopped)(event)
+            if event.kind == "start":
+                await self._started(event)
+            elif event.kind == "stop":
+                await self._stopped(event)
         await self._route(pcm[done:], base + done)
 
     async def end_of_input(self) -> None:

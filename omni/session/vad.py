@@ -48,8 +48,12 @@ _executor = ThreadPoolExecutor(
 
 @dataclass(frozen=True)
 class VadEvent:
-    kind: Literal["start", "stop"]
-    sample: int  # where speech started or ended (16 kHz samples since the session began)
+    """start / stop: speech began / ended (the stop after `silence_duration_ms` of silence).
+    pause: within speech, `pause_ms` of silence so far (a stop may follow); resume: speech
+    again after a pause, before any stop. A pause's `sample` is where its silence began."""
+
+    kind: Literal["start", "stop", "pause", "resume"]
+    sample: int  # where speech started, ended or paused (16 kHz samples since the session began)
     at: int  # the sample position at which the decision was made (end of the deciding window)
 
 
@@ -62,16 +66,29 @@ class SpeechDetector:
 
     @classmethod
     async def create(
-        cls, threshold: float, silence_duration_ms: int, position: int = 0
+        cls,
+        threshold: float,
+        silence_duration_ms: int,
+        position: int = 0,
+        pause_ms: int | None = None,
     ) -> SpeechDetector:
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(_executor, cls, threshold, silence_duration_ms, position)
+        return await loop.run_in_executor(
+            _executor, cls, threshold, silence_duration_ms, position, pause_ms
+        )
 
     async def feed(self, pcm: np.ndarray) -> list[VadEvent]:
         return await asyncio.get_running_loop().run_in_executor(_executor, self.process, pcm)
 
-    def __init__(self, threshold: float, silence_duration_ms: int, position: int = 0) -> None:
-        """`position`: the session sample position of the first sample it will be fed."""
+    def __init__(
+        self,
+        threshold: float,
+        silence_duration_ms: int,
+        position: int = 0,
+        pause_ms: int | None = None,
+    ) -> None:
+        """`position`: the session sample position of the first sample it will be fed;
+        `pause_ms`: report pauses this long (None: no pause or resume events)."""
         self._iterator = VADIterator(
             load_silero_vad(),
             threshold=threshold,
@@ -82,6 +99,8 @@ class SpeechDetector:
         self._iterator.current_sample = position
         self._pending = np.zeros(0, np.float32)
         self._consumed = position  # session position of the next window
+        self._pause = None if pause_ms is None else pause_ms * INPUT_SAMPLE_RATE // 1000
+        self._paused = False
 
     @property
     def speaking(self) -> bool:
@@ -99,17 +118,34 @@ class SpeechDetector:
                 )
                 self._consumed += WINDOW
                 if result:
+                    self._paused = False
                     kind: Literal["start", "stop"] = "start" if "start" in result else "stop"
                     events.append(
                         VadEvent(
                             kind, int(result[kind if kind == "start" else "end"]), self._consumed
                         )
                     )
+                elif self._pause is not None:
+                    events += self._pause_events()
         self._pending = audio[whole:].copy()
         return events
+
+    def _pause_events(self) -> list[VadEvent]:
+        """From the iterator's candidate end (`temp_end`: where silence began, 0 when speech
+        came back): a pause once it is `pause_ms` old, a resume when speech returns."""
+        silence_from = self._iterator.temp_end
+        if not self._paused and self.speaking and silence_from:
+            if self._consumed - silence_from >= self._pause:
+                self._paused = True
+                return [VadEvent("pause", int(silence_from) - WINDOW, self._consumed)]
+        elif self._paused and not silence_from:
+            self._paused = False
+            return [VadEvent("resume", self._consumed - WINDOW, self._consumed)]
+        return []
 
     def reset(self) -> None:
         """Forget speech in progress (the buffer was cleared); positions keep counting."""
         self._iterator.reset_states()
+        self._paused = False
         # VADIterator restarts its clock at zero; keep session positions continuous
         self._iterator.current_sample = self._consumed
