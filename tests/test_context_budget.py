@@ -303,6 +303,13 @@ def _survivors(before: list[tuple[int, int]], conv: ThinkerConversation) -> list
     return out
 
 
+def tight_budget(tiny_checkpoint) -> EngineConfig:
+    """Real workers with a 100-token budget in a 160-token slot."""
+    return EngineConfig(
+        str(tiny_checkpoint), max_context_tokens=160, context_budget_tokens=100, reply_reserve_tokens=60
+    )
+
+
 def test_disabled_truncation_through_the_workers(tiny_checkpoint) -> None:
     """truncation "disabled" on real workers: input past the budget is refused with a
     context_length_exceeded error and the session goes on; a reply that fills the context
@@ -314,11 +321,8 @@ def test_disabled_truncation_through_the_workers(tiny_checkpoint) -> None:
         async def on_error(message: str) -> None:
             errors.append(message)
 
-        config = EngineConfig(
-            str(tiny_checkpoint), max_context_tokens=160, context_budget_tokens=100, reply_reserve_tokens=60
-        )
         options = SessionOptions(on_error=on_error, truncation=Truncation("disabled"))
-        async with running_engine(config) as engine:
+        async with running_engine(tight_budget(tiny_checkpoint)) as engine:
             await engine.open_session("s", options)
             await engine.add_text("s", "Hello.")
             assert (await respond(engine, 4, "a1")).status == "completed"
@@ -347,16 +351,8 @@ def test_a_turn_bigger_than_the_budget_is_dropped_and_the_call_goes_on(tiny_chec
     answered with audio. (It once left the talker waiting for rows that never came.)"""
 
     async def run() -> None:
-        errors: list[str] = []
-
-        async def on_error(message: str) -> None:
-            errors.append(message)
-
-        config = EngineConfig(
-            str(tiny_checkpoint), max_context_tokens=160, context_budget_tokens=100, reply_reserve_tokens=60
-        )
-        async with running_engine(config) as engine:
-            await engine.open_session("s", SessionOptions(on_error=on_error))
+        async with running_engine(tight_budget(tiny_checkpoint)) as engine:
+            await engine.open_session("s", SessionOptions())
             await engine.add_text("s", "Hello.")
             assert (await respond(engine, 4, "a0", audio=True)).status == "completed"
             await engine.add_text("s", " ".join(f"word{i}" for i in range(100)))
