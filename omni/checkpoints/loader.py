@@ -26,7 +26,7 @@ ENV_MODEL = "OMNI_MODEL"
 MODEL_TYPE = "qwen2_5_omni"
 # transformers' talker_max_new_tokens, for checkpoints that match no preset
 DEFAULT_MAX_CODEC_TOKENS = 4096
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 @dataclass(frozen=True)
@@ -98,7 +98,7 @@ def resolve_model(spec: str) -> ResolvedModel:
     path = Path(spec).expanduser()
     if path.is_dir():
         return _resolved(spec, path.resolve(), spec, None)
-    if _HUB_ID.match(spec):
+    if HUB_ID.match(spec):
         return _resolved(spec, fetch_snapshot(spec), spec, None)
     names = ", ".join(load_presets())
     raise CheckpointError(
