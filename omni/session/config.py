@@ -6,7 +6,7 @@ handles the session attached to an ephemeral client secret.
 
 What this server does not do is refused loudly when it would change behaviour (tools,
 semantic_vad, output formats other than pcm16 24 kHz) and echoed back as off when it is
-advisory (input transcription, noise reduction, idle timeout, speed).
+advisory (noise reduction, idle timeout, speed).
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from omni.session.client_events import (
     TurnDetectionIn,
 )
 from omni.session.errors import RealtimeError, quoted
+from omni.session.input_transcription import InputTranscription, input_transcription
 from omni.session.wire_audio import PCM24K, AudioFormat, parse_beta_format, parse_ga_format
 from omni.settings import Settings
 
@@ -122,6 +123,7 @@ class SessionConfig:
     max_output_tokens: int | None = None
     seed: int | None = None
     truncation: Truncation = Truncation()  # how the context keeps to its budget
+    transcription: InputTranscription | None = None  # the caller's words as text (None: off)
     qwen: bool = False  # Qwen-Omni-Realtime dialect: beta "pcm16" input means 16 kHz
 
     @classmethod
@@ -178,6 +180,10 @@ class SessionConfig:
             new["turn_detection"] = self._turn_detection(
                 s.turn_detection, f"{param}.turn_detection"
             )
+        if "input_audio_transcription" in sent:
+            new["transcription"] = input_transcription(
+                s.input_audio_transcription, f"{param}.input_audio_transcription"
+            )
 
         # GA nested audio config
         audio_in = s.audio.input if s.audio else None
@@ -190,6 +196,10 @@ class SessionConfig:
             if "turn_detection" in audio_in.model_fields_set:
                 new["turn_detection"] = self._turn_detection(
                     audio_in.turn_detection, f"{param}.audio.input.turn_detection"
+                )
+            if "transcription" in audio_in.model_fields_set:
+                new["transcription"] = input_transcription(
+                    audio_in.transcription, f"{param}.audio.input.transcription"
                 )
         if audio_out is not None:
             if audio_out.format is not None:
@@ -212,6 +222,7 @@ class SessionConfig:
     def to_wire(self, shape: Shape, session_id: str, expires_at: int) -> dict[str, Any]:
         turn_detection = self.turn_detection.to_wire(shape) if self.turn_detection else None
         max_out: int | str = self.max_output_tokens or "inf"
+        transcription = self.transcription.to_wire() if self.transcription else None
         common = {
             "id": session_id,
             "object": "realtime.session",
@@ -228,7 +239,7 @@ class SessionConfig:
                 "voice": self.voice,
                 "input_audio_format": self.input_format.to_beta(),
                 "output_audio_format": self.output_format.to_beta(),
-                "input_audio_transcription": None,
+                "input_audio_transcription": transcription,
                 "turn_detection": turn_detection,
                 "max_response_output_tokens": max_out,
             }
@@ -239,7 +250,7 @@ class SessionConfig:
             "audio": {
                 "input": {
                     "format": self.input_format.to_ga(),
-                    "transcription": None,
+                    "transcription": transcription,
                     "noise_reduction": None,
                     "turn_detection": turn_detection,
                 },
