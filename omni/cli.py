@@ -80,7 +80,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     from omni.checkpoints.whisper import resolve_transcriber
     from omni.engine.engine import EngineConfig, resolve_devices, running_engine
-    from omni.engine.transcriber import TranscriberOptions, running_transcriber
+    from omni.engine.transcriber import Transcriber, TranscriberOptions
     from omni.gateway.serve import run_server
     from omni.logs import configure_logging
     from omni.settings import Settings
@@ -136,7 +136,7 @@ def _serve(args: argparse.Namespace) -> int:
             start_timeout_s=settings.engine_start_timeout_seconds,
             heartbeat_timeout_s=settings.engine_heartbeat_timeout_seconds,
         )
-        transcriber_factory = partial(running_transcriber, options)
+        transcriber_factory = partial(Transcriber, options)
     logging.getLogger("omni").info(
         "transcriber: %s", f"{whisper.name} ({whisper.path})" if whisper else "off"
     )

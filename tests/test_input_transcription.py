@@ -32,7 +32,7 @@ from test_webrtc_calls import call, utterance
 
 from omni.checkpoints.whisper import resolve_transcriber
 from omni.engine.engine import OmniEngine
-from omni.engine.transcriber import Transcriber, TranscriberOptions, running_transcriber
+from omni.engine.transcriber import Transcriber, TranscriberOptions
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -43,7 +43,7 @@ SETTINGS = {"model": "whisper-1", "language": "en", "prompt": "Ada Lovelace"}
 def tiny_transcriber() -> AbstractAsyncContextManager[Transcriber]:
     resolved = resolve_transcriber("auto", main_is_tiny=True)
     assert resolved is not None
-    return running_transcriber(TranscriberOptions(str(resolved.path)))
+    return Transcriber(TranscriberOptions(str(resolved.path)))
 
 
 @pytest_asyncio.fixture(loop_scope="module", scope="module")

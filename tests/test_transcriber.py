@@ -6,11 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -18,7 +13,7 @@ import numpy as np
 import pytest
 import pytest_asyncio
 from realtime_helpers import speech
-from test_engine_parent_death import gone
+from test_engine_parent_death import assert_workers_die_with_their_front_end
 from transformers import WhisperForConditionalGeneration, WhisperProcessor
 
 from omni.checkpoints.errors import CheckpointError
@@ -33,7 +28,6 @@ from omni.engine.transcriber import (
     TranscriptionDelta,
     TranscriptionDone,
     TranscriptionEvent,
-    running_transcriber,
 )
 
 in_module_loop = pytest.mark.asyncio(loop_scope="module")  # the module's one transcriber
@@ -54,7 +48,7 @@ def tiny_whisper() -> Path:
 @pytest_asyncio.fixture(loop_scope="module", scope="module")
 async def transcriber(tiny_whisper: Path) -> AsyncIterator[Transcriber]:
     options = TranscriberOptions(str(tiny_whisper), queue_max=2, allow_faults=True)
-    async with running_transcriber(options) as running:
+    async with Transcriber(options) as running:
         yield running
 
 
@@ -170,7 +164,7 @@ from omni.engine.transcriber import Transcriber, TranscriberOptions
 async def main():
     transcriber = Transcriber(TranscriberOptions(sys.argv[1]))
     await transcriber.start()
-    print(transcriber._proc.pid, flush=True)
+    print([transcriber._proc.pid], flush=True)
     await asyncio.Event().wait()  # until killed
 
 asyncio.run(main())
@@ -178,24 +172,4 @@ asyncio.run(main())
 
 
 def test_the_worker_exits_when_its_front_end_is_killed(tiny_whisper: Path) -> None:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    front = subprocess.Popen(
-        [sys.executable, "-c", FRONT_END, str(tiny_whisper)],
-        stdout=subprocess.PIPE,
-        text=True,
-        env=env,
-    )
-    try:
-        line = front.stdout.readline()  # type: ignore[union-attr]
-        assert line, f"the front end exited early (code {front.wait()})"
-        worker = int(line)
-        assert not gone(worker)
-        front.send_signal(signal.SIGKILL)
-        front.wait()
-        deadline = time.monotonic() + 60  # generous: a busy machine, not a timing claim
-        while not gone(worker) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert gone(worker), "the transcriber outlived its front end"
-    finally:
-        front.kill()
-        front.wait()
+    assert_workers_die_with_their_front_end(FRONT_END, tiny_whisper, workers=1)

@@ -38,13 +38,14 @@ class ResolvedModel:
     max_codec_tokens: int
 
 
-def _check_checkpoint(path: Path) -> None:
+def check_checkpoint(path: Path, model_type: str = MODEL_TYPE, kind: str = "Qwen2.5-Omni") -> None:
+    """CheckpointError unless `path` holds a config of `model_type` (a `kind` model)."""
     config = path / "config.json"
     if not config.is_file():
         raise CheckpointError(f"{path} is not a checkpoint directory (no config.json)")
-    model_type = json.loads(config.read_text()).get("model_type")
-    if model_type != MODEL_TYPE:
-        raise CheckpointError(f"{path} holds a {model_type!r} model, not Qwen2.5-Omni")
+    found = json.loads(config.read_text()).get("model_type")
+    if found != model_type:
+        raise CheckpointError(f"{path} holds a {found!r} model, not {kind}")
 
 
 def _tiny_preset() -> Preset:
@@ -52,7 +53,7 @@ def _tiny_preset() -> Preset:
 
 
 def _resolved(spec: str, path: Path, name: str, preset: Preset | None) -> ResolvedModel:
-    _check_checkpoint(path)
+    check_checkpoint(path)
     is_tiny = is_tiny_checkpoint(path) or is_random_checkpoint(path)
     if preset is None and is_tiny:
         preset = _tiny_preset()

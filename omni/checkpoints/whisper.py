@@ -17,7 +17,7 @@ import torch
 
 from omni.checkpoints.errors import CheckpointError
 from omni.checkpoints.hub import fetch_snapshot
-from omni.checkpoints.loader import HUB_ID
+from omni.checkpoints.loader import HUB_ID, check_checkpoint
 from omni.checkpoints.weights import INDEX_FILE, SINGLE_FILE
 
 TINY_WHISPER = "tiny-whisper"
@@ -49,12 +49,7 @@ def is_complete_whisper(path: Path) -> bool:
 
 def check_whisper(path: Path) -> None:
     """CheckpointError (one line, what to do) unless `path` is a loadable Whisper checkpoint."""
-    config = path / "config.json"
-    if not config.is_file():
-        raise CheckpointError(f"{path} is not a checkpoint directory (no config.json)")
-    model_type = json.loads(config.read_text()).get("model_type")
-    if model_type != MODEL_TYPE:
-        raise CheckpointError(f"{path} holds a {model_type!r} model, not Whisper")
+    check_checkpoint(path, MODEL_TYPE, "Whisper")
     if not has_weights(path):
         raise CheckpointError(
             f"{path} has no Whisper weights ({SINGLE_FILE} or a sharded index); download them "

@@ -28,6 +28,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Literal
 
+import msgspec
 import numpy as np
 import zmq
 import zmq.asyncio
@@ -109,6 +110,19 @@ class Transcriber:
         self._out.connect(self._worker_address)
         self._tasks = [asyncio.create_task(self._read()), asyncio.create_task(self._supervise())]
         await self._start_worker()
+
+    async def __aenter__(self) -> Transcriber:
+        """`async with Transcriber(options)`: the worker started (Whisper loaded), then
+        stopped on exit."""
+        try:
+            await self.start()
+        except BaseException:
+            await self.stop()
+            raise
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stop()
 
     async def stop(self) -> None:
         for task in self._tasks:
@@ -256,14 +270,17 @@ class Transcriber:
                 self._out.send(item.message)
                 return
 
-    async def _read(self) -> None:
+    async def _messages(self) -> AsyncIterator[p.Msg]:
+        """The worker's messages as they come (an undecodable one is logged and skipped)."""
         while True:
             data = await self._inbox.recv()
             try:
-                msg = p.decode(data)
-            except Exception:
+                yield p.decode(data)
+            except msgspec.DecodeError:
                 log.exception("undecodable message from the %s worker", NAME)
-                continue
+
+    async def _read(self) -> None:
+        async for msg in self._messages():
             match msg:
                 case p.Ready():
                     self._ready.set()
@@ -291,13 +308,3 @@ class Transcriber:
             raise EngineError("fault injection is disabled")
         self._out.send(p.encode(p.InjectFault(kind, after_steps)))
 
-
-@contextlib.asynccontextmanager
-async def running_transcriber(options: TranscriberOptions) -> AsyncIterator[Transcriber]:
-    """Start the worker (loading Whisper), yield the transcriber, stop it on exit."""
-    transcriber = Transcriber(options)
-    try:
-        await transcriber.start()
-        yield transcriber
-    finally:
-        await transcriber.stop()
