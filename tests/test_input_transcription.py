@@ -12,6 +12,7 @@ import asyncio
 import json
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -27,6 +28,16 @@ from realtime_helpers import (
     running_server,
     send_event,
     speech,
+)
+from test_browser_calls import (
+    CHROMIUM,
+    WAIT_MS,
+    chromium,
+    enter_key,
+    hang_up,
+    open_page,
+    place_voice_call,
+    speech_wav,  # noqa: F401 (a fixture)
 )
 from test_webrtc_calls import call, utterance
 
@@ -200,3 +211,30 @@ async def test_a_webrtc_call_gets_the_transcript_on_its_data_channel(
         # before or after the transcript: the two do not wait for each other
         assert (await client.seen("response.done"))["response"]["status"] == "completed"
         assert await client.hang_up() == 204
+
+
+# the caller's line on the page: what it says once the transcript came
+CALLER_WORDS = """() => [...document.querySelectorAll('#transcript li.you .text')]
+    .map((e) => e.textContent)
+    .find((t) => t && t !== 'speaking…' && !t.startsWith('spoke for'))"""
+
+
+@pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian's chromium is not installed")
+async def test_the_page_shows_the_callers_words(
+    server: RunningServer,
+    speech_wav: Path,  # noqa: F811 (the fixture imported above)
+) -> None:
+    async with chromium(speech_wav) as browser:
+        page = await open_page(browser, server)
+        await enter_key(page)
+        await place_voice_call(page, server)
+        completed = f"omni.stats.events.includes('{TRANSCRIPTION}.completed')"
+        await page.wait_for_function(completed, timeout=WAIT_MS)
+        words = await page.evaluate(CALLER_WORDS)
+        (session,) = server.gateway.sessions
+        assert session.config.transcription is not None  # the page asked for it
+        # the words are the transcript the server wrote into the caller's first item
+        first = next(i for i in session.conversation._items.values() if i.role == "user")
+        assert words and words == first.content[0]["transcript"]
+        await hang_up(page, server)
+        assert await page.locator("#alert").is_hidden()
