@@ -116,7 +116,10 @@ async def test_a_committed_turn_is_transcribed_into_its_item(server: RunningServ
         assert session["audio"]["input"]["transcription"] == SETTINGS
         item_id = await say_and_commit(ws)
         events = await recv_until_all(
-            ws, lambda es: bool(of_type(es, f"{TRANSCRIPTION}.completed") and of_type(es, "response.done"))
+            ws,
+            lambda es: bool(
+                of_type(es, f"{TRANSCRIPTION}.completed") and of_type(es, "response.done")
+            ),
         )
         deltas = of_type(events, f"{TRANSCRIPTION}.delta")
         (completed,) = of_type(events, f"{TRANSCRIPTION}.completed")

@@ -109,7 +109,8 @@ async def test_text_streams_in_deltas_and_completes(transcriber: Transcriber) ->
     assert done.status == "completed" and done.error is None
     assert deltas and all(deltas) and done.transcript == "".join(deltas)
     # over 30 s goes in 30 s windows, each one streamed
-    long_deltas, long_done = await collect(transcriber.transcribe(np.zeros(16_000 * 31, np.float32)))
+    thirty_one_s = np.zeros(16_000 * 31, np.float32)
+    long_deltas, long_done = await collect(transcriber.transcribe(thirty_one_s))
     assert long_done.status == "completed" and long_done.transcript == "".join(long_deltas)
     assert len(long_deltas) > len(deltas)
     assert transcriber.pending == 0

@@ -293,9 +293,15 @@ class Transcriber:
                 case p.TranscriptDone():
                     item = self._items.get(msg.request)
                     if item is not None:
-                        code = None if msg.status == "completed" else TRANSCRIPTION_FAILED
-                        done = TranscriptionDone(msg.status, msg.text, msg.error, code)  # type: ignore[arg-type]
-                        item.events.put_nowait(done)
+                        completed = msg.status == "completed"
+                        item.events.put_nowait(
+                            TranscriptionDone(
+                                "completed" if completed else "failed",
+                                msg.text,
+                                msg.error,
+                                None if completed else TRANSCRIPTION_FAILED,
+                            )
+                        )
                     if self._current == msg.request:
                         self._current = None
                         self._dispatch()

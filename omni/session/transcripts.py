@@ -88,6 +88,5 @@ class ItemTranscripts:
         await self._event(item, "failed", error=error)
 
     async def _event(self, item: Item, kind: str, **fields: Any) -> None:
-        await self.emit(
-            {"type": f"{EVENT}.{kind}", "item_id": item.id, "content_index": CONTENT_INDEX, **fields}
-        )
+        where = {"item_id": item.id, "content_index": CONTENT_INDEX}
+        await self.emit({"type": f"{EVENT}.{kind}", **where, **fields})
