@@ -29,16 +29,8 @@ from realtime_helpers import (
     send_event,
     speech,
 )
-from test_browser_calls import (
-    CHROMIUM,
-    WAIT_MS,
-    chromium,
-    enter_key,
-    hang_up,
-    open_page,
-    place_voice_call,
-    speech_wav,  # noqa: F401 (a fixture)
-)
+import test_browser_calls as browser
+from test_browser_calls import speech_wav  # noqa: F401 (a fixture)
 from test_webrtc_calls import call, utterance
 
 from omni.checkpoints.whisper import resolve_transcriber
@@ -222,22 +214,24 @@ CALLER_WORDS = """() => [...document.querySelectorAll('#transcript li.you .text'
     .find((t) => t && t !== 'speaking…' && !t.startsWith('spoke for'))"""
 
 
-@pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian's chromium is not installed")
+@pytest.mark.skipif(
+    not Path(browser.CHROMIUM).exists(), reason="Debian's chromium is not installed"
+)
 async def test_the_page_shows_the_callers_words(
     server: RunningServer,
     speech_wav: Path,  # noqa: F811 (the fixture imported above)
 ) -> None:
-    async with chromium(speech_wav) as browser:
-        page = await open_page(browser, server)
-        await enter_key(page)
-        await place_voice_call(page, server)
+    async with browser.chromium(speech_wav) as chromium:
+        page = await browser.open_page(chromium, server)
+        await browser.enter_key(page)
+        await browser.place_voice_call(page, server)
         completed = f"omni.stats.events.includes('{TRANSCRIPTION}.completed')"
-        await page.wait_for_function(completed, timeout=WAIT_MS)
+        await page.wait_for_function(completed, timeout=browser.WAIT_MS)
         words = await page.evaluate(CALLER_WORDS)
         (session,) = server.gateway.sessions
         assert session.config.transcription is not None  # the page asked for it
         # the words are the transcript the server wrote into the caller's first item
         first = next(i for i in session.conversation._items.values() if i.role == "user")
         assert words and words == first.content[0]["transcript"]
-        await hang_up(page, server)
+        await browser.hang_up(page, server)
         assert await page.locator("#alert").is_hidden()
