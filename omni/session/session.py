@@ -9,9 +9,10 @@ Transports feed it and drain it (see outputs.py):
 
 Its parts: `InputAudioBuffer` (the input buffer and server VAD), `EngineQueue` (engine calls one
 at a time, in event order; only `engine.cancel` goes around it, so barge-in lands within one
-model step), `Conversation` (the client's item ledger) and one `Response` per reply. The
-session ties them to the protocol: which event does what, when a turn ends, what a barge-in
-cancels and how a reply is truncated to what the caller heard.
+model step), `Conversation` (the client's item ledger), one `Response` per reply and
+`ItemTranscripts` (committed speech as text, beside the reply). The session ties them to the
+protocol: which event does what, when a turn ends, what a barge-in cancels and how a reply is
+truncated to what the caller heard.
 """
 
 from __future__ import annotations
