@@ -18,7 +18,13 @@ from typing import Any
 import pytest
 import pytest_asyncio
 import websockets
+from fake_engine import fake_engine
 from gateway_fixtures import tiny_engine
+from openai.types.realtime import (
+    ConversationItemInputAudioTranscriptionCompletedEvent,
+    ConversationItemInputAudioTranscriptionDeltaEvent,
+    ConversationItemInputAudioTranscriptionFailedEvent,
+)
 from realtime_helpers import (
     TIMEOUT,
     RunningServer,
@@ -119,6 +125,9 @@ async def test_a_committed_turn_is_transcribed_into_its_item(server: RunningServ
         assert completed["item_id"] == item_id and completed["content_index"] == 0
         assert completed["transcript"] == "".join(d["delta"] for d in deltas) != ""
         assert completed["usage"]["type"] == "duration" and completed["usage"]["seconds"] > 1
+        for delta in deltas:  # the shapes the official SDK parses
+            ConversationItemInputAudioTranscriptionDeltaEvent.model_validate(delta)
+        ConversationItemInputAudioTranscriptionCompletedEvent.model_validate(completed)
         assert of_type(events, "response.done")[0]["response"]["status"] == "completed"
 
         await send_event(ws, {"type": "conversation.item.retrieve", "item_id": item_id})
@@ -164,6 +173,17 @@ async def test_without_transcription_nothing_is_transcribed(server: RunningServe
         assert not any(e["type"].startswith(TRANSCRIPTION) for e in events)
         (retrieved,) = of_type(events, "conversation.item.retrieved")
         assert retrieved["item"]["content"][0]["transcript"] is None
+
+
+async def test_a_server_without_a_transcriber_says_so_for_each_item() -> None:
+    async with running_server(fake_engine) as server, server.ws() as ws:
+        await text_session(ws, transcription=SETTINGS)
+        item_id = await say_and_commit(ws)
+        failed = (await recv_until(ws, f"{TRANSCRIPTION}.failed"))[-1]
+        ConversationItemInputAudioTranscriptionFailedEvent.model_validate(failed)
+        assert failed["item_id"] == item_id and failed["content_index"] == 0
+        assert failed["error"]["code"] == "transcription_off"
+        assert "transcriber_model" in failed["error"]["message"]
 
 
 async def test_an_unknown_language_is_refused_naming_the_field(server: RunningServer) -> None:
