@@ -12,6 +12,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 
 from omni.checkpoints.errors import CheckpointError
@@ -77,7 +78,9 @@ def _serve(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
     from pydantic_settings import SettingsError
 
+    from omni.checkpoints.whisper import resolve_transcriber
     from omni.engine.engine import EngineConfig, resolve_devices, running_engine
+    from omni.engine.transcriber import Transcriber, TranscriberOptions
     from omni.gateway.serve import run_server
     from omni.logs import configure_logging
     from omni.settings import Settings
@@ -122,7 +125,22 @@ def _serve(args: argparse.Namespace) -> int:
     logging.getLogger("omni").info(
         "model %s (%s); thinker on %s, talker on %s", resolved.name, resolved.path, thinker_device, talker_device
     )
-    run_server(settings, lambda: running_engine(config))
+    whisper = resolve_transcriber(settings.transcriber_model, resolved.is_tiny)
+    transcriber_factory = None
+    if whisper is not None:
+        options = TranscriberOptions(
+            model_path=str(whisper.path),
+            device=settings.transcriber_device or thinker_device,
+            dtype=settings.dtype,
+            queue_max=settings.transcription_queue_max,
+            start_timeout_s=settings.engine_start_timeout_seconds,
+            heartbeat_timeout_s=settings.engine_heartbeat_timeout_seconds,
+        )
+        transcriber_factory = partial(Transcriber, options)
+    logging.getLogger("omni").info(
+        "transcriber: %s", f"{whisper.name} ({whisper.path})" if whisper else "off"
+    )
+    run_server(settings, lambda: running_engine(config), transcriber_factory)
     return 0
 
 

@@ -64,6 +64,18 @@ class Metrics:
             buckets=_LATENCY_BUCKETS,
             registry=self.registry,
         )
+        self.transcriptions = Counter(
+            "omni_transcriptions_total",
+            "User audio items transcribed (audio.input.transcription), by status.",
+            ["status"],
+            registry=self.registry,
+        )
+        self.transcription_seconds = Histogram(
+            "omni_transcription_seconds",
+            "From a user audio item's commit to its completed transcript (queueing included).",
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
 
         self.draining = Gauge(
             "omni_draining",

@@ -153,6 +153,23 @@ class Settings(BaseSettings):
         description="On CUDA devices, run decode-only steps as CUDA graphs (one per bucket of "
         "batch size and key length); ignored on CPU.",
     )
+    transcriber_model: str = Field(
+        "auto",
+        description="Whisper checkpoint that transcribes the caller (audio.input.transcription): "
+        "auto (the tiny random one with a tiny model, else openai/whisper-small), tiny-whisper, "
+        "a checkpoint directory, a hub id, or none (transcription off).",
+    )
+    transcriber_device: str | None = Field(
+        None,
+        description="Torch device of the transcriber process (e.g. cuda:1); default: the "
+        "thinker's.",
+    )
+    transcription_queue_max: int = Field(
+        32,
+        ge=1,
+        description="User audio items waiting for or in the transcriber, all sessions together; "
+        "one more gets a transcription failed event naming this limit.",
+    )
 
     # -- auth
     api_keys: Annotated[list[str], NoDecode] = Field(
@@ -361,7 +378,7 @@ class Settings(BaseSettings):
             raise ValueError(f"unknown logging level {value!r}")
         return value.upper()
 
-    @field_validator("talker_device", mode="before")
+    @field_validator("talker_device", "transcriber_device", mode="before")
     @classmethod
     def _empty_is_none(cls, value: object) -> object:
         return value or None

@@ -29,7 +29,7 @@ from PIL import Image
 from omni.engine.api import Engine
 from omni.gateway.app import create_app
 from omni.gateway.serve import server_config
-from omni.gateway.state import Gateway
+from omni.gateway.state import Gateway, TranscriberFactory
 from omni.settings import Settings
 
 EngineFactory = Callable[[], AbstractAsyncContextManager[Engine]]
@@ -69,12 +69,14 @@ class RunningServer:
 
 
 @asynccontextmanager
-async def running_server(factory: EngineFactory, **settings: Any) -> AsyncIterator[RunningServer]:
-    """uvicorn in this event loop on a free loopback port, engine loaded."""
+async def running_server(
+    factory: EngineFactory, transcriber: TranscriberFactory | None = None, **settings: Any
+) -> AsyncIterator[RunningServer]:
+    """uvicorn in this event loop on a free loopback port, engine (and transcriber) loaded."""
     settings.setdefault("api_keys", [API_KEY])
     settings.setdefault("metrics_port", 0)
     config = Settings(host="127.0.0.1", port=0, **settings)
-    app = create_app(config, engine_factory=factory)
+    app = create_app(config, engine_factory=factory, transcriber_factory=transcriber)
     server = uvicorn.Server(server_config(config, app, log_level="warning"))
     task = asyncio.create_task(server.serve())
     while not server.started:

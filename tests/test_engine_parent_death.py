@@ -35,9 +35,15 @@ def gone(pid: int) -> bool:
 
 
 def test_workers_exit_when_the_front_end_is_killed(tiny_checkpoint: Path) -> None:
+    assert_workers_die_with_their_front_end(FRONT_END, tiny_checkpoint, workers=3)
+
+
+def assert_workers_die_with_their_front_end(script: str, checkpoint: Path, workers: int) -> None:
+    """Run `script` (a front end that prints its workers' pids as a JSON list, then waits)
+    on `checkpoint`, SIGKILL it, and check that every worker exits."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     front = subprocess.Popen(
-        [sys.executable, "-c", FRONT_END, str(tiny_checkpoint)],
+        [sys.executable, "-c", script, str(checkpoint)],
         stdout=subprocess.PIPE,
         text=True,
         env=env,
@@ -45,14 +51,14 @@ def test_workers_exit_when_the_front_end_is_killed(tiny_checkpoint: Path) -> Non
     try:
         line = front.stdout.readline()  # type: ignore[union-attr]
         assert line, f"the front end exited early (code {front.wait()})"
-        workers = json.loads(line)
-        assert len(workers) == 3 and not any(gone(pid) for pid in workers)
+        pids = json.loads(line)
+        assert len(pids) == workers and not any(gone(pid) for pid in pids)
         front.send_signal(signal.SIGKILL)
         front.wait()
         deadline = time.monotonic() + 60  # generous: a busy machine, not a timing claim
-        while not all(gone(pid) for pid in workers) and time.monotonic() < deadline:
+        while not all(gone(pid) for pid in pids) and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert all(gone(pid) for pid in workers), "workers outlived their front end"
+        assert all(gone(pid) for pid in pids), "workers outlived their front end"
     finally:
         front.kill()
         front.wait()

@@ -34,7 +34,7 @@ async function startCall(kind) {
     pc: null, dc: null, location: null,
     mic: null, camera: null, screen: null, videoSender: null,
     maxSide: 448, silenceMs: 500, connected: false, ended: false, lastError: null,
-    lastLoudAt: 0, turnEnd: null, you: null, reply: null, replies: new Map(),
+    lastLoudAt: 0, turnEnd: null, you: null, reply: null, replies: new Map(), yours: new Map(),
     local: null, remote: null, timer: null,
   });
   setInCall(true);
@@ -68,7 +68,8 @@ async function connect(c, iceServers) {
   c.videoSender = pc.addTransceiver("video", { direction: "sendonly" }).sender;
   await showVideo(c, c.screen || c.camera);
   c.dc = pc.createDataChannel("oai-events");
-  c.dc.onopen = () => sendVoice(c);
+  // the voice, and the caller's words back as text (conversation.item.input_audio_transcription.*)
+  c.dc.onopen = () => sendVoice(c, { input: { transcription: { model: "whisper-1" } } });
   c.dc.onmessage = (e) => onEvent(c, JSON.parse(e.data));
   c.dc.onclose = () => finish(c, `The call ended: ${c.lastError || "the server hung up."}`);
   pc.ontrack = (e) => hearAssistant(c, e.streams[0] || new MediaStream([e.track]));
@@ -370,6 +371,7 @@ function onEvent(c, event) {
       c.turnEnd = null;
       c.you = addLine("you", "You", "speaking…");
       c.you.startMs = event.audio_start_ms;
+      c.yours.set(event.item_id, c.you);
       break;
     case "input_audio_buffer.speech_stopped":
       c.turnEnd = speechEnded(c);
@@ -377,6 +379,25 @@ function onEvent(c, event) {
         const seconds = (event.audio_end_ms - c.you.startMs) / 1000;
         c.you.text.textContent = `spoke for ${seconds.toFixed(1)} s`;
       }
+      break;
+    case "conversation.item.input_audio_transcription.delta": {
+      // your words replace "spoke for N s" as they come; no words keep the duration
+      const line = c.yours.get(event.item_id);
+      if (line && event.delta) {
+        if (!line.words) line.text.textContent = "";
+        line.words = true;
+        line.text.textContent += event.delta;
+      }
+      break;
+    }
+    case "conversation.item.input_audio_transcription.completed": {
+      const line = c.yours.get(event.item_id);
+      if (line && event.transcript) line.text.textContent = event.transcript;
+      c.yours.delete(event.item_id);
+      break;
+    }
+    case "conversation.item.input_audio_transcription.failed":
+      c.yours.delete(event.item_id);
       break;
     case "response.created":
       c.reply = addLine("assistant", "Assistant", "");
@@ -429,9 +450,9 @@ function send(c, event) {
   if (c.dc?.readyState === "open") c.dc.send(JSON.stringify(event));
 }
 
-function sendVoice(c) {
+function sendVoice(c, audio = {}) {
   const voice = $("voice").value;
-  send(c, { type: "session.update", session: { type: "realtime", audio: { output: { voice } } } });
+  send(c, { type: "session.update", session: { type: "realtime", audio: { ...audio, output: { voice } } } });
 }
 
 // -- the page

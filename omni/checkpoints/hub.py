@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 from huggingface_hub import constants, snapshot_download
@@ -23,13 +24,15 @@ def is_complete(path: Path) -> bool:
     return all((path / shard).is_file() for shard in shards)
 
 
-def cached_snapshot(repo_id: str) -> Path | None:
+def cached_snapshot(
+    repo_id: str, complete: Callable[[Path], bool] = is_complete
+) -> Path | None:
     """The complete local copy of `repo_id` in the HF cache, without touching the network."""
     try:
         path = Path(snapshot_download(repo_id, local_files_only=True))
     except (LocalEntryNotFoundError, ValueError):
         return None
-    return path if is_complete(path) else None
+    return path if complete(path) else None
 
 
 def _why(error: OSError) -> str:
@@ -42,19 +45,25 @@ def _why(error: OSError) -> str:
     return str(error).splitlines()[0]
 
 
-def fetch_snapshot(repo_id: str) -> Path:
-    """`repo_id` from the HF cache, downloading what is missing; CheckpointError if impossible."""
-    path = cached_snapshot(repo_id)
+def fetch_snapshot(
+    repo_id: str,
+    complete: Callable[[Path], bool] = is_complete,
+    kind: str = "Qwen2.5-Omni",
+    allow_patterns: list[str] | None = None,
+) -> Path:
+    """`repo_id` from the HF cache, downloading what is missing (only `allow_patterns`, if
+    given); CheckpointError if impossible. `complete` says whether a copy is whole."""
+    path = cached_snapshot(repo_id, complete)
     if path is not None:
         return path
     try:
-        path = Path(snapshot_download(repo_id))
+        path = Path(snapshot_download(repo_id, allow_patterns=allow_patterns))
     except OSError as error:
         raise CheckpointError(
             f"{repo_id} is not in the local Hugging Face cache and could not be downloaded"
             f" ({_why(error)}). Download it on a machine with access"
             f" (hf download {repo_id} --local-dir DIR) and pass --model DIR"
         ) from None
-    if not is_complete(path):
-        raise CheckpointError(f"{repo_id} (in {path}) is not a complete Qwen2.5-Omni checkpoint")
+    if not complete(path):
+        raise CheckpointError(f"{repo_id} (in {path}) is not a complete {kind} checkpoint")
     return path

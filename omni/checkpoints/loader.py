@@ -26,7 +26,7 @@ ENV_MODEL = "OMNI_MODEL"
 MODEL_TYPE = "qwen2_5_omni"
 # transformers' talker_max_new_tokens, for checkpoints that match no preset
 DEFAULT_MAX_CODEC_TOKENS = 4096
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 @dataclass(frozen=True)
@@ -38,13 +38,14 @@ class ResolvedModel:
     max_codec_tokens: int
 
 
-def _check_checkpoint(path: Path) -> None:
+def check_checkpoint(path: Path, model_type: str = MODEL_TYPE, kind: str = "Qwen2.5-Omni") -> None:
+    """CheckpointError unless `path` holds a config of `model_type` (a `kind` model)."""
     config = path / "config.json"
     if not config.is_file():
         raise CheckpointError(f"{path} is not a checkpoint directory (no config.json)")
-    model_type = json.loads(config.read_text()).get("model_type")
-    if model_type != MODEL_TYPE:
-        raise CheckpointError(f"{path} holds a {model_type!r} model, not Qwen2.5-Omni")
+    found = json.loads(config.read_text()).get("model_type")
+    if found != model_type:
+        raise CheckpointError(f"{path} holds a {found!r} model, not {kind}")
 
 
 def _tiny_preset() -> Preset:
@@ -52,7 +53,7 @@ def _tiny_preset() -> Preset:
 
 
 def _resolved(spec: str, path: Path, name: str, preset: Preset | None) -> ResolvedModel:
-    _check_checkpoint(path)
+    check_checkpoint(path)
     is_tiny = is_tiny_checkpoint(path) or is_random_checkpoint(path)
     if preset is None and is_tiny:
         preset = _tiny_preset()
@@ -98,7 +99,7 @@ def resolve_model(spec: str) -> ResolvedModel:
     path = Path(spec).expanduser()
     if path.is_dir():
         return _resolved(spec, path.resolve(), spec, None)
-    if _HUB_ID.match(spec):
+    if HUB_ID.match(spec):
         return _resolved(spec, fetch_snapshot(spec), spec, None)
     names = ", ".join(load_presets())
     raise CheckpointError(

@@ -26,6 +26,7 @@ from omni.checkpoints.tiny_cache import (
 from omni.checkpoints.tiny_config import tiny_config
 from omni.checkpoints.tiny_processor import write_processor_files
 from omni.checkpoints.tiny_weights import shape_weights
+from omni.checkpoints.tiny_whisper import write_tiny_whisper
 
 log = logging.getLogger(__name__)
 
@@ -35,16 +36,20 @@ SHARD_SIZE = "20MB"
 
 
 VARIANTS = {"tiny": "tiny", "tiny-7b-speech": "7b"}  # variant -> speech size
+WHISPER_VARIANT = "tiny-whisper"  # the transcriber's tiny Whisper (tiny_whisper.py)
 
 
 def _write_checkpoint(out_dir: Path, variant: str) -> None:
-    with torch.random.fork_rng():
-        torch.manual_seed(SEED)
-        model = Qwen2_5OmniForConditionalGeneration(tiny_config(VARIANTS[variant])).eval()
-    speakers = shape_weights(model, SEED + 1)
-    model.save_pretrained(out_dir, max_shard_size=SHARD_SIZE)
-    torch.save(speakers, out_dir / "spk_dict.pt")
-    write_processor_files(out_dir)
+    if variant == WHISPER_VARIANT:
+        write_tiny_whisper(out_dir)
+    else:
+        with torch.random.fork_rng():
+            torch.manual_seed(SEED)
+            model = Qwen2_5OmniForConditionalGeneration(tiny_config(VARIANTS[variant])).eval()
+        speakers = shape_weights(model, SEED + 1)
+        model.save_pretrained(out_dir, max_shard_size=SHARD_SIZE)
+        torch.save(speakers, out_dir / "spk_dict.pt")
+        write_processor_files(out_dir)
     marker = {
         "format_version": FORMAT_VERSION,
         "variant": variant,

@@ -226,6 +226,33 @@ class TextEnd(Msg):
     text_rows: int
 
 
+# -- front end -> transcriber (omni/engine/transcriber_worker.py) --------------------------
+
+
+class Transcribe(Msg):
+    """Transcribe one user audio item; the worker answers TranscriptDelta..., TranscriptDone."""
+
+    request: str
+    pcm: Array  # float32, 16 kHz
+    language: str | None = None  # ISO-639-1; None: Whisper detects it
+    prompt: str | None = None  # text the transcript continues (names, spellings, style)
+
+
+# -- transcriber -> front end ---------------------------------------------------------------
+
+
+class TranscriptDelta(Msg):
+    request: str
+    text: str
+
+
+class TranscriptDone(Msg):
+    request: str
+    status: str  # completed | failed
+    text: str
+    error: str | None = None
+
+
 # -- workers -> front end -------------------------------------------------------------------
 
 
@@ -343,6 +370,9 @@ Message = Union[
     SetTruncation,
     Rewind,
     EvictRows,
+    Transcribe,
+    TranscriptDelta,
+    TranscriptDone,
 ]
 
 _encoder = msgspec.msgpack.Encoder()

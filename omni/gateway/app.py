@@ -32,7 +32,14 @@ from omni.engine.api import Engine
 from omni.gateway import realtime_ws, webrtc
 from omni.gateway.auth import MAX_SECRET_SESSIONS, Denied, SecretTooLarge, bearer_token
 from omni.gateway.http_limits import RequestLimits
-from omni.gateway.state import SHUTTING_DOWN, EngineFactory, Gateway, openai_error
+from omni.engine.transcriber import Transcriber
+from omni.gateway.state import (
+    SHUTTING_DOWN,
+    EngineFactory,
+    Gateway,
+    TranscriberFactory,
+    openai_error,
+)
 from omni.session.client_events import SessionIn, validation_error
 from omni.session.config import SessionConfig
 from omni.session.errors import RealtimeError, new_id
@@ -84,18 +91,29 @@ class RefuseWhenDraining:
 
 
 def create_app(
-    settings: Settings, engine: Engine | None = None, *, engine_factory: EngineFactory | None = None
+    settings: Settings,
+    engine: Engine | None = None,
+    *,
+    engine_factory: EngineFactory | None = None,
+    transcriber: Transcriber | None = None,
+    transcriber_factory: TranscriberFactory | None = None,
 ) -> FastAPI:
+    """`transcriber` goes with `engine`, `transcriber_factory` with `engine_factory`; neither:
+    input transcription is off."""
     if (engine is None) == (engine_factory is None):
         raise ValueError("pass either an engine or an engine_factory")
-    gateway = Gateway(settings, engine)
+    if (transcriber is not None and engine is None) or (
+        transcriber_factory is not None and engine_factory is None
+    ):
+        raise ValueError("pass a transcriber with an engine, a transcriber_factory with a factory")
+    gateway = Gateway(settings, engine, transcriber)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         stop = asyncio.Event()
         async with gateway.metrics.serving(settings.metrics_host, settings.metrics_port):
             task = (
-                asyncio.create_task(gateway.run_engine(engine_factory, stop))
+                asyncio.create_task(gateway.run_engine(engine_factory, stop, transcriber_factory))
                 if engine_factory
                 else None
             )

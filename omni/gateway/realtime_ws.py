@@ -98,6 +98,7 @@ async def realtime_endpoint(websocket: WebSocket) -> None:
             model=model,
             shape="beta" if beta else "ga",
             initial=grant.session,
+            transcriber=gateway.transcriber,
         )
         bind_session(session.id)  # this connection's task, and the session's tasks started below
         await websocket.accept(_subprotocol(offered))

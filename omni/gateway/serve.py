@@ -24,7 +24,7 @@ import uvicorn
 
 from omni.gateway.app import create_app
 from omni.gateway.http_limits import limited_protocols
-from omni.gateway.state import EngineFactory, Gateway
+from omni.gateway.state import EngineFactory, Gateway, TranscriberFactory
 from omni.settings import LOOPBACK_HOST, Settings
 
 log = logging.getLogger(__name__)
@@ -104,9 +104,15 @@ class DrainingServer(uvicorn.Server):
             self.should_exit = True
 
 
-def run_server(settings: Settings, engine_factory: EngineFactory) -> None:
+def run_server(
+    settings: Settings,
+    engine_factory: EngineFactory,
+    transcriber_factory: TranscriberFactory | None = None,
+) -> None:
     """Serve until SIGTERM/SIGINT, then drain; /healthz turns 200 once `engine_factory` has
-    yielded the engine."""
-    app = create_app(settings, engine_factory=engine_factory)
+    yielded the engine (and `transcriber_factory`, if any, its transcriber)."""
+    app = create_app(
+        settings, engine_factory=engine_factory, transcriber_factory=transcriber_factory
+    )
     config = server_config(settings, app)
     DrainingServer(config, app.state.gateway, settings.drain_grace_seconds).run()

@@ -6,11 +6,12 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
-from contextlib import AbstractAsyncContextManager
+from contextlib import AbstractAsyncContextManager, AsyncExitStack
 
 from fastapi.responses import JSONResponse
 
 from omni.engine.api import Engine
+from omni.engine.transcriber import Transcriber
 from omni.gateway.auth import Denied, KeyStore
 from omni.metrics import Metrics
 from omni.session.errors import RealtimeError
@@ -21,14 +22,19 @@ log = logging.getLogger(__name__)
 
 # builds and loads the engine on enter, shuts it down on exit
 EngineFactory = Callable[[], AbstractAsyncContextManager[Engine]]
+# starts the transcriber worker on enter (Whisper loaded), stops it on exit
+TranscriberFactory = Callable[[], AbstractAsyncContextManager[Transcriber]]
 
 # the error code (and close reason) of calls ended by a shutdown, and of calls refused during one
 SHUTTING_DOWN = "server_shutting_down"
 
 
 class Gateway:
-    def __init__(self, settings: Settings, engine: Engine | None) -> None:
+    def __init__(
+        self, settings: Settings, engine: Engine | None, transcriber: Transcriber | None = None
+    ) -> None:
         self.settings = settings
+        self.transcriber = transcriber  # None: input transcription is off
         self.metrics = Metrics()
         self.keys = KeyStore(settings.api_keys, settings.client_secret_key)
         self.engine = engine
@@ -57,15 +63,23 @@ class Gateway:
         self.metrics.connections_refused.labels("auth").inc()
         return openai_error(401, "invalid_api_key", denied.message)
 
-    async def run_engine(self, factory: EngineFactory, stop: asyncio.Event) -> None:
-        """Enter the factory, serve with its engine until `stop`, then let it shut down."""
+    async def run_engine(
+        self,
+        factory: EngineFactory,
+        stop: asyncio.Event,
+        transcriber_factory: TranscriberFactory | None = None,
+    ) -> None:
+        """Enter the factories (the transcriber's first: it loads in seconds), serve with
+        their engine and transcriber until `stop`, then let them shut down."""
         try:
-            async with factory() as engine:
-                self.engine = engine
+            async with AsyncExitStack() as running:
+                if transcriber_factory is not None:
+                    self.transcriber = await running.enter_async_context(transcriber_factory())
+                self.engine = await running.enter_async_context(factory())
                 self.ready.set()
                 await stop.wait()
                 await self.close_sessions()
-                self.engine = None
+                self.engine = self.transcriber = None
         except Exception as exc:
             log.exception("the engine failed to start")
             self.engine_error = f"{type(exc).__name__}: {exc}"

@@ -166,6 +166,7 @@ class Call:
             model=self._model,
             initial=self._grant.session,
             playout=self.track,
+            transcriber=gateway.transcriber,
         )
         await self.session.start()
         try:

@@ -7,8 +7,8 @@ handles the session attached to an ephemeral client secret.
 Every field of the protocol is accepted; only a value outside it is refused, naming the
 field. What the service cannot do is refused when it would change what the caller hears
 (output formats other than pcm16 24 kHz, unknown voices); what is advisory is accepted,
-kept and echoed (noise reduction, tracing, prompt, include, speed, idle timeout, the
-transcription settings). semantic_vad is approximated by a silence window per eagerness
+kept and echoed (noise reduction, tracing, prompt, include, speed, idle timeout);
+the transcription settings are honoured (omni/session/input_transcription.py). semantic_vad is approximated by a silence window per eagerness
 (omni/session/turn_detection.py). Tools are accepted and echoed as none: the model never
 calls one. OpenAI's built-in voice names speak in this model's default voice.
 """
@@ -29,10 +29,10 @@ from omni.session.client_events import (
     RetentionRatioIn,
     SessionIn,
     TracingIn,
-    TranscriptionIn,
     TurnDetectionIn,
 )
 from omni.session.errors import RealtimeError, quoted
+from omni.session.input_transcription import InputTranscription, input_transcription
 from omni.session.turn_detection import Eagerness, semantic_silence_ms
 from omni.session.wire_audio import PCM24K, AudioFormat, parse_beta_format, parse_ga_format
 from omni.settings import Settings
@@ -86,10 +86,6 @@ def truncation(value: str | RetentionRatioIn) -> Truncation:
     if isinstance(value, RetentionRatioIn):
         return Truncation("retention_ratio", value.retention_ratio)
     return Truncation(value)  # type: ignore[arg-type]
-
-
-def transcription(value: TranscriptionIn | None) -> Transcription | None:
-    return Transcription.from_wire(value) if value is not None else None
 
 
 def noise_reduction(value: NoiseReductionIn | None) -> NoiseReduction | None:
@@ -150,22 +146,6 @@ class TurnDetection:
 
 
 @dataclass(frozen=True)
-class Transcription:
-    """`audio.input.transcription` as the client set it (beta: `input_audio_transcription`)."""
-
-    model: str | None = None
-    language: str | None = None
-    prompt: str | None = None
-
-    @classmethod
-    def from_wire(cls, t: TranscriptionIn) -> Transcription:
-        return cls(t.model, t.language, t.prompt)
-
-    def to_wire(self) -> dict[str, Any]:
-        return {k: v for k, v in self.__dict__.items() if v is not None}
-
-
-@dataclass(frozen=True)
 class Advisory:
     """Accepted fields that change nothing the caller hears, kept to be echoed back."""
 
@@ -190,7 +170,7 @@ class SessionConfig:
     max_output_tokens: int | None = None
     seed: int | None = None
     truncation: Truncation = Truncation()  # how the context keeps to its budget
-    transcription: Transcription | None = None
+    transcription: InputTranscription | None = None  # the caller's words as text (None: off)
     advisory: Advisory = Advisory()
     qwen: bool = False  # Qwen-Omni-Realtime dialect: beta "pcm16" input means 16 kHz
 
@@ -244,7 +224,9 @@ class SessionConfig:
         if "turn_detection" in sent:
             new["turn_detection"] = self._turn_detection(s.turn_detection)
         if "input_audio_transcription" in sent:
-            new["transcription"] = transcription(s.input_audio_transcription)
+            new["transcription"] = input_transcription(
+                s.input_audio_transcription, f"{param}.input_audio_transcription"
+            )
         if "input_audio_noise_reduction" in sent:
             advisory["noise_reduction"] = noise_reduction(s.input_audio_noise_reduction)
         if s.speed is not None:
@@ -261,7 +243,9 @@ class SessionConfig:
             if "turn_detection" in audio_in.model_fields_set:
                 new["turn_detection"] = self._turn_detection(audio_in.turn_detection)
             if "transcription" in audio_in.model_fields_set:
-                new["transcription"] = transcription(audio_in.transcription)
+                new["transcription"] = input_transcription(
+                    audio_in.transcription, f"{param}.audio.input.transcription"
+                )
             if "noise_reduction" in audio_in.model_fields_set:
                 advisory["noise_reduction"] = noise_reduction(audio_in.noise_reduction)
         if audio_out is not None:
@@ -308,6 +292,7 @@ class SessionConfig:
     def to_wire(self, shape: Shape, session_id: str, expires_at: int) -> dict[str, Any]:
         turn_detection = self.turn_detection.to_wire(shape) if self.turn_detection else None
         max_out: int | str = self.max_output_tokens or "inf"
+        transcription = self.transcription.to_wire() if self.transcription else None
         common = {
             "id": session_id,
             "object": "realtime.session",

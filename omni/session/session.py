@@ -9,9 +9,10 @@ Transports feed it and drain it (see outputs.py):
 
 Its parts: `InputAudioBuffer` (the input buffer and server VAD), `EngineQueue` (engine calls one
 at a time, in event order; only `engine.cancel` goes around it, so barge-in lands within one
-model step), `Conversation` (the client's item ledger) and one `Response` per reply. The
-session ties them to the protocol: which event does what, when a turn ends, what a barge-in
-cancels and how a reply is truncated to what the caller heard.
+model step), `Conversation` (the client's item ledger), one `Response` per reply and
+`ItemTranscripts` (committed speech as text, beside the reply). The session ties them to the
+protocol: which event does what, when a turn ends, what a barge-in cancels and how a reply is
+truncated to what the caller heard.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from omni.engine.api import OUTPUT_SAMPLE_RATE, Engine, EngineError, SessionOptions
+from omni.engine.transcriber import Transcriber
 from omni.logs import bind_response
 from omni.metrics import Metrics
 from omni.session import client_events as ce
@@ -41,6 +43,7 @@ from omni.session.outbox import CLIENT_NOT_READING, Outbox
 from omni.session.outputs import AudioOut, Closed, Playout
 from omni.session.response import ReplyPlan, Response
 from omni.session.shape import to_beta
+from omni.session.transcripts import ItemTranscripts
 from omni.session.user_content import ItemCaps, user_content
 from omni.session.wire_audio import b64decode, b64encode_pcm16
 from omni.settings import Settings
@@ -81,6 +84,7 @@ class RealtimeSession:
         shape: Shape = "ga",
         initial: ce.SessionIn | None = None,
         playout: Playout | None = None,
+        transcriber: Transcriber | None = None,
     ) -> None:
         self.id = new_id("sess")
         self.engine = engine
@@ -117,6 +121,7 @@ class RealtimeSession:
         self._idle_frame: TurnInput | None = None  # latest camera frame while nobody talks
         self._frame_interval = 1.0 / settings.video_max_fps
         self._last_frame_at = -self._frame_interval
+        self._transcripts = ItemTranscripts(transcriber, self.emit, metrics)
         self._responses: list[Response] = []  # running or queued, oldest first
         self._last_response: Response | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -149,6 +154,7 @@ class RealtimeSession:
             if task is not current:
                 task.cancel()
         await asyncio.gather(*(t for t in self._tasks if t is not current), return_exceptions=True)
+        await self._transcripts.close()
         if self._started:
             self.metrics.sessions_active.dec()
             try:
@@ -517,6 +523,9 @@ class RealtimeSession:
             }
         )
         await self._item_added(item, previous)
+        if self.config.transcription is not None:  # beside the reply, never before it
+            audio = [piece.data for piece in pending if piece.kind == "audio"]
+            self._transcripts.start(item, np.concatenate(audio), self.config.transcription)
 
     async def _item_added(self, item: Item, previous: str | None) -> None:
         await self.emit(
