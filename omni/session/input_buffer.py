@@ -42,6 +42,12 @@ class SpeechListener(Protocol):
 
     async def speech_stopped(self, item_id: str, audio_end_ms: int) -> None: ...
 
+    async def speech_paused(self, item_id: str, silence_start_ms: int) -> None:
+        """Within speech, `pause_ms` of silence so far; a stop or a resume follows."""
+
+    async def speech_resumed(self, item_id: str) -> None:
+        """Speech again after a pause, before any stop."""
+
 
 class InputAudioBuffer:
     def __init__(
@@ -51,8 +57,10 @@ class InputAudioBuffer:
         max_seconds: float,
         listener: SpeechListener,
         on_error: Callable[[RealtimeError], Awaitable[None]],
+        pause_ms: int = 200,
     ) -> None:
         self.engine = engine
+        self.pause_ms = pause_ms  # silence that counts as a pause within speech
         self.listener = listener
         self.on_error = on_error
         self.max_seconds = max_seconds
@@ -80,7 +88,7 @@ class InputAudioBuffer:
             )
             if self._vad is None or not same:
                 self._vad = await SpeechDetector.create(
-                    detection.threshold, detection.silence_duration_ms, self.received
+                    detection.threshold, detection.silence_duration_ms, self.received, self.pause_ms
                 )
                 self.speaking = False
 
@@ -123,6 +131,11 @@ class InputAudioBuffer:
                 await self._started(event)
             elif event.kind == "stop":
                 await self._stopped(event)
+            elif self.speech_item is not None and self.speaking:
+                if event.kind == "pause":
+                    await self.listener.speech_paused(self.speech_item, ms(event.sample))
+                else:
+                    await self.listener.speech_resumed(self.speech_item)
         await self._route(pcm[done:], base + done)
 
     async def end_of_input(self) -> None:

@@ -499,6 +499,12 @@ class RealtimeSession:
         if detection is not None and detection.create_response:
             await self._create_response(None, turn_end=turn_end, queue=True)
 
+    async def speech_paused(self, item_id: str, silence_start_ms: int) -> None:
+        """A pause within the caller's speech (not yet the end of their turn)."""
+
+    async def speech_resumed(self, item_id: str) -> None:
+        """The caller went on after a pause."""
+
     async def _commit(self, item_id: str | None) -> None:
         await self._input.end_of_input()
         pending = self._engine.uncommitted()
