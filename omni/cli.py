@@ -171,12 +171,14 @@ def add_bench_commands(commands: Subparsers) -> None:
     from omni.bench.calls import add_calls_command
     from omni.bench.engine import add_engine_command
     from omni.bench.long_call import add_long_call_command
+    from omni.bench.turns import add_turns_command
 
     bench = commands.add_parser("bench", help="benchmarks (print a table, optionally write JSON)")
     actions = bench.add_subparsers(dest="action", required=True, metavar="BENCHMARK")
     add_engine_command(actions)
     add_calls_command(actions)
     add_long_call_command(actions)
+    add_turns_command(actions)
 
 
 COMMAND_GROUPS: tuple[Callable[[Subparsers], None], ...] = (

@@ -27,7 +27,7 @@ from pipecat.services.openai.realtime.llm import OpenAIRealtimeLLMService
 from pipecat.workers.runner import WorkerRunner
 from realtime_helpers import API_KEY, TIMEOUT, RunningServer, chunks, silence, speech
 
-from omni.session.turn_detection import semantic_silence_ms
+from omni.session.turn_detection import max_wait_ms
 
 pytest_plugins = ["gateway_fixtures"]  # server, start_server, engine_factory
 ENGINES = ("fake", "tiny")
@@ -172,7 +172,7 @@ async def test_livekit_spoken_turn(server: RunningServer) -> None:
         generations: asyncio.Queue[livekit_llm.GenerationCreatedEvent] = asyncio.Queue()
         session.on("generation_created", generations.put_nowait)
         # semantic_vad at LiveKit's default eagerness (medium) ends the turn
-        for chunk in spoken_turn(trailing_ms=semantic_silence_ms("medium") + 700):
+        for chunk in spoken_turn(trailing_ms=max_wait_ms("medium") + 700):
             session.push_audio(rtc.AudioFrame(chunk, RATE, 1, len(chunk) // 2))
         generation = await asyncio.wait_for(generations.get(), TIMEOUT)
         assert not generation.user_initiated  # the server's turn detection started it

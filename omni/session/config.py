@@ -8,8 +8,9 @@ Every field of the protocol is accepted; only a value outside it is refused, nam
 field. What the service cannot do is refused when it would change what the caller hears
 (output formats other than pcm16 24 kHz, unknown voices); what is advisory is accepted,
 kept and echoed (noise reduction, tracing, prompt, include, speed, idle timeout);
-the transcription settings are honoured (omni/session/input_transcription.py). semantic_vad is approximated by a silence window per eagerness
-(omni/session/turn_detection.py). Tools are accepted and echoed as none: the model never
+the transcription settings are honoured (omni/session/input_transcription.py). semantic_vad is
+honoured by a prosodic end-of-turn score and an eagerness-bounded wait
+(omni/session/end_of_turn.py, omni/session/turn_detection.py). Tools are accepted and echoed as none: the model never
 calls one. OpenAI's built-in voice names speak in this model's default voice.
 """
 
@@ -33,7 +34,7 @@ from omni.session.client_events import (
 )
 from omni.session.errors import RealtimeError, quoted
 from omni.session.input_transcription import InputTranscription, input_transcription
-from omni.session.turn_detection import Eagerness, semantic_silence_ms
+from omni.session.turn_detection import Eagerness, max_wait_ms
 from omni.session.wire_audio import PCM24K, AudioFormat, parse_beta_format, parse_ga_format
 from omni.settings import Settings
 
@@ -101,8 +102,9 @@ def truncation_wire(t: Truncation) -> str | dict[str, Any]:
 @dataclass(frozen=True)
 class TurnDetection:
     """Turn detection with OpenAI's names and meanings. Silero VAD runs with `threshold` and
-    `silence_duration_ms` in both modes; for semantic_vad the silence window stands for the
-    eagerness (turn_detection.py) and the server_vad numbers are not on the wire."""
+    `silence_duration_ms` in both modes; for semantic_vad the silence window is the
+    eagerness's longest wait, the prosodic end-of-turn policy (turn_detection.py) usually ends
+    the turn sooner, and the server_vad numbers are not on the wire."""
 
     threshold: float
     prefix_padding_ms: int
@@ -123,7 +125,7 @@ class TurnDetection:
         base = self if given.get("type", self.type) == self.type else defaults
         merged = replace(base, **given)
         if merged.type == "semantic_vad":
-            return replace(merged, silence_duration_ms=semantic_silence_ms(merged.eagerness))
+            return replace(merged, silence_duration_ms=max_wait_ms(merged.eagerness))
         return merged
 
     def to_wire(self, shape: Shape) -> dict[str, Any]:

@@ -5,7 +5,10 @@ track). Without turn detection every sample is uncommitted input and streams str
 the engine. With server_vad, audio before speech waits in a short ring (for
 `prefix_padding_ms`); from the detected start the ring's tail and all further speech stream
 into the engine as they arrive (incremental prefill, not a prefill after the turn), and the
-VAD's stop is reported so the session can commit and answer at once.
+VAD's stop is reported so the session can commit and answer at once. With semantic_vad the
+VAD's stop is only the eagerness's longest wait: at each pause within speech the prosodic
+end-of-turn score of the voice before it sets a shorter wait (turn_detection.py), counted in
+received samples of silence (the audio clock, not wall time); speech before then cancels it.
 
 All positions are 16 kHz samples since the session began, so `audio_start_ms`/`audio_end_ms`
 count from the first audio the client sent, as OpenAI's do. Audio is processed strictly in
@@ -16,6 +19,7 @@ VAD's state and the sample clock depend on it.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Awaitable, Callable
 from typing import Protocol
 
@@ -25,8 +29,12 @@ from omni.engine.api import INPUT_SAMPLE_RATE
 from omni.session.config import TurnDetection
 from omni.session.engine_queue import EngineQueue, TurnInput
 from omni.session.errors import RealtimeError, new_id
-from omni.session.vad import WINDOW, SpeechDetector, VadEvent
+from omni.session.end_of_turn import ANALYSED_S, end_probability
+from omni.session.turn_detection import wait_ms
+from omni.session.vad import WINDOW, SpeechDetector, VadEvent, on_vad_threads
 from omni.session.wire_audio import AudioDecoder, AudioFormat
+
+log = logging.getLogger(__name__)
 
 
 def ms(samples: int) -> int:
@@ -74,6 +82,12 @@ class InputAudioBuffer:
         self._uncommitted = 0  # samples of audio in the buffer
         self._full_reported = False
         self._lock = asyncio.Lock()  # one push at a time: the VAD runs in a thread
+        # semantic_vad: the latest speech (what the end-of-turn scorer reads at a pause) and,
+        # after a pause, the sample at which the turn ends unless speech resumes first
+        self._voice = np.zeros(0, np.float32)
+        self._voice_keep = samples(round(ANALYSED_S * 1000) + pause_ms) + 2 * WINDOW
+        self._end_at: int | None = None
+        self._end_from = 0  # where that pause's silence began: the turn's audio_end
 
     async def configure(self, detection: TurnDetection | None) -> None:
         """Turn detection changed: a new detector when its own parameters did."""
@@ -91,6 +105,7 @@ class InputAudioBuffer:
                     detection.threshold, detection.silence_duration_ms, self.received, self.pause_ms
                 )
                 self.speaking = False
+                self._end_at, self._voice = None, self._voice[:0]
 
     async def set_format(self, fmt: AudioFormat) -> None:
         if fmt != self.decoder.format:
@@ -125,6 +140,10 @@ class InputAudioBuffer:
         done = 0
         for event in await self._vad.feed(pcm):
             cut = min(max(event.at - base, done), len(pcm))
+            if self._end_at is not None and self._end_at <= base + cut:
+                # the turn ended before this event: the VAD's later events are of a reset past
+                done = await self._semantic_stop(pcm, base, done)
+                break
             await self._route(pcm[done:cut], base + done)
             done = cut
             if event.kind == "start":
@@ -134,9 +153,43 @@ class InputAudioBuffer:
             elif self.speech_item is not None and self.speaking:
                 if event.kind == "pause":
                     await self.listener.speech_paused(self.speech_item, ms(event.sample))
+                    await self._score_pause(event)
                 else:
+                    self._end_at = None
                     await self.listener.speech_resumed(self.speech_item)
+        else:
+            if self._end_at is not None and self._end_at <= base + len(pcm):
+                done = await self._semantic_stop(pcm, base, done)
         await self._route(pcm[done:], base + done)
+
+    async def _score_pause(self, pause: VadEvent) -> None:
+        """semantic_vad: from how the voice before the pause ends, when the turn will end."""
+        assert self.detection is not None
+        if self.detection.type != "semantic_vad":
+            return
+        voice = self._voice[: max(len(self._voice) - (pause.at - pause.sample), 0)]
+        p = await on_vad_threads(end_probability, voice)
+        wait = wait_ms(p, self.detection.eagerness)
+        self._end_at = max(pause.sample + samples(wait), pause.at)
+        self._end_from = pause.sample
+        log.info(
+            "semantic_vad pause at %d ms: p(end of turn) %.2f, eagerness %s, wait %d ms",
+            ms(pause.sample),
+            p,
+            self.detection.eagerness,
+            wait,
+        )
+
+    async def _semantic_stop(self, pcm: np.ndarray, base: int, done: int) -> int:
+        """The pause has lasted its wait: speech stopped where the pause began. Returns how
+        much of `pcm` (from `base`) is routed."""
+        assert self._end_at is not None and self._vad is not None
+        cut = self._end_at - base
+        await self._route(pcm[done:cut], base + done)
+        self._vad.reset()
+        self._end_at = None
+        await self._stopped(VadEvent("stop", self._end_from, base + cut))
+        return cut
 
     async def end_of_input(self) -> None:
         """Before a manual commit: the resampler's last samples belong to this turn."""
@@ -150,6 +203,7 @@ class InputAudioBuffer:
                 return None
             self._vad.reset()
             self.speaking = False
+            self._end_at, self._voice = None, self._voice[:0]
             return self.speech_item
 
     def committed(self) -> None:
@@ -166,6 +220,8 @@ class InputAudioBuffer:
     async def _route(self, pcm: np.ndarray, at: int) -> None:
         if self.speaking:
             await self._buffer(pcm, at)
+            if self.detection is not None and self.detection.type == "semantic_vad":
+                self._voice = np.concatenate([self._voice, pcm])[-self._voice_keep :]
         elif len(pcm) and self.detection is not None:
             keep = samples(self.detection.prefix_padding_ms) + 2 * WINDOW
             self._ring = np.concatenate([self._ring, pcm])[-keep:]
@@ -182,6 +238,7 @@ class InputAudioBuffer:
 
     async def _stopped(self, event: VadEvent) -> None:
         self.speaking = False
+        self._end_at, self._voice = None, self._voice[:0]
         assert self.speech_item is not None
         await self.listener.speech_stopped(self.speech_item, ms(event.sample))
 

@@ -18,9 +18,10 @@ from __future__ import annotations
 import asyncio
 import os
 import warnings
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal, TypeVar
 
 import numpy as np
 import torch
@@ -44,6 +45,14 @@ _executor = ThreadPoolExecutor(
     initializer=torch.set_num_threads,
     initargs=(1,),
 )
+
+
+T = TypeVar("T")
+
+
+async def on_vad_threads(fn: Callable[..., T], *args: Any) -> T:
+    """`fn(*args)` on the VAD's threads (for the session's other small per-window audio work)."""
+    return await asyncio.get_running_loop().run_in_executor(_executor, fn, *args)
 
 
 @dataclass(frozen=True)
@@ -72,13 +81,10 @@ class SpeechDetector:
         position: int = 0,
         pause_ms: int | None = None,
     ) -> SpeechDetector:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(
-            _executor, cls, threshold, silence_duration_ms, position, pause_ms
-        )
+        return await on_vad_threads(cls, threshold, silence_duration_ms, position, pause_ms)
 
     async def feed(self, pcm: np.ndarray) -> list[VadEvent]:
-        return await asyncio.get_running_loop().run_in_executor(_executor, self.process, pcm)
+        return await on_vad_threads(self.process, pcm)
 
     def __init__(
         self,
