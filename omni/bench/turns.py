@@ -89,25 +89,32 @@ def make_turns() -> list[Turn]:
     return turns
 
 
-class StopRecorder:
-    """The buffer's listener: where the first turn end was reported."""
+class TurnEvents:
+    """The buffer's listener: what it reported, each with the sample position it was
+    reported at (how much audio had been pushed)."""
 
     def __init__(self) -> None:
-        self.stopped_at: int | None = None  # sample position at which the stop was reported
+        self.events: list[tuple[str, int]] = []
+        self.audio_end_ms: int | None = None  # of the first stop
         self.received = 0
 
+    @property
+    def stopped_at(self) -> int | None:
+        return next((at for kind, at in self.events if kind == "stopped"), None)
+
     async def speech_started(self, item_id: str, audio_start_ms: int) -> None:
-        pass
+        self.events.append(("started", self.received))
 
     async def speech_stopped(self, item_id: str, audio_end_ms: int) -> None:
         if self.stopped_at is None:
-            self.stopped_at = self.received
+            self.audio_end_ms = audio_end_ms
+        self.events.append(("stopped", self.received))
 
     async def speech_paused(self, item_id: str, silence_start_ms: int) -> None:
-        pass
+        self.events.append(("paused", self.received))
 
     async def speech_resumed(self, item_id: str) -> None:
-        pass
+        self.events.append(("resumed", self.received))
 
 
 def detection(eagerness: Eagerness | None) -> TurnDetection:
@@ -122,9 +129,9 @@ def detection(eagerness: Eagerness | None) -> TurnDetection:
     )
 
 
-async def turn_end(turn: Turn, eagerness: Eagerness | None) -> int | None:
-    """The sample position at which the buffer reported the turn's end (None: never, within
-    the longest wait after the speech)."""
+async def run_turn(audio: np.ndarray, turn_detection: TurnDetection, until_stop: bool) -> TurnEvents:
+    """`audio` through a fresh InputAudioBuffer in 100 ms pieces, then silence for the mode's
+    longest wait and a second; `until_stop`: only until the first turn end."""
 
     async def refuse(error: RealtimeError) -> None:
         raise error
@@ -133,17 +140,19 @@ async def turn_end(turn: Turn, eagerness: Eagerness | None) -> int | None:
     engine = EngineQueue(
         cast(Engine, None), "bench", refuse, max_calls=1 << 30, max_turn_bytes=1 << 40
     )
-    recorder = StopRecorder()
-    buffer = InputAudioBuffer(engine, AudioFormat("pcm16", INPUT_SAMPLE_RATE), 60.0, recorder, refuse)
-    await buffer.configure(detection(eagerness))
-    trailing = samples(max_wait_ms(eagerness or "low") + 1000)
-    audio = np.concatenate([turn.audio, np.zeros(trailing, np.float32)])
+    events = TurnEvents()
+    buffer = InputAudioBuffer(
+        engine, AudioFormat("pcm16", INPUT_SAMPLE_RATE), 60.0, events, refuse
+    )
+    await buffer.configure(turn_detection)
+    trailing = samples(turn_detection.silence_duration_ms + 1000)
+    audio = np.concatenate([audio, np.zeros(trailing, np.float32)])
     for at in range(0, len(audio), PIECE):
-        recorder.received = at + len(audio[at : at + PIECE])
+        events.received = at + len(audio[at : at + PIECE])
         await buffer.push(audio[at : at + PIECE])
-        if recorder.stopped_at is not None:
-            return recorder.stopped_at
-    return None
+        if until_stop and events.stopped_at is not None:
+            break
+    return events
 
 
 def percentile(values: list[float], q: int) -> float | None:
@@ -169,7 +178,7 @@ class ModeRow:
 async def measure_mode(name: str, eagerness: Eagerness | None, turns: list[Turn]) -> ModeRow:
     false_ends, paused, waits, never = 0, 0, [], 0
     for turn in turns:
-        ended = await turn_end(turn, eagerness)
+        ended = (await run_turn(turn.audio, detection(eagerness), until_stop=True)).stopped_at
         if turn.pause is not None:
             paused += 1
             false_ends += ended is not None and ended < len(turn.audio)  # before the words
