@@ -33,7 +33,8 @@ from omni.session.input_buffer import InputAudioBuffer, samples
 from omni.session.turn_detection import Eagerness, max_wait_ms
 from omni.session.wire_audio import AudioFormat
 
-# (first half, rest): the first half alone is where a speaker pauses to think
+# (first half, rest): the first half alone is where a speaker pauses to think. The first 12
+# are those end_of_turn.py's weights were fitted on; the last 6 were not (held out).
 SENTENCES = (
     ("I was thinking about going", "to the market tomorrow morning."),
     ("My brother and I", "went hiking in the mountains."),
@@ -47,7 +48,14 @@ SENTENCES = (
     ("I think the best option", "is to wait until spring."),
     ("Our neighbours have a dog", "that barks all night long."),
     ("Could you tell me", "what the weather is like today?"),
+    ("When I was a child", "we lived near the sea."),
+    ("The children played outside", "until it got dark."),
+    ("I have been reading a book", "about the history of China."),
+    ("Tomorrow we are going", "to visit my grandmother."),
+    ("The shop on the corner", "sells fresh bread every day."),
+    ("He told me that the game", "was cancelled because of rain."),
 )
+FITTED = 12  # SENTENCES[:FITTED] were used to fit the scorer
 GAPS_S = (0.6, 0.9, 1.2, 1.5)  # mid-sentence pauses, in turn
 LEAD_S = 0.3  # silence before the caller speaks
 PIECE = INPUT_SAMPLE_RATE // 10  # 100 ms
@@ -71,6 +79,7 @@ def spoken(text: str) -> np.ndarray:
 @dataclass(frozen=True)
 class Turn:
     text: str
+    held_out: bool  # its sentence was not used to fit the scorer
     audio: np.ndarray  # lead silence and speech, no trailing silence
     pause: tuple[int, int] | None  # the mid-sentence pause's samples [from, to), if any
 
@@ -83,9 +92,15 @@ def make_turns() -> list[Turn]:
         gap = np.zeros(int(GAPS_S[i % len(GAPS_S)] * INPUT_SAMPLE_RATE), np.float32)
         begin = len(lead) + len(head)
         turns.append(
-            Turn(f"{first}, ... {rest}", np.concatenate([lead, head, gap, tail]), (begin, begin + len(gap)))
+            Turn(
+                f"{first}, ... {rest}",
+                i >= FITTED,
+                np.concatenate([lead, head, gap, tail]),
+                (begin, begin + len(gap)),
+            )
         )
-        turns.append(Turn(f"{first} {rest}", np.concatenate([lead, spoken(f"{first} {rest}")]), None))
+        whole = np.concatenate([lead, spoken(f"{first} {rest}")])
+        turns.append(Turn(f"{first} {rest}", i >= FITTED, whole, None))
     return turns
 
 
@@ -166,6 +181,7 @@ def percentile(values: list[float], q: int) -> float | None:
 @dataclass(frozen=True)
 class ModeRow:
     mode: str
+    sentences: str  # "fitted" or "held out"
     paused_turns: int
     false_ends: int
     false_end_rate: float
@@ -175,7 +191,9 @@ class ModeRow:
     end_ms_p95: float | None
 
 
-async def measure_mode(name: str, eagerness: Eagerness | None, turns: list[Turn]) -> ModeRow:
+async def measure_mode(
+    name: str, eagerness: Eagerness | None, sentences: str, turns: list[Turn]
+) -> ModeRow:
     false_ends, paused, waits, never = 0, 0, [], 0
     for turn in turns:
         ended = (await run_turn(turn.audio, detection(eagerness), until_stop=True)).stopped_at
@@ -188,6 +206,7 @@ async def measure_mode(name: str, eagerness: Eagerness | None, turns: list[Turn]
             waits.append((ended - len(turn.audio)) * 1000 / INPUT_SAMPLE_RATE)
     return ModeRow(
         mode=name,
+        sentences=sentences,
         paused_turns=paused,
         false_ends=false_ends,
         false_end_rate=false_ends / paused if paused else 0.0,
@@ -203,12 +222,12 @@ def table(rows: list[ModeRow]) -> str:
         return "-" if value is None else f"{value:.0f}"
 
     lines = [
-        "| mode | false end of turn | end of speech to turn end, ms (p50 / p95) |",
-        "|---|---|---|",
+        "| mode | sentences | false end of turn | end of speech to turn end, ms (p50 / p95) |",
+        "|---|---|---|---|",
     ]
     for row in rows:
         lines.append(
-            f"| {row.mode} | {row.false_ends}/{row.paused_turns} ({row.false_end_rate:.0%}) "
+            f"| {row.mode} | {row.sentences} | {row.false_ends}/{row.paused_turns} ({row.false_end_rate:.0%}) "
             f"| {num(row.end_ms_p50)} / {num(row.end_ms_p95)} |"
         )
     return "\n".join(lines)
@@ -216,14 +235,23 @@ def table(rows: list[ModeRow]) -> str:
 
 async def run_bench() -> list[ModeRow]:
     turns = await asyncio.to_thread(make_turns)
-    return [await measure_mode(name, eagerness, turns) for name, eagerness in MODES]
+    rows = []
+    for name, eagerness in MODES:
+        for sentences, held_out in (("fitted", False), ("held out", True)):
+            subset = [turn for turn in turns if turn.held_out == held_out]
+            rows.append(await measure_mode(name, eagerness, sentences, subset))
+    return rows
 
 
 def run(args: argparse.Namespace) -> int:
     rows = asyncio.run(run_bench())
     print(table(rows))
     if args.json:
-        result: dict[str, Any] = {"sentences": len(SENTENCES), "modes": [asdict(r) for r in rows]}
+        result: dict[str, Any] = {
+            "sentences": len(SENTENCES),
+            "fitted": FITTED,
+            "modes": [asdict(row) for row in rows],
+        }
         Path(args.json).write_text(json.dumps(result, indent=2))
         print(f"wrote {args.json}")
     return 0
