@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 from realtime_helpers import b64, chunks, recv_until, send_event, silence, speech
 
+from omni.bench import turns as turns_bench
 from omni.bench.turns import SENTENCES, detection, run_turn, spoken
+from omni.cli import build_parser
 from omni.engine.api import INPUT_SAMPLE_RATE
 from omni.session.end_of_turn import end_probability, prosody
 from omni.session.turn_detection import FLOOR_MS, MAX_WAIT_MS, max_wait_ms, wait_ms
@@ -129,3 +131,17 @@ async def test_semantic_vad_ends_a_turn_over_a_websocket(server) -> None:  # typ
     assert kinds.index("input_audio_buffer.speech_stopped") < kinds.index("response.created")
     assert events[-1]["response"]["status"] == "completed"
     assert any(e["type"] in ("response.audio.delta", "response.output_audio.delta") for e in events)
+
+
+@needs_espeak
+async def test_the_turns_bench_counts_false_ends_and_delays(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """`omni bench turns` is wired into the CLI, and its rows count what the buffer did: a
+    paused turn and a clean one of the same sentence under server_vad."""
+    args = build_parser().parse_args(["bench", "turns", "--json", str(tmp_path / "t.json")])
+    assert args.run is turns_bench.run
+    paused, clean = turns_bench.make_turns()[:2]
+    assert paused.pause is not None and clean.pause is None
+    row = await turns_bench.measure_mode("server_vad", None, "fitted", [paused, clean])
+    assert (row.paused_turns, row.false_ends, row.clean_turns, row.never_ended) == (1, 1, 1, 0)
+    assert row.end_ms_p50 is not None and 500 <= row.end_ms_p50 < 1000
+    assert "| server_vad | fitted | 1/1 (100%) |" in turns_bench.table([row])
