@@ -5,10 +5,11 @@ workers."""
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
-from realtime_helpers import b64, chunks, recv_until, send_event, silence, speech
+from realtime_helpers import RunningServer, b64, chunks, recv_until, send_event, silence, speech
 
 from omni.bench import turns as turns_bench
 from omni.bench.turns import SENTENCES, detection, run_turn, spoken
@@ -38,11 +39,13 @@ def test_a_clean_end_scores_higher_than_a_mid_sentence_pause(first: str, rest: s
 
 @needs_espeak
 def test_clean_ends_have_fallen_pitch_and_faded_voice() -> None:
-    ends = [prosody(spoken(f"{first} {rest}")) for first, rest in SENTENCES[:10]]
-    pauses = [prosody(spoken(f"{first},")) for first, _ in SENTENCES[:10]]
-    assert all(p is not None for p in ends + pauses)
-    assert np.mean([e.final_pitch for e in ends]) < np.mean([p.final_pitch for p in pauses])  # type: ignore[union-attr]
-    assert np.mean([e.energy_drop for e in ends]) < np.mean([p.energy_drop for p in pauses])  # type: ignore[union-attr]
+    found_ends = [prosody(spoken(f"{first} {rest}")) for first, rest in SENTENCES[:10]]
+    found_pauses = [prosody(spoken(f"{first},")) for first, _ in SENTENCES[:10]]
+    ends = [e for e in found_ends if e is not None]
+    pauses = [p for p in found_pauses if p is not None]
+    assert len(ends) == len(pauses) == 10
+    assert np.mean([e.final_pitch for e in ends]) < np.mean([p.final_pitch for p in pauses])
+    assert np.mean([e.energy_drop for e in ends]) < np.mean([p.energy_drop for p in pauses])
 
 
 def test_no_voice_scores_one_half() -> None:
@@ -113,13 +116,15 @@ async def test_server_vad_ignores_the_scorer() -> None:
     assert 500 <= waited_ms < 1000
 
 
-async def test_semantic_vad_ends_a_turn_over_a_websocket(server) -> None:  # type: ignore[no-untyped-def]
+async def test_semantic_vad_ends_a_turn_over_a_websocket(server: RunningServer) -> None:
     """On the tiny workers: low eagerness (8 s at most) and 3 s of silence after a sentence
     that sounds finished; only the prosodic end can end this turn, and the model replies."""
     async with server.ws() as ws:
         await recv_until(ws, "session.created")
         detection_in = {"type": "semantic_vad", "eagerness": "low"}
-        await send_event(ws, {"type": "session.update", "session": {"turn_detection": detection_in}})
+        await send_event(
+            ws, {"type": "session.update", "session": {"turn_detection": detection_in}}
+        )
         updated = (await recv_until(ws, "session.updated"))[-1]["session"]
         assert updated["turn_detection"]["eagerness"] == "low"
         words = speech("We bought a new car because the old one broke down.")
@@ -134,7 +139,7 @@ async def test_semantic_vad_ends_a_turn_over_a_websocket(server) -> None:  # typ
 
 
 @needs_espeak
-async def test_the_turns_bench_counts_false_ends_and_delays(tmp_path) -> None:  # type: ignore[no-untyped-def]
+async def test_the_turns_bench_counts_false_ends_and_delays(tmp_path: Path) -> None:
     """`omni bench turns` is wired into the CLI, and its rows count what the buffer did: a
     paused turn and a clean one of the same sentence under server_vad."""
     args = build_parser().parse_args(["bench", "turns", "--json", str(tmp_path / "t.json")])

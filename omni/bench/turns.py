@@ -71,7 +71,9 @@ MODES: tuple[tuple[str, Eagerness | None], ...] = (
 def spoken(text: str) -> np.ndarray:
     """`text` by espeak-ng, float32 at 16 kHz (the session's input rate), without the
     silence espeak-ng ends with: the end of speech is the last audible sample."""
-    audio = soxr.resample(speech(text).astype(np.float32) / 32767, OUTPUT_SAMPLE_RATE, INPUT_SAMPLE_RATE)
+    audio = soxr.resample(
+        speech(text).astype(np.float32) / 32767, OUTPUT_SAMPLE_RATE, INPUT_SAMPLE_RATE
+    )
     audible = np.flatnonzero(np.abs(audio) > AUDIBLE)
     return audio[: audible[-1] + 1] if len(audible) else audio
 
@@ -144,7 +146,9 @@ def detection(eagerness: Eagerness | None) -> TurnDetection:
     )
 
 
-async def run_turn(audio: np.ndarray, turn_detection: TurnDetection, until_stop: bool) -> TurnEvents:
+async def run_turn(
+    audio: np.ndarray, turn_detection: TurnDetection, until_stop: bool
+) -> TurnEvents:
     """`audio` through a fresh InputAudioBuffer in 100 ms pieces, then silence for the mode's
     longest wait and a second; `until_stop`: only until the first turn end."""
 
@@ -156,9 +160,7 @@ async def run_turn(audio: np.ndarray, turn_detection: TurnDetection, until_stop:
         cast(Engine, None), "bench", refuse, max_calls=1 << 30, max_turn_bytes=1 << 40
     )
     events = TurnEvents()
-    buffer = InputAudioBuffer(
-        engine, AudioFormat("pcm16", INPUT_SAMPLE_RATE), 60.0, events, refuse
-    )
+    buffer = InputAudioBuffer(engine, AudioFormat("pcm16", INPUT_SAMPLE_RATE), 60.0, events, refuse)
     await buffer.configure(turn_detection)
     trailing = samples(turn_detection.silence_duration_ms + 1000)
     audio = np.concatenate([audio, np.zeros(trailing, np.float32)])
@@ -227,7 +229,8 @@ def table(rows: list[ModeRow]) -> str:
     ]
     for row in rows:
         lines.append(
-            f"| {row.mode} | {row.sentences} | {row.false_ends}/{row.paused_turns} ({row.false_end_rate:.0%}) "
+            f"| {row.mode} | {row.sentences} "
+            f"| {row.false_ends}/{row.paused_turns} ({row.false_end_rate:.0%}) "
             f"| {num(row.end_ms_p50)} / {num(row.end_ms_p95)} |"
         )
     return "\n".join(lines)

@@ -10,8 +10,9 @@ field. What the service cannot do is refused when it would change what the calle
 kept and echoed (noise reduction, tracing, prompt, include, speed, idle timeout);
 the transcription settings are honoured (omni/session/input_transcription.py). semantic_vad is
 honoured by a prosodic end-of-turn score and an eagerness-bounded wait
-(omni/session/end_of_turn.py, omni/session/turn_detection.py). Tools are accepted and echoed as none: the model never
-calls one. OpenAI's built-in voice names speak in this model's default voice.
+(omni/session/end_of_turn.py, omni/session/turn_detection.py). Tools are accepted and echoed
+as none: the model never calls one. OpenAI's built-in voice names speak in this model's
+default voice.
 """
 
 from __future__ import annotations

@@ -27,9 +27,9 @@ import numpy as np
 
 from omni.engine.api import INPUT_SAMPLE_RATE
 from omni.session.config import TurnDetection
+from omni.session.end_of_turn import ANALYSED_S, end_probability
 from omni.session.engine_queue import EngineQueue, TurnInput
 from omni.session.errors import RealtimeError, new_id
-from omni.session.end_of_turn import ANALYSED_S, end_probability
 from omni.session.turn_detection import wait_ms
 from omni.session.vad import WINDOW, SpeechDetector, VadEvent, on_vad_threads
 from omni.session.wire_audio import AudioDecoder, AudioFormat
