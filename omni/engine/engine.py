@@ -140,6 +140,7 @@ class _Session:
     replay: ReplayLog
     reply: str | None = None
     last_spoken: SpokenReply | None = None  # the latest reply, for truncate_reply
+    spoken_before: SpokenReply | None = None  # the one before it (a discarded reply's)
     rate: SpeakingRate = field(default_factory=SpeakingRate)
 
 
@@ -417,6 +418,21 @@ class OmniEngine:
         session = self._session(session_id)
         if session.reply is not None:
             raise EngineError("a reply is in progress; delete items once it has ended")
+        self._forget(session_id, session, item_id)
+
+    async def discard_reply(self, session_id: str, item_id: str) -> None:
+        """The item-delete path (the thinker rewinds to the reply's turn and is sent the log
+        from there without the reply): the turn's input and what came after it is one open
+        turn again."""
+        session = self._session(session_id)
+        if session.reply is not None:
+            raise EngineError("the reply is still in progress; cancel it and wait for its end")
+        if session.replay.last_reply_item != item_id:
+            raise EngineError(f"item {item_id} is not the last reply")
+        self._forget(session_id, session, item_id)
+        session.last_spoken = session.spoken_before
+
+    def _forget(self, session_id: str, session: _Session, item_id: str) -> None:
         try:
             turn = session.replay.delete_item(item_id)
         except KeyError:
@@ -538,7 +554,7 @@ class OmniEngine:
         # the talker stops at the codec cap without its end code: that speech was cut too
         spoken.text_tokens, spoken.codes = text_tokens, len(codes)
         spoken.ended_itself = statuses.get("talker") == "completed" and len(codes) < max_codes
-        session.last_spoken = spoken
+        session.spoken_before, session.last_spoken = session.last_spoken, spoken
         session.rate.add(spoken)
         yield ReplyDone(
             status, text, text_tokens, audio_samples, timings, input_tokens, error, token_ids, codes
