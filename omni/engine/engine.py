@@ -394,18 +394,28 @@ class OmniEngine:
 
     async def keep_reply_tokens(self, session_id: str, tokens: int) -> int:
         self._session(session_id)
-        request = uuid.uuid4().hex
-        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        self._results[request] = future
-        try:
-            self._send("thinker", p.Truncate(session_id, request, max(0, tokens)))
-            kept = await asyncio.wait_for(future, timeout=30)
-        finally:
-            self._results.pop(request, None)
+        kept = await self._ask_thinker(lambda request: p.Truncate(session_id, request, max(0, tokens)))
         session = self._sessions.get(session_id)
         if session is not None:
             session.replay.truncated(kept)
         return kept
+
+    async def context_digest(self, session_id: str) -> int:
+        """A digest of the session's thinker context, token ids in order (not part of the
+        Engine protocol: for checks that two conversations are the same)."""
+        self._session(session_id)
+        return await self._ask_thinker(lambda request: p.Digest(session_id, request))
+
+    async def _ask_thinker(self, message: Callable[[str], p.Msg]) -> int:
+        """Send the thinker a request and wait (30 s at most) for its Result."""
+        request = uuid.uuid4().hex
+        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._results[request] = future
+        try:
+            self._send("thinker", message(request))
+            return await asyncio.wait_for(future, timeout=30)
+        finally:
+            self._results.pop(request, None)
 
     async def label_input(self, session_id: str, item_id: str, last_only: bool = False) -> None:
         self._session(session_id, restarting_ok=True).replay.label(item_id, last_only)
