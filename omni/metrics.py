@@ -76,6 +76,20 @@ class Metrics:
             buckets=_LATENCY_BUCKETS,
             registry=self.registry,
         )
+        self.speculations = Counter(
+            "omni_speculations_total",
+            "Speculative replies (started at a pause in the caller's speech), by outcome: hit "
+            "(the turn ended there; the reply was sent) or miss (discarded unheard).",
+            ["outcome"],
+            registry=self.registry,
+        )
+        self.speculation_discarded = Counter(
+            "omni_speculation_discarded_total",
+            "What discarded speculative replies generated, by unit: thinker text tokens, "
+            "talker codec frames (20 ms each), and model seconds (the reply's engine time).",
+            ["unit"],
+            registry=self.registry,
+        )
 
         self.draining = Gauge(
             "omni_draining",

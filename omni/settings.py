@@ -272,6 +272,13 @@ class Settings(BaseSettings):
     vad_silence_duration_ms: int = Field(
         500, ge=0, description="Silence that ends the user's turn."
     )
+    speculative_pause_ms: int = Field(
+        200,
+        ge=0,
+        description="Silence within speech after which the reply starts, held until the turn "
+        "ends (a hit: its audio is sent at once) or discarded unheard if the caller goes on; "
+        "0: off. Only a pause shorter than the turn's silence window starts one.",
+    )
 
     # -- WebRTC calls
     ice_servers: list[dict[str, str | list[str]]] = Field(

@@ -80,6 +80,7 @@ class FakeConversation:
     busy: str | None = None
     labels: list[str] = field(default_factory=list)  # label_input's item ids, in order
     deleted: list[str] = field(default_factory=list)  # delete_item's item ids, in order
+    discarded: list[str] = field(default_factory=list)  # discard_reply's item ids, in order
 
     def reply_text(self, index: int = -1) -> str:
         return "".join(self.history[index][1])
@@ -283,6 +284,27 @@ class FakeEngine:
             if options.item_id == item_id:
                 tokens.clear()
         self._leave(conversation)
+
+    async def discard_reply(self, session_id: str, item_id: str) -> None:
+        """The last reply goes; its turn is open again, then the input sent since."""
+        conversation = self._enter("discard_reply", session_id)
+        try:
+            if not conversation.replies or conversation.replies[-1].item_id != item_id:
+                raise EngineError(f"item {item_id} is not the last reply")
+            conversation.replies.pop()
+            turn, _ = conversation.history.pop()
+            since = conversation.turn
+            turn.audio_samples += since.audio_samples
+            turn.audio += since.audio
+            turn.audio_times += since.audio_times
+            turn.frames += since.frames
+            turn.frame_times += since.frame_times
+            turn.images += since.images
+            turn.texts += since.texts
+            conversation.turn = turn
+            conversation.discarded.append(item_id)
+        finally:
+            self._leave(conversation)
 
     async def set_truncation(self, session_id: str, truncation: Truncation) -> None:
         conversation = self._enter("set_truncation", session_id)

@@ -8,7 +8,9 @@ stack sees it (the server's VAD silence, the model, both directions of the netwo
 caller's playout buffer). Over the run it also records the arrival jitter of reply audio
 frames, what the server itself reports (its /metrics listener: the silence it sent mid-reply
 because the model fell behind, and its own time from the VAD's end of turn to the first audio
-sent, so the client's latency can be taken apart), and the server's CPU time (its process and the
+sent, so the client's latency can be taken apart; the share of its speculative replies that
+hit, so a run with the server's `speculative_pause_ms` on and one with it off (0) compare),
+and the server's CPU time (its process and the
 engine's worker processes, read from /proc) per call.
 
 `CallClient` is also the tests' client for /v1/realtime/calls.
@@ -245,6 +247,8 @@ class LevelResult:
     cpu_per_call_pct: float | None  # server process tree, % of one core
     gateway_cpu_per_call_pct: float | None  # the server process alone (gateway + sessions)
     load_average: float  # this machine's 1-minute load when the run started
+    # server: speculative replies that hit, of all started (None: the server started none)
+    speculation_hit_rate: float | None = None
     errors: list[str] = field(default_factory=list)
 
 
@@ -296,6 +300,8 @@ _COUNTERS = {
     "gaps": "omni_webrtc_playout_gap_frames_total",
     "first_audio_s": 'omni_turn_stage_seconds_sum{stage="vad_end_to_first_audio"}',
     "first_audio_n": 'omni_turn_stage_seconds_count{stage="vad_end_to_first_audio"}',
+    "speculation_hits": 'omni_speculations_total{outcome="hit"}',
+    "speculation_misses": 'omni_speculations_total{outcome="miss"}',
 }
 
 
@@ -357,6 +363,11 @@ async def run_level(
         server_first_audio_ms=(
             1000 * delta["first_audio_s"] / delta["first_audio_n"]
             if delta and delta["first_audio_n"]
+            else None
+        ),
+        speculation_hit_rate=(
+            delta["speculation_hits"] / (delta["speculation_hits"] + delta["speculation_misses"])
+            if delta and delta["speculation_hits"] + delta["speculation_misses"]
             else None
         ),
         cpu_per_call_pct=per_call(0),
@@ -445,6 +456,7 @@ def table(levels: list[LevelResult]) -> str:
             "server first audio ms",
             "reply s",
             "gap frames",
+            "spec hit %",
             "CPU/call %",
             "gateway CPU/call %",
             "load",
@@ -464,6 +476,7 @@ def table(levels: list[LevelResult]) -> str:
                 f(r.server_first_audio_ms),
                 f1(r.reply_audio_s),
                 "-" if r.gap_frames is None else str(r.gap_frames),
+                "-" if r.speculation_hit_rate is None else f(100 * r.speculation_hit_rate),
                 f1(r.cpu_per_call_pct),
                 f1(r.gateway_cpu_per_call_pct),
                 f1(r.load_average),

@@ -177,5 +177,11 @@ class Engine(Protocol):
         """Forget a labelled input item or a past reply (ReplyOptions.item_id), wherever it
         is in the conversation: the model's context becomes the one without it."""
 
+    async def discard_reply(self, session_id: str, item_id: str) -> None:
+        """Forget the last reply (ReplyOptions.item_id `item_id`, ended; a speculative reply
+        the caller never heard) as if it had never been asked for: its user turn is open
+        again, followed by the input sent since, and the context is token for token the one
+        that turn would have had without it."""
+
     async def set_truncation(self, session_id: str, truncation: Truncation) -> None:
         """How the session's context keeps to its budget from now on."""

@@ -140,6 +140,7 @@ class _Session:
     replay: ReplayLog
     reply: str | None = None
     last_spoken: SpokenReply | None = None  # the latest reply, for truncate_reply
+    spoken_before: SpokenReply | None = None  # the one before it (a discarded reply's)
     rate: SpeakingRate = field(default_factory=SpeakingRate)
 
 
@@ -393,18 +394,28 @@ class OmniEngine:
 
     async def keep_reply_tokens(self, session_id: str, tokens: int) -> int:
         self._session(session_id)
-        request = uuid.uuid4().hex
-        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        self._results[request] = future
-        try:
-            self._send("thinker", p.Truncate(session_id, request, max(0, tokens)))
-            kept = await asyncio.wait_for(future, timeout=30)
-        finally:
-            self._results.pop(request, None)
+        kept = await self._ask_thinker(lambda request: p.Truncate(session_id, request, max(0, tokens)))
         session = self._sessions.get(session_id)
         if session is not None:
             session.replay.truncated(kept)
         return kept
+
+    async def context_digest(self, session_id: str) -> int:
+        """A digest of the session's thinker context, token ids in order (not part of the
+        Engine protocol: for checks that two conversations are the same)."""
+        self._session(session_id)
+        return await self._ask_thinker(lambda request: p.Digest(session_id, request))
+
+    async def _ask_thinker(self, message: Callable[[str], p.Msg]) -> int:
+        """Send the thinker a request and wait (30 s at most) for its Result."""
+        request = uuid.uuid4().hex
+        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._results[request] = future
+        try:
+            self._send("thinker", message(request))
+            return await asyncio.wait_for(future, timeout=30)
+        finally:
+            self._results.pop(request, None)
 
     async def label_input(self, session_id: str, item_id: str, last_only: bool = False) -> None:
         self._session(session_id, restarting_ok=True).replay.label(item_id, last_only)
@@ -417,6 +428,21 @@ class OmniEngine:
         session = self._session(session_id)
         if session.reply is not None:
             raise EngineError("a reply is in progress; delete items once it has ended")
+        self._forget(session_id, session, item_id)
+
+    async def discard_reply(self, session_id: str, item_id: str) -> None:
+        """The item-delete path (the thinker rewinds to the reply's turn and is sent the log
+        from there without the reply): the turn's input and what came after it is one open
+        turn again."""
+        session = self._session(session_id)
+        if session.reply is not None:
+            raise EngineError("the reply is still in progress; cancel it and wait for its end")
+        if session.replay.last_reply_item != item_id:
+            raise EngineError(f"item {item_id} is not the last reply")
+        self._forget(session_id, session, item_id)
+        session.last_spoken = session.spoken_before
+
+    def _forget(self, session_id: str, session: _Session, item_id: str) -> None:
         try:
             turn = session.replay.delete_item(item_id)
         except KeyError:
@@ -538,7 +564,7 @@ class OmniEngine:
         # the talker stops at the codec cap without its end code: that speech was cut too
         spoken.text_tokens, spoken.codes = text_tokens, len(codes)
         spoken.ended_itself = statuses.get("talker") == "completed" and len(codes) < max_codes
-        session.last_spoken = spoken
+        session.spoken_before, session.last_spoken = session.last_spoken, spoken
         session.rate.add(spoken)
         yield ReplyDone(
             status, text, text_tokens, audio_samples, timings, input_tokens, error, token_ids, codes

@@ -134,6 +134,14 @@ class SetTruncation(Msg):
     retention_ratio: float = 1.0
 
 
+class Digest(Msg):
+    """Ask for a digest of a session's context token ids (checks that two conversations are
+    the same, token for token); answered with a Result."""
+
+    session: str
+    request: str
+
+
 class Rewind(Msg):
     """Forget exchange `exchange` (a replay-log turn number) and all after it; the engine then
     sends the rest of the log again (an older item was deleted)."""
@@ -369,6 +377,7 @@ Message = Union[
     WorkerError,
     SetTruncation,
     Rewind,
+    Digest,
     EvictRows,
     Transcribe,
     TranscriptDelta,

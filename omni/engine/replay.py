@@ -124,6 +124,12 @@ class ReplayLog:
             self._grow(turn, -TOKEN_BYTES * (len(turn.tokens) - kept))
             del turn.tokens[kept:]
 
+    @property
+    def last_reply_item(self) -> str | None:
+        """The conversation item of the latest reply (None: no reply, or one without)."""
+        turn = self._last_reply()
+        return None if turn is None else turn.reply_item
+
     def delete_item(self, item_id: str) -> int:
         """Drop an item's inputs, or a reply (its turn then runs into the next one, as two user
         items in a row do); returns the number of the turn it was in. KeyError: not here."""

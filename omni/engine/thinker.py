@@ -26,6 +26,7 @@ No I/O here: the worker process owns sockets; this module owns the thinker's mod
 
 from __future__ import annotations
 
+import hashlib
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -208,6 +209,11 @@ class ThinkerConversation:
     @property
     def token_ids(self) -> list[int]:
         return self.tokens.view().tolist()
+
+    def digest(self) -> int:
+        """A 63-bit digest of the token ids (queued ones included)."""
+        data = self.tokens.view().cpu().numpy().astype("<i8").tobytes()
+        return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "big") >> 1
 
     @property
     def cached(self) -> int:

@@ -134,6 +134,8 @@ class ThinkerWorker:
                 self.conv(msg.session).add_reply(msg.token_ids, system)
             case p.SetTruncation():
                 self.conv(msg.session).truncation = truncation(msg.truncation, msg.retention_ratio)
+            case p.Digest():
+                self.io.send("frontend", p.Result(msg.request, self.conv(msg.session).digest()))
             case p.Rewind():  # an older item deleted: the engine sends the rest again
                 self.conv(msg.session).rewind(msg.exchange)
             case _:

@@ -140,12 +140,20 @@ class Response:
         self.text = ""
         self.result: ReplyDone | None = None
         self.first_audio_at: float | None = None
+        # with speculative replies on: "hit" (started at the caller's pause), "miss" (one or
+        # more were started and discarded this turn) or "none"; in response.done's metadata
+        self.speculation: str | None = None
         self._deltas: list[tuple[int, str]] = []  # (tokens so far including this delta, its text)
         self._engine_asked = False
 
     @property
     def done(self) -> bool:
         return self.result is not None
+
+    @property
+    def engine_asked(self) -> bool:
+        """Whether the engine was asked for this reply (a cancel may come before)."""
+        return self._engine_asked
 
     def cancel(self, reason: str) -> None:
         if self.cancel_reason is None and not self.done:
@@ -207,6 +215,8 @@ class Response:
             response["status_details"] = self._status_details(self.result)
             response["usage"] = self._usage(self.result)
             response["metadata"] = {**self.plan.metadata, **self.timings_ms(as_text=True)}
+            if self.speculation is not None:
+                response["metadata"]["speculation"] = self.speculation
         return response
 
     def _status_details(self, done: ReplyDone) -> dict[str, Any] | None:

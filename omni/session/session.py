@@ -27,7 +27,13 @@ from typing import Any
 
 import numpy as np
 
-from omni.engine.api import OUTPUT_SAMPLE_RATE, Engine, EngineError, SessionOptions
+from omni.engine.api import (
+    OUTPUT_SAMPLE_RATE,
+    SAMPLES_PER_CODE,
+    Engine,
+    EngineError,
+    SessionOptions,
+)
 from omni.engine.transcriber import Transcriber
 from omni.logs import bind_response
 from omni.metrics import Metrics
@@ -43,6 +49,7 @@ from omni.session.outbox import CLIENT_NOT_READING, Outbox
 from omni.session.outputs import AudioOut, Closed, Playout
 from omni.session.response import ReplyPlan, Response
 from omni.session.shape import to_beta
+from omni.session.speculation import Speculation
 from omni.session.transcripts import ItemTranscripts
 from omni.session.user_content import ItemCaps, user_content
 from omni.session.wire_audio import b64decode, b64encode_pcm16
@@ -116,6 +123,7 @@ class RealtimeSession:
             settings.max_buffered_audio_seconds,
             self,
             self.emit_error,
+            pause_ms=settings.speculative_pause_ms or 200,
         )
         self._item_caps = ItemCaps.from_settings(settings)
         self._idle_frame: TurnInput | None = None  # latest camera frame while nobody talks
@@ -124,6 +132,8 @@ class RealtimeSession:
         self._transcripts = ItemTranscripts(transcriber, self.emit, metrics)
         self._responses: list[Response] = []  # running or queued, oldest first
         self._last_response: Response | None = None
+        self._speculation: Speculation | None = None  # a reply started at a pause, held
+        self._turn_misses = 0  # speculative replies discarded in the user turn in progress
         self._tasks: list[asyncio.Task[None]] = []
 
     # -- lifecycle
@@ -148,6 +158,7 @@ class RealtimeSession:
         if self.closed:
             return
         self.closed = True
+        await self._discard_speculation()
         await self._cancel_responses("client_cancelled")
         current = asyncio.current_task()
         for task in self._tasks:
@@ -321,6 +332,7 @@ class RealtimeSession:
     # -- client events
 
     async def _session_update(self, event: ce.SessionUpdate) -> None:
+        await self._discard_speculation()  # it was started with the old settings
         config = self.config.updated(event.session)
         self.shape = session_shape(event.session) or self.shape
         if config.truncation != self.config.truncation:
@@ -338,9 +350,11 @@ class RealtimeSession:
         await self._input.append(data)
 
     async def _commit_buffer(self, event: ce.InputAudioBufferCommit) -> None:
+        await self._discard_speculation()
         await self._commit(await self._input.stop_speech())
 
     async def _clear_buffer(self, event: ce.InputAudioBufferClear) -> None:
+        await self._discard_speculation()
         await self._input.clear()
         if self._engine.uncommitted():
             self._engine.rebuild([i for i in self._engine.turn if i.item_id is not None])
@@ -367,6 +381,7 @@ class RealtimeSession:
                 "items can only be added at the end of the conversation",
                 param="previous_item_id",
             )
+        await self._discard_speculation()
         parts, inputs = await off_loop(
             self.settings.decode_threads,
             user_content,
@@ -403,6 +418,7 @@ class RealtimeSession:
             raise RealtimeError(
                 "unsupported", "only the latest assistant reply can be truncated", param="item_id"
             )
+        await self._discard_speculation()
         if not response.plan.audio_out:
             raise RealtimeError(
                 "invalid_value", "the item has no audio to truncate", param="item_id"
@@ -415,6 +431,7 @@ class RealtimeSession:
         """Any item: a pending user item leaves the pending turn; an item the model has (an
         older user item, any finished reply) leaves its memory (engine.delete_item)."""
         item = self.conversation.get(event.item_id)
+        await self._discard_speculation()
         if any(r.item is item for r in self._responses):
             raise RealtimeError(
                 "invalid_value",
@@ -429,6 +446,7 @@ class RealtimeSession:
         await self.emit({"type": "conversation.item.deleted", "item_id": item.id})
 
     async def _response_create(self, event: ce.ResponseCreate) -> None:
+        await self._discard_speculation()
         await self._create_response(event.response)
 
     async def _response_cancel(self, event: ce.ResponseCancel) -> None:
@@ -494,20 +512,111 @@ class RealtimeSession:
                 "item_id": item_id,
             }
         )
+        speculation = self._speculation
+        if speculation is not None and speculation.item_id == item_id:
+            self._speculation = None
+            await self._commit(item_id, speculation)
+            await self._confirm(speculation, turn_end)
+            return
+        await self._discard_speculation()
         await self._commit(item_id)
         detection = self.config.turn_detection
         if detection is not None and detection.create_response:
             await self._create_response(None, turn_end=turn_end, queue=True)
 
     async def speech_paused(self, item_id: str, silence_start_ms: int) -> None:
-        """A pause within the caller's speech (not yet the end of their turn)."""
+        """A pause within the caller's speech: start the reply now, held (speculation.py),
+        when the session answers turns itself, nothing else is in the way, and the pause is
+        shorter than the silence that ends the turn."""
+        detection = self.config.turn_detection
+        pause_ms = self.settings.speculative_pause_ms
+        if (
+            not pause_ms
+            or detection is None
+            or not detection.create_response
+            or pause_ms >= detection.silence_duration_ms
+            or self._speculation is not None
+            or self._responses  # a reply still running or queued answers first
+        ):
+            return
+        pieces = self._engine.uncommitted()
+        if not any(piece.kind == "audio" for piece in pieces):
+            return
+        for piece in pieces:  # the turn so far is the reply's input (end_turn keeps it)
+            piece.item_id = item_id
+        self._engine.call(partial(self.engine.label_input, self.id, item_id))
+        plan = ReplyPlan.from_request(self.config, None)
+        item = Item("assistant", [], status="in_progress")
+        speculation = Speculation(item_id, pieces, Response(plan, item))
+        self._speculation = speculation
+        # the item will be committed right before the reply's: it is the one before it
+        self._engine.end_turn(partial(self._run_response, speculation.response, item_id, speculation))
 
     async def speech_resumed(self, item_id: str) -> None:
-        """The caller went on after a pause."""
+        """The caller went on after a pause: a held reply is discarded unheard."""
+        if self._speculation is not None and self._speculation.item_id == item_id:
+            await self._discard_speculation()
 
-    async def _commit(self, item_id: str | None) -> None:
+    async def _confirm(self, speculation: Speculation, turn_end: float) -> None:
+        """A hit: the held reply is this turn's response; what it held goes out now."""
+        response = speculation.response
+        response.turn_end = turn_end
+        response.speculation = "hit"
+        self._turn_misses = 0
+        self.conversation.add(response.item)
+        self._responses.append(response)
+        self._last_response = response
+        self.metrics.speculations.labels("hit").inc()
+        log.info("session %s: speculative reply %s hit", self.id, response.id)
+        await speculation.release(self.emit, self._emit_audio)
+
+    async def _discard_speculation(self) -> None:
+        """A miss: stop the held reply, drop what it held, and (after it ended, in call
+        order) have the engine forget it; the turn's input is pending again, as it was."""
+        speculation, self._speculation = self._speculation, None
+        if speculation is None:
+            return
+        speculation.discard()
+        response = speculation.response
+        response.cancel("speculation_discarded")
+        if response.streaming:
+            try:
+                await self.engine.cancel(self.id)
+            except EngineError as exc:
+                log.warning("session %s: engine cancel failed: %s", self.id, exc)
+        for piece in speculation.pieces:
+            piece.item_id = None
+        self._engine.turn = speculation.pieces + self._engine.turn
+        self._turn_misses += 1
+        self._engine.call(partial(self._forget_speculation, response))
+
+    async def _forget_speculation(self, response: Response) -> None:
+        if response.engine_asked:
+            await self.engine.discard_reply(self.id, response.item.id)
+        done = response.result
+        self.metrics.speculations.labels("miss").inc()
+        if done is not None:
+            discarded = self.metrics.speculation_discarded
+            discarded.labels("text_tokens").inc(done.text_tokens)
+            discarded.labels("codec_frames").inc(done.audio_samples // SAMPLES_PER_CODE)
+            discarded.labels("seconds").inc((done.timings.total_ms or 0.0) / 1000)
+        log.info(
+            "session %s: speculative reply %s missed (%d text tokens, %d audio samples "
+            "discarded)",
+            self.id,
+            response.id,
+            done.text_tokens if done else 0,
+            done.audio_samples if done else 0,
+        )
+
+    async def _commit(self, item_id: str | None, speculation: Speculation | None = None) -> None:
+        """Commit the pending input as a user item; after a speculative reply (a hit) the item
+        is the input that reply was started on, and the silence since is let go."""
         await self._input.end_of_input()
         pending = self._engine.uncommitted()
+        if speculation is not None:
+            self._engine.rebuild([])  # the silence after the pause: not the next turn's start
+            pending = speculation.pieces + pending
         if not any(i.kind == "audio" for i in pending):
             raise RealtimeError(
                 "input_audio_buffer_commit_empty",
@@ -516,9 +625,10 @@ class RealtimeSession:
         item = Item(
             "user", [{"type": "input_audio", "transcript": None}], id=item_id or new_id("item")
         )
-        for piece in pending:
-            piece.item_id = item.id
-        self._engine.call(partial(self.engine.label_input, self.id, item.id))
+        if speculation is None:
+            for piece in pending:
+                piece.item_id = item.id
+            self._engine.call(partial(self.engine.label_input, self.id, item.id))
         self._input.committed()
         previous = self.conversation.add(item)
         await self.emit(
@@ -560,16 +670,28 @@ class RealtimeSession:
         item = Item("assistant", [], status="in_progress")
         previous = self.conversation.add(item)
         response = Response(plan, item, turn_end=turn_end)
+        if self.settings.speculative_pause_ms and turn_end is not None:
+            response.speculation = "miss" if self._turn_misses else "none"
+        self._turn_misses = 0
         self._responses.append(response)
         self._last_response = response
         self._engine.end_turn(partial(self._run_response, response, previous))
 
-    async def _run_response(self, response: Response, previous: str | None) -> None:
+    async def _run_response(
+        self, response: Response, previous: str | None, held: Speculation | None = None
+    ) -> None:
+        """Run a reply; `held`: a speculative one, its output held until the turn is decided."""
+        emit, emit_audio = (self.emit, self._emit_audio) if held is None else (held.emit, held.emit_audio)
         try:
             with bind_response(response.id):  # log lines of this reply carry its id
-                await response.run(self.engine, self.id, previous, self.emit, self._emit_audio)
+                await response.run(self.engine, self.id, previous, emit, emit_audio)
+            if held is not None:  # a short reply can end before its turn does
+                await held.decided()
         finally:
-            self._responses.remove(response)
+            if response in self._responses:
+                self._responses.remove(response)
+        if held is not None and held.state != "released":
+            return  # discarded (or still undecided at close): no response to count
         self.metrics.responses.labels(response.status).inc()
         for stage, ms in response.timings_ms().items():
             self.metrics.observe_stage_ms(stage.removesuffix("_ms"), ms)
