@@ -149,7 +149,9 @@ def _serve(args: argparse.Namespace) -> int:
     logging.getLogger("omni").info(
         "transcriber: %s", f"{whisper.name} ({whisper.path})" if whisper else "off"
     )
-    run_server(settings, lambda: running_engine(config), transcriber_factory)
+    run_server(
+        settings, lambda: running_engine(config), transcriber_factory, resolved.family.voices
+    )
     return 0
 
 

@@ -29,3 +29,12 @@ def tiny_checkpoint() -> Path:
     from omni.checkpoints.tiny import ensure_tiny_checkpoint
 
     return ensure_tiny_checkpoint()
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3_checkpoint() -> Path:
+    """The tiny random-weight Qwen3-Omni checkpoint directory (made and kept as the Qwen2.5
+    one is). Treat it as read-only."""
+    from omni.checkpoints.tiny import ensure_tiny_checkpoint
+
+    return ensure_tiny_checkpoint(variant="tiny-qwen3-omni")

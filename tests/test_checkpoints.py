@@ -511,11 +511,14 @@ def test_cli_models_list(
         line.split()[0]: (line[source:local].strip(), line[local:].split()[0]) for line in lines
     }
     big_speech = "yes" if is_tiny_checkpoint(default_tiny_dir("tiny-7b-speech")) else "no"
+    qwen3 = "yes" if is_tiny_checkpoint(default_tiny_dir("tiny-qwen3-omni")) else "no"
     assert rows == {
         "qwen2.5-omni-7b": ("Qwen/Qwen2.5-Omni-7B", "yes"),
         "qwen2.5-omni-3b": ("Qwen/Qwen2.5-Omni-3B", "no"),
         "tiny": ("made locally (tiny)", "yes"),
         "tiny-7b-speech": ("made locally (tiny-7b-speech)", big_speech),
+        "qwen3-omni-30b-a3b-instruct": ("Qwen/Qwen3-Omni-30B-A3B-Instruct", "no"),
+        "tiny-qwen3-omni": ("made locally (tiny-qwen3-omni)", qwen3),
     }
 
 

@@ -32,8 +32,8 @@ def family_of_config(config: dict) -> Family:
     """The family a parsed config.json belongs to; CheckpointError for any other model."""
     model_type = config.get("model_type")
     if model_type not in FAMILIES:
-        known = ", ".join(f"{f.name} ({f.model_type})" for f in FAMILIES.values())
-        raise CheckpointError(f"a {model_type!r} model is not served; this serves {known}")
+        known = " or ".join(f"{f.name} ({f.model_type})" for f in FAMILIES.values())
+        raise CheckpointError(f"holds a {model_type!r} model, not {known}")
     return FAMILIES[model_type]
 
 

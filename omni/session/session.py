@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from omni.checkpoints.family import QWEN2_5_OMNI
 from omni.engine.api import OUTPUT_SAMPLE_RATE, Engine, EngineError, SessionOptions
 from omni.engine.transcriber import Transcriber
 from omni.logs import bind_response
@@ -85,6 +86,7 @@ class RealtimeSession:
         initial: ce.SessionIn | None = None,
         playout: Playout | None = None,
         transcriber: Transcriber | None = None,
+        voices: tuple[str, ...] = QWEN2_5_OMNI.voices,
     ) -> None:
         self.id = new_id("sess")
         self.engine = engine
@@ -95,7 +97,7 @@ class RealtimeSession:
         self.outbox = Outbox(
             settings.max_outbox_bytes, settings.max_client_lag_seconds, self._client_not_reading
         )
-        self.config = SessionConfig.from_settings(settings, model)
+        self.config = SessionConfig.from_settings(settings, model, voices)
         if initial is not None:
             self.config = self.config.updated(initial)
         self.conversation = Conversation()
