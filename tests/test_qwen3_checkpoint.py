@@ -16,13 +16,14 @@ import torch
 from fake_engine import fake_engine
 from huggingface_hub import constants as hub_constants
 from realtime_helpers import API_KEY, recv_until, running_server, send_event
-from test_checkpoints import _fake_cached_snapshot
+from test_checkpoints import _assert_same_tensors, _fake_cached_snapshot
 from transformers import AutoTokenizer, Qwen3OmniMoeForConditionalGeneration
 
 from omni.checkpoints.errors import CheckpointError
 from omni.checkpoints.family import QWEN2_5_OMNI, QWEN3_OMNI, family_of
 from omni.checkpoints.hub import is_complete
 from omni.checkpoints.loader import resolve_model
+from omni.checkpoints.parts import load_code2wav, load_talker_lm, load_thinker, load_whole
 from omni.checkpoints.presets import load_presets
 from omni.checkpoints.processor import load_processor
 from omni.checkpoints.tiny_cache import tiny_variant
@@ -271,3 +272,16 @@ async def test_a_qwen3_server_offers_and_accepts_its_voices() -> None:
             await send_event(ws, {"type": "session.update", "session": unknown})
             error = (await recv_until(ws, "error"))[-1]["error"]
             assert "Ethan, Chelsie, Aiden" in error["message"]
+
+
+def test_each_part_loads_alone_equal_to_the_whole(
+    tiny_qwen3_checkpoint: Path, model: Qwen3OmniMoeForConditionalGeneration
+) -> None:
+    thinker = load_thinker(tiny_qwen3_checkpoint)
+    _assert_same_tensors(thinker.model, model.thinker)
+    assert thinker.processor.audio_token == "<|audio_pad|>"
+    _assert_same_tensors(load_talker_lm(tiny_qwen3_checkpoint), model.talker)
+    _assert_same_tensors(load_code2wav(tiny_qwen3_checkpoint), model.code2wav)
+    whole = load_whole(tiny_qwen3_checkpoint)
+    assert isinstance(whole, Qwen3OmniMoeForConditionalGeneration)
+    assert load_talker_lm(tiny_qwen3_checkpoint, dtype=torch.bfloat16).dtype == torch.bfloat16
