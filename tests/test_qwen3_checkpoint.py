@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 import torch
 from fake_engine import fake_engine
-from huggingface_hub import constants as hub_constants
 from realtime_helpers import API_KEY, recv_until, running_server, send_event
 from test_checkpoints import _assert_same_tensors, _fake_cached_snapshot
 from transformers import AutoTokenizer, Qwen3OmniMoeForConditionalGeneration
@@ -49,16 +48,6 @@ def model(tiny_qwen3_checkpoint: Path) -> Qwen3OmniMoeForConditionalGeneration:
 @pytest.fixture(scope="module")
 def tokenizer(tiny_qwen3_checkpoint: Path):  # noqa: ANN201 - transformers' tokenizer class
     return AutoTokenizer.from_pretrained(tiny_qwen3_checkpoint)
-
-
-@pytest.fixture
-def hf_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """An empty, offline Hugging Face cache."""
-    cache = tmp_path / "hf-cache"
-    cache.mkdir()
-    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(cache))
-    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
-    return cache
 
 
 def _prompt_ids(tokenizer, text: str) -> torch.Tensor:  # noqa: ANN001

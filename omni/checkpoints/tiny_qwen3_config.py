@@ -47,6 +47,17 @@ IMAGE_TOKEN, VIDEO_TOKEN = 151655, 151656
 VISION_START, VISION_END = 151652, 151653
 SYSTEM_TOKEN, USER_TOKEN, ASSISTANT_TOKEN = 8948, 872, 77091
 POSITION_ID_PER_SECONDS = 13
+# what the thinker's and the talker's configs both carry: placeholders and media positions
+MEDIA_IDS = {
+    "audio_token_id": AUDIO_TOKEN,
+    "audio_start_token_id": AUDIO_START,
+    "audio_end_token_id": AUDIO_END,
+    "image_token_id": IMAGE_TOKEN,
+    "video_token_id": VIDEO_TOKEN,
+    "vision_start_token_id": VISION_START,
+    "position_id_per_seconds": POSITION_ID_PER_SECONDS,
+    "seconds_per_chunk": 2,
+}
 
 
 def _mrope() -> dict:
@@ -59,24 +70,31 @@ def _mrope() -> dict:
     }
 
 
-def tiny_qwen3_config() -> Qwen3OmniMoeConfig:
-    """The tiny Qwen3-Omni config (random weights are made from it by the tiny checkpoint)."""
-    text = {
-        "vocab_size": 152064,
-        "hidden_size": THINKER_HIDDEN,
+def _moe_text(vocab: int, hidden: int, layers: int) -> dict:
+    """A tiny MoE language model (the thinker's or the talker's): 4 experts, top 2 (real: 128,
+    top 8 / top 6), queries and keys RMS-normalised per head, interleaved mrope."""
+    return {
+        "vocab_size": vocab,
+        "hidden_size": hidden,
         "intermediate_size": 64,
         "moe_intermediate_size": 32,
         "num_experts": 4,
         "num_experts_per_tok": 2,
         "norm_topk_prob": True,
-        "decoder_sparse_step": 1,
-        "num_hidden_layers": THINKER_LAYERS,
+        "num_hidden_layers": layers,
         "num_attention_heads": 4,
         "num_key_value_heads": 2,
         "head_dim": HEAD_DIM,
         "max_position_embeddings": 65536,
         "rms_norm_eps": 1e-6,
         "rope_parameters": _mrope(),
+    }
+
+
+def tiny_qwen3_config() -> Qwen3OmniMoeConfig:
+    """The tiny Qwen3-Omni config (random weights are made from it by the tiny checkpoint)."""
+    text = _moe_text(152064, THINKER_HIDDEN, THINKER_LAYERS) | {
+        "decoder_sparse_step": 1,
         # one shared embedding keeps the checkpoint small (152064 x 64 floats); real: untied
         "tie_word_embeddings": True,
     }
@@ -109,35 +127,12 @@ def tiny_qwen3_config() -> Qwen3OmniMoeConfig:
         "text_config": text,
         "audio_config": audio,
         "vision_config": vision,
-        "audio_token_id": AUDIO_TOKEN,
-        "audio_start_token_id": AUDIO_START,
-        "audio_end_token_id": AUDIO_END,
-        "image_token_id": IMAGE_TOKEN,
-        "video_token_id": VIDEO_TOKEN,
-        "vision_start_token_id": VISION_START,
+        **MEDIA_IDS,
         "vision_end_token_id": VISION_END,
         "user_token_id": USER_TOKEN,
-        "position_id_per_seconds": POSITION_ID_PER_SECONDS,
-        "seconds_per_chunk": 2,
         "tie_word_embeddings": True,
     }
-    talker_text = {
-        "vocab_size": CODEC_VOCAB,
-        "hidden_size": TALKER_HIDDEN,
-        "intermediate_size": 64,
-        "moe_intermediate_size": 32,
-        "shared_expert_intermediate_size": 64,
-        "num_experts": 4,
-        "num_experts_per_tok": 2,
-        "norm_topk_prob": True,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "head_dim": HEAD_DIM,
-        "max_position_embeddings": 65536,
-        "rms_norm_eps": 1e-6,
-        "rope_parameters": _mrope(),
-    }
+    talker_text = _moe_text(CODEC_VOCAB, TALKER_HIDDEN, 2) | {"shared_expert_intermediate_size": 64}
     code_predictor = {
         "vocab_size": CODEBOOK_SIZE,
         "hidden_size": TALKER_HIDDEN,
@@ -164,14 +159,7 @@ def tiny_qwen3_config() -> Qwen3OmniMoeConfig:
         "codec_think_bos_id": 2156,
         "codec_think_eos_id": 2157,
         "speaker_id": dict(SPEAKER_IDS),
-        "audio_token_id": AUDIO_TOKEN,
-        "audio_start_token_id": AUDIO_START,
-        "audio_end_token_id": AUDIO_END,
-        "image_token_id": IMAGE_TOKEN,
-        "video_token_id": VIDEO_TOKEN,
-        "vision_start_token_id": VISION_START,
-        "position_id_per_seconds": POSITION_ID_PER_SECONDS,
-        "seconds_per_chunk": 2,
+        **MEDIA_IDS,
         # not declared by Qwen3OmniMoeTalkerConfig, but in the real config and read by the talker
         "spatial_merge_size": 2,
     }

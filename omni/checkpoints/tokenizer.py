@@ -19,6 +19,18 @@ from transformers import Qwen2Tokenizer
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 FIRST_ADDED_ID = 151643
+# the tool-call and fill-in-the-middle tokens both families add (ordinary added tokens, so
+# decoding keeps them)
+CODE_TOKENS: tuple[tuple[str, bool], ...] = (
+    ("<tool_call>", False),
+    ("</tool_call>", False),
+    ("<|fim_prefix|>", False),
+    ("<|fim_middle|>", False),
+    ("<|fim_suffix|>", False),
+    ("<|fim_pad|>", False),
+    ("<|repo_name|>", False),
+    ("<|file_sep|>", False),
+)
 # Qwen2.5-Omni's added tokens from id 151643 on: (text, special). The tool/FIM tokens are
 # ordinary added tokens in Qwen2.5, so decoding keeps them.
 ADDED_TOKENS: tuple[tuple[str, bool], ...] = (
@@ -36,14 +48,7 @@ ADDED_TOKENS: tuple[tuple[str, bool], ...] = (
     ("<|vision_pad|>", True),
     ("<|IMAGE|>", True),
     ("<|VIDEO|>", True),
-    ("<tool_call>", False),
-    ("</tool_call>", False),
-    ("<|fim_prefix|>", False),
-    ("<|fim_middle|>", False),
-    ("<|fim_suffix|>", False),
-    ("<|fim_pad|>", False),
-    ("<|repo_name|>", False),
-    ("<|file_sep|>", False),
+    *CODE_TOKENS,
 )
 ADDED_TOKEN_IDS = {text: FIRST_ADDED_ID + i for i, (text, _) in enumerate(ADDED_TOKENS)}
 
@@ -76,14 +81,7 @@ QWEN3_ADDED_TOKENS: tuple[tuple[str, bool], ...] = (
     ("<|vision_pad|>", True),
     ("<|image_pad|>", True),
     ("<|video_pad|>", True),
-    ("<tool_call>", False),
-    ("</tool_call>", False),
-    ("<|fim_prefix|>", False),
-    ("<|fim_middle|>", False),
-    ("<|fim_suffix|>", False),
-    ("<|fim_pad|>", False),
-    ("<|repo_name|>", False),
-    ("<|file_sep|>", False),
+    *CODE_TOKENS,
     ("<tool_response>", False),
     ("</tool_response>", False),
     ("<think>", False),
