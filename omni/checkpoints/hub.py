@@ -10,12 +10,18 @@ from huggingface_hub import constants, snapshot_download
 from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError
 
 from omni.checkpoints.errors import CheckpointError
+from omni.checkpoints.family import FAMILIES
 from omni.checkpoints.weights import INDEX_FILE, SINGLE_FILE
 
 
 def is_complete(path: Path) -> bool:
-    """Whether a checkpoint directory has its config, speakers and every weight file."""
-    if not (path / "config.json").is_file() or not (path / "spk_dict.pt").is_file():
+    """Whether a checkpoint directory has the config of a served family, its speakers file
+    (Qwen2.5-Omni's voices) and every weight file."""
+    config = path / "config.json"
+    if not config.is_file():
+        return False
+    family = FAMILIES.get(json.loads(config.read_text()).get("model_type"))
+    if family is None or (family.speakers_file and not (path / "spk_dict.pt").is_file()):
         return False
     index = path / INDEX_FILE
     if not index.is_file():
@@ -48,7 +54,7 @@ def _why(error: OSError) -> str:
 def fetch_snapshot(
     repo_id: str,
     complete: Callable[[Path], bool] = is_complete,
-    kind: str = "Qwen2.5-Omni",
+    kind: str = "Qwen2.5-Omni or Qwen3-Omni",
     allow_patterns: list[str] | None = None,
 ) -> Path:
     """`repo_id` from the HF cache, downloading what is missing (only `allow_patterns`, if

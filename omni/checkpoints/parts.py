@@ -4,7 +4,9 @@ The thinker and the talker run in separate processes, so each builds only its ow
 from the sub-config and reads only its own tensors (`thinker.*`, or `talker.*` and
 `token2wav.*`). transformers' `from_pretrained` with an explicit config and state dict does
 the rest (key renaming, tied weights, buffers), so the result equals the corresponding
-submodule of `Qwen2_5OmniForConditionalGeneration.from_pretrained`.
+submodule of `Qwen2_5OmniForConditionalGeneration.from_pretrained`. A Qwen3-Omni checkpoint
+(family.py) gives its own classes: the MoE thinker, the talker with its code predictor
+(`talker.*`), and Code2Wav (`code2wav.*`), equal to `Qwen3OmniMoeForConditionalGeneration`'s.
 
 A random-shapes checkpoint (random_shapes.py) has no tensors: each part is built from its
 config on the device, from the checkpoint's fixed seed, so every process gets the same weights.
@@ -26,9 +28,19 @@ from transformers import (
     Qwen2_5OmniTalkerForConditionalGeneration,
     Qwen2_5OmniThinkerForConditionalGeneration,
     Qwen2_5OmniToken2WavModel,
+    Qwen3OmniMoeCode2Wav,
+    Qwen3OmniMoeConfig,
+    Qwen3OmniMoeForConditionalGeneration,
+    Qwen3OmniMoeTalkerForConditionalGeneration,
+    Qwen3OmniMoeThinkerForConditionalGeneration,
+)
+from transformers.conversion_mapping import (
+    get_checkpoint_conversion_mapping,
+    register_checkpoint_conversion_mapping,
 )
 from transformers.utils import check_torch_load_is_safe
 
+from omni.checkpoints.family import QWEN3_OMNI, family_of
 from omni.checkpoints.processor import load_processor
 from omni.checkpoints.random_shapes import (
     build_random_part,
@@ -39,12 +51,21 @@ from omni.checkpoints.weights import read_part, weight_map
 
 SPEAKERS_FILE = "spk_dict.pt"
 THINKER_EMBEDDINGS = "thinker.model.embed_tokens.weight"
+QWEN3_TALKER = Qwen3OmniMoeTalkerForConditionalGeneration.__name__
+
+# Checkpoints store MoE experts one tensor each; transformers fuses them on load by the model
+# type's conversion, but Qwen3-Omni's talker config has no model type of its own (only the
+# whole model's converts it), so loaded alone it gets the same conversion by class name.
+if get_checkpoint_conversion_mapping(QWEN3_TALKER) is None:
+    register_checkpoint_conversion_mapping(
+        QWEN3_TALKER, get_checkpoint_conversion_mapping("qwen3_omni_moe")
+    )
 
 
 @dataclass
 class ThinkerParts:
-    model: Qwen2_5OmniThinkerForConditionalGeneration
-    processor: Qwen2_5OmniProcessor
+    model: Qwen2_5OmniThinkerForConditionalGeneration | Qwen3OmniMoeThinkerForConditionalGeneration
+    processor: Qwen2_5OmniProcessor  # or Qwen3OmniMoeProcessor
 
     @property
     def tokenizer(self) -> Any:
@@ -74,20 +95,20 @@ def _load(
     )
 
 
+def _is_qwen3(path: Path) -> bool:
+    return family_of(path) is QWEN3_OMNI
+
+
 def load_thinker(
     path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
 ) -> ThinkerParts:
     """The thinker (audio and vision encoders, LLM) and the processor. dtype None: as stored."""
     path = Path(path)
-    config = Qwen2_5OmniConfig.from_pretrained(path)
-    model = _load(
-        Qwen2_5OmniThinkerForConditionalGeneration,
-        config.thinker_config,
-        path,
-        "thinker.",
-        device,
-        dtype,
-    )
+    if _is_qwen3(path):
+        config, cls = Qwen3OmniMoeConfig.from_pretrained(path), Qwen3OmniMoeThinkerForConditionalGeneration
+    else:
+        config, cls = Qwen2_5OmniConfig.from_pretrained(path), Qwen2_5OmniThinkerForConditionalGeneration
+    model = _load(cls, config.thinker_config, path, "thinker.", device, dtype)
     return ThinkerParts(model=model, processor=load_processor(path))
 
 
@@ -111,9 +132,15 @@ def load_speakers(path: str | Path) -> dict[str, dict[str, Any]]:
 
 def load_talker_lm(
     path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
-) -> Qwen2_5OmniTalkerForConditionalGeneration:
-    """The talker LM alone (in `dtype`, None: as stored): what the talker process runs."""
+) -> Qwen2_5OmniTalkerForConditionalGeneration | Qwen3OmniMoeTalkerForConditionalGeneration:
+    """The talker LM alone (in `dtype`, None: as stored): what the talker process runs
+    (Qwen3-Omni's with its code predictor)."""
     path = Path(path)
+    if _is_qwen3(path):
+        config = Qwen3OmniMoeConfig.from_pretrained(path)
+        return _load(
+            Qwen3OmniMoeTalkerForConditionalGeneration, config.talker_config, path, "talker.", device, dtype
+        )
     config = Qwen2_5OmniConfig.from_pretrained(path)
     return _load(
         Qwen2_5OmniTalkerForConditionalGeneration, config.talker_config, path, "talker.", device, dtype
@@ -129,6 +156,15 @@ def load_token2wav(path: str | Path, device: str | torch.device = "cpu") -> Qwen
     )
 
 
+def load_code2wav(
+    path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+) -> Qwen3OmniMoeCode2Wav:
+    """Qwen3-Omni's Code2Wav alone (in `dtype`, None: as stored)."""
+    path = Path(path)
+    config = Qwen3OmniMoeConfig.from_pretrained(path)
+    return _load(Qwen3OmniMoeCode2Wav, config.code2wav_config, path, "code2wav.", device, dtype)
+
+
 def load_talker(
     path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
 ) -> TalkerParts:
@@ -142,10 +178,14 @@ def load_talker(
 
 def load_whole(
     path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
-) -> Qwen2_5OmniForConditionalGeneration:
+) -> Qwen2_5OmniForConditionalGeneration | Qwen3OmniMoeForConditionalGeneration:
     """The whole model, for transformers' own generate() (the benchmarks' reference). A
     random-shapes checkpoint is assembled from the parts built as the workers build them."""
     path = Path(path)
+    if _is_qwen3(path):
+        return Qwen3OmniMoeForConditionalGeneration.from_pretrained(
+            path, dtype=dtype or "auto", device_map=device
+        ).eval()
     if not is_random_checkpoint(path):
         return Qwen2_5OmniForConditionalGeneration.from_pretrained(
             path, dtype=dtype or "auto", device_map=device

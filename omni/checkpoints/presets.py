@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
+from omni.checkpoints.tiny_cache import TINY_VARIANTS
+
 _SOURCE_PRESETS = Path(__file__).resolve().parents[2] / "models" / "presets.toml"
 
 
@@ -20,7 +22,7 @@ class Preset:
     description: str
     max_codec_tokens: int
     hub_id: str | None = None  # None: made locally (see `make`)
-    make: str | None = None  # "tiny" / "tiny-7b-speech": built locally, random weights
+    make: str | None = None  # a tiny variant (TINY_VARIANTS): built locally, random weights
 
     @property
     def source(self) -> str:
@@ -43,8 +45,8 @@ def load_presets(path: Path | None = None) -> dict[str, Preset]:
     for name, entry in table.items():
         if ("hub_id" in entry) == ("make" in entry):
             raise ValueError(f"preset {name!r} needs exactly one of hub_id or make")
-        if entry.get("make", "tiny") not in ("tiny", "tiny-7b-speech"):
-            raise ValueError(f"preset {name!r}: make is \"tiny\" or \"tiny-7b-speech\"")
+        if entry.get("make", "tiny") not in TINY_VARIANTS:
+            raise ValueError(f"preset {name!r}: make is one of {', '.join(TINY_VARIANTS)}")
         presets[name] = Preset(name=name, **entry)
     return presets
 

@@ -1,7 +1,8 @@
-"""Loading a checkpoint's `Qwen2_5OmniProcessor`, with or without torchvision.
+"""Loading a checkpoint's processor (`Qwen2_5OmniProcessor`, or `Qwen3OmniMoeProcessor` for
+Qwen3-Omni), with or without torchvision.
 
-transformers' only Qwen2.5-Omni video processor (`Qwen2VLVideoProcessor`) needs torchvision,
-and `Qwen2_5OmniProcessor.from_pretrained` always builds one, so without torchvision it fails
+transformers' only video processor for these models (`Qwen2VLVideoProcessor`) needs
+torchvision, and the processors' `from_pretrained` always builds one, so without torchvision it fails
 even for text, audio and images. Then we assemble the same processor from its other parts
 (same files, same classes, same chat template) and put a stand-in where the video processor
 goes that refuses video with a clear message.
@@ -18,9 +19,13 @@ from transformers import (
     AutoFeatureExtractor,
     AutoImageProcessor,
     AutoTokenizer,
+    ProcessorMixin,
     Qwen2_5OmniProcessor,
+    Qwen3OmniMoeProcessor,
 )
 from transformers.video_processing_utils import VideoProcessorMixin
+
+from omni.checkpoints.family import QWEN3_OMNI, family_of
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +42,8 @@ class VideoUnavailable(VideoProcessorMixin):
         )
 
 
-class ProcessorWithoutVideo(Qwen2_5OmniProcessor):
-    """Qwen2_5OmniProcessor holding VideoUnavailable, which its class check would refuse.
+class AcceptsVideoUnavailable(ProcessorMixin):
+    """A processor holding VideoUnavailable, which its class check would refuse.
 
     (Without torchvision that check fails for any video processor: transformers' video
     processor registry is itself a torchvision placeholder then.)
@@ -50,14 +55,24 @@ class ProcessorWithoutVideo(Qwen2_5OmniProcessor):
         return super().check_argument_for_proper_class(argument_name, argument)
 
 
+class ProcessorWithoutVideo(AcceptsVideoUnavailable, Qwen2_5OmniProcessor):
+    """Qwen2_5OmniProcessor without video."""
+
+
+class Qwen3ProcessorWithoutVideo(AcceptsVideoUnavailable, Qwen3OmniMoeProcessor):
+    """Qwen3OmniMoeProcessor without video."""
+
+
 def has_video_processor() -> bool:
     return importlib.util.find_spec("torchvision") is not None
 
 
-def load_processor(path: str | Path) -> Qwen2_5OmniProcessor:
-    """The checkpoint's processor; video input works only where torchvision is installed."""
+def load_processor(path: str | Path) -> Qwen2_5OmniProcessor | Qwen3OmniMoeProcessor:
+    """The checkpoint's processor (by its family); video input works only where torchvision
+    is installed."""
+    qwen3 = family_of(Path(path)) is QWEN3_OMNI
     if has_video_processor():
-        return Qwen2_5OmniProcessor.from_pretrained(path)
+        return (Qwen3OmniMoeProcessor if qwen3 else Qwen2_5OmniProcessor).from_pretrained(path)
     log.info("torchvision is not installed: the processor takes text, audio and images, not video")
     parts = {
         "image_processor": AutoImageProcessor.from_pretrained(path, backend="pil"),
@@ -65,6 +80,7 @@ def load_processor(path: str | Path) -> Qwen2_5OmniProcessor:
         "feature_extractor": AutoFeatureExtractor.from_pretrained(path),
         "tokenizer": AutoTokenizer.from_pretrained(path),
     }
-    processor_dict, kwargs = ProcessorWithoutVideo.get_processor_dict(path)
-    args = [parts[name] for name in ProcessorWithoutVideo.get_attributes()]
-    return ProcessorWithoutVideo.from_args_and_dict(args, processor_dict, **kwargs)
+    cls = Qwen3ProcessorWithoutVideo if qwen3 else ProcessorWithoutVideo
+    processor_dict, kwargs = cls.get_processor_dict(path)
+    args = [parts[name] for name in cls.get_attributes()]
+    return cls.from_args_and_dict(args, processor_dict, **kwargs)

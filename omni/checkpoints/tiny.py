@@ -2,7 +2,8 @@
 
 The checkpoint is a complete Qwen2.5-Omni directory (config, sharded safetensors with an index,
 spk_dict.pt, tokenizer, preprocessor config, chat template) that transformers loads exactly as
-it loads the real one. It is deterministic: the same FORMAT_VERSION gives the same weights.
+it loads the real one; the "tiny-qwen3-omni" variant is the same for Qwen3-Omni (whose voices
+are in its config, so it has no spk_dict.pt). It is deterministic: the same FORMAT_VERSION gives the same weights.
 A marker file labels it as random weights wherever it is used.
 """
 
@@ -15,7 +16,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from transformers import Qwen2_5OmniForConditionalGeneration
+from transformers import Qwen2_5OmniForConditionalGeneration, Qwen3OmniMoeForConditionalGeneration
 
 from omni.checkpoints.tiny_cache import (
     FORMAT_VERSION,
@@ -24,7 +25,9 @@ from omni.checkpoints.tiny_cache import (
     is_tiny_checkpoint,
 )
 from omni.checkpoints.tiny_config import tiny_config
-from omni.checkpoints.tiny_processor import write_processor_files
+from omni.checkpoints.tiny_processor import write_processor_files, write_qwen3_processor_files
+from omni.checkpoints.tiny_qwen3_config import tiny_qwen3_config
+from omni.checkpoints.tiny_qwen3_weights import shape_qwen3_weights
 from omni.checkpoints.tiny_weights import shape_weights
 from omni.checkpoints.tiny_whisper import write_tiny_whisper
 
@@ -35,14 +38,26 @@ SEED = 20250326
 SHARD_SIZE = "20MB"
 
 
-VARIANTS = {"tiny": "tiny", "tiny-7b-speech": "7b"}  # variant -> speech size
+VARIANTS = {"tiny": "tiny", "tiny-7b-speech": "7b"}  # Qwen2.5-Omni variant -> speech size
+QWEN3_VARIANT = "tiny-qwen3-omni"
 WHISPER_VARIANT = "tiny-whisper"  # the transcriber's tiny Whisper (tiny_whisper.py)
+
+
+def _write_qwen3_checkpoint(out_dir: Path) -> None:
+    with torch.random.fork_rng():
+        torch.manual_seed(SEED)
+        model = Qwen3OmniMoeForConditionalGeneration(tiny_qwen3_config()).eval()
+    shape_qwen3_weights(model, SEED + 1)
+    model.save_pretrained(out_dir, max_shard_size=SHARD_SIZE)
+    write_qwen3_processor_files(out_dir)
 
 
 def _write_checkpoint(out_dir: Path, variant: str) -> None:
     if variant == WHISPER_VARIANT:
         write_tiny_whisper(out_dir)
-    else:
+    elif variant == QWEN3_VARIANT:
+        _write_qwen3_checkpoint(out_dir)
+    elif variant in VARIANTS:
         with torch.random.fork_rng():
             torch.manual_seed(SEED)
             model = Qwen2_5OmniForConditionalGeneration(tiny_config(VARIANTS[variant])).eval()
@@ -50,6 +65,8 @@ def _write_checkpoint(out_dir: Path, variant: str) -> None:
         model.save_pretrained(out_dir, max_shard_size=SHARD_SIZE)
         torch.save(speakers, out_dir / "spk_dict.pt")
         write_processor_files(out_dir)
+    else:
+        raise ValueError(f"unknown tiny variant {variant!r}")
     marker = {
         "format_version": FORMAT_VERSION,
         "variant": variant,

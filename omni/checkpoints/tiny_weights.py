@@ -78,18 +78,22 @@ def init_variance_preserving(module: nn.Module, generator: torch.Generator) -> N
 
 @torch.no_grad()
 def sharpen_attention(language_model: nn.Module) -> None:
-    """Scale every layer's query and key projections by QK_GAIN (their biases are zero)."""
+    """Scale every layer's queries and keys by QK_GAIN: their projections (biases are zero),
+    or where queries and keys are RMS-normalised after projecting (Qwen3), those norms' gains."""
     for layer in language_model.layers:
-        layer.self_attn.q_proj.weight *= QK_GAIN
-        layer.self_attn.k_proj.weight *= QK_GAIN
+        attention = layer.self_attn
+        if hasattr(attention, "q_norm"):
+            attention.q_norm.weight *= QK_GAIN
+            attention.k_norm.weight *= QK_GAIN
+        else:
+            attention.q_proj.weight *= QK_GAIN
+            attention.k_proj.weight *= QK_GAIN
 
 
 @torch.no_grad()
-def silence_placeholders(model: Qwen2_5OmniForConditionalGeneration) -> None:
+def silence_placeholders(embedding: nn.Embedding, placeholders: list[int]) -> None:
     """Zero the tied embedding rows of the audio, image and video placeholder tokens."""
-    thinker = model.config.thinker_config
-    placeholders = [thinker.audio_token_index, thinker.image_token_index, thinker.video_token_index]
-    model.thinker.get_input_embeddings().weight[placeholders] = 0.0
+    embedding.weight[placeholders] = 0.0
 
 
 @torch.no_grad()
@@ -133,5 +137,13 @@ def shape_weights(model: Qwen2_5OmniForConditionalGeneration, seed: int) -> dict
     init_variance_preserving(talker.thinker_to_talker_proj, generator)
     sharpen_attention(thinker.language_model)
     sharpen_attention(talker.model)
-    silence_placeholders(model)
+    thinker_config = model.config.thinker_config
+    silence_placeholders(
+        model.thinker.get_input_embeddings(),
+        [
+            thinker_config.audio_token_index,
+            thinker_config.image_token_index,
+            thinker_config.video_token_index,
+        ],
+    )
     return speakers

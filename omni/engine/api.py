@@ -15,11 +15,12 @@ from typing import Literal, Protocol
 
 import numpy as np
 
+from omni.checkpoints.family import QWEN2_5_OMNI
+
 INPUT_SAMPLE_RATE = 16_000
 OUTPUT_SAMPLE_RATE = 24_000
 # one codec token is 20 ms of speech: 480 samples at 24 kHz
 SAMPLES_PER_CODE = 480
-VOICES = ("Chelsie", "Ethan")
 # how an engine error that is the context budget's begins (a client sees it as the error code)
 CONTEXT_LENGTH_EXCEEDED = "context_length_exceeded"
 
@@ -37,7 +38,7 @@ class Truncation:
 
 @dataclass
 class SessionOptions:
-    voice: str = "Chelsie"
+    voice: str = QWEN2_5_OMNI.voices[0]  # one of the checkpoint family's voices
     # extra system text; the model's own speech system prompt always comes first
     instructions: str | None = None
     # problems found outside the session's calls (input the model could not use, a worker

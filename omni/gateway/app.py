@@ -28,6 +28,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from omni.checkpoints.family import QWEN2_5_OMNI
 from omni.engine.api import Engine
 from omni.gateway import realtime_ws, webrtc
 from omni.gateway.auth import MAX_SECRET_SESSIONS, Denied, SecretTooLarge, bearer_token
@@ -97,16 +98,17 @@ def create_app(
     engine_factory: EngineFactory | None = None,
     transcriber: Transcriber | None = None,
     transcriber_factory: TranscriberFactory | None = None,
+    voices: tuple[str, ...] = QWEN2_5_OMNI.voices,
 ) -> FastAPI:
     """`transcriber` goes with `engine`, `transcriber_factory` with `engine_factory`; neither:
-    input transcription is off."""
+    input transcription is off. `voices`: the served checkpoint family's."""
     if (engine is None) == (engine_factory is None):
         raise ValueError("pass either an engine or an engine_factory")
     if (transcriber is not None and engine is None) or (
         transcriber_factory is not None and engine_factory is None
     ):
         raise ValueError("pass a transcriber with an engine, a transcriber_factory with a factory")
-    gateway = Gateway(settings, engine, transcriber)
+    gateway = Gateway(settings, engine, transcriber, voices)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -160,7 +162,7 @@ def create_app(
             body = ClientSecretRequest.model_validate_json(await request.body() or b"{}")
             session = body.session or SessionIn.model_validate({})
             # a session.update's checks, so a secret never carries a config that fails later
-            config = SessionConfig.from_settings(settings).updated(session)
+            config = SessionConfig.from_settings(settings, voices=voices).updated(session)
         except ValidationError as exc:
             error = validation_error(exc, "client_secrets")
             return openai_error(400, error.code, error.message, error.param)

@@ -99,6 +99,7 @@ async def realtime_endpoint(websocket: WebSocket) -> None:
             shape="beta" if beta else "ga",
             initial=grant.session,
             transcriber=gateway.transcriber,
+            voices=gateway.voices,
         )
         bind_session(session.id)  # this connection's task, and the session's tasks started below
         await websocket.accept(_subprotocol(offered))

@@ -22,6 +22,7 @@ from collections.abc import Iterator
 
 import uvicorn
 
+from omni.checkpoints.family import QWEN2_5_OMNI
 from omni.gateway.app import create_app
 from omni.gateway.http_limits import limited_protocols
 from omni.gateway.state import EngineFactory, Gateway, TranscriberFactory
@@ -108,11 +109,16 @@ def run_server(
     settings: Settings,
     engine_factory: EngineFactory,
     transcriber_factory: TranscriberFactory | None = None,
+    voices: tuple[str, ...] = QWEN2_5_OMNI.voices,
 ) -> None:
     """Serve until SIGTERM/SIGINT, then drain; /healthz turns 200 once `engine_factory` has
-    yielded the engine (and `transcriber_factory`, if any, its transcriber)."""
+    yielded the engine (and `transcriber_factory`, if any, its transcriber). `voices`: the
+    served checkpoint family's."""
     app = create_app(
-        settings, engine_factory=engine_factory, transcriber_factory=transcriber_factory
+        settings,
+        engine_factory=engine_factory,
+        transcriber_factory=transcriber_factory,
+        voices=voices,
     )
     config = server_config(settings, app)
     DrainingServer(config, app.state.gateway, settings.drain_grace_seconds).run()

@@ -10,6 +10,7 @@ from contextlib import AbstractAsyncContextManager, AsyncExitStack
 
 from fastapi.responses import JSONResponse
 
+from omni.checkpoints.family import QWEN2_5_OMNI
 from omni.engine.api import Engine
 from omni.engine.transcriber import Transcriber
 from omni.gateway.auth import Denied, KeyStore
@@ -31,9 +32,14 @@ SHUTTING_DOWN = "server_shutting_down"
 
 class Gateway:
     def __init__(
-        self, settings: Settings, engine: Engine | None, transcriber: Transcriber | None = None
+        self,
+        settings: Settings,
+        engine: Engine | None,
+        transcriber: Transcriber | None = None,
+        voices: tuple[str, ...] = QWEN2_5_OMNI.voices,
     ) -> None:
         self.settings = settings
+        self.voices = voices  # the served checkpoint family's
         self.transcriber = transcriber  # None: input transcription is off
         self.metrics = Metrics()
         self.keys = KeyStore(settings.api_keys, settings.client_secret_key)

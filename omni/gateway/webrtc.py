@@ -54,7 +54,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import Counter
 
-from omni.engine.api import VOICES, EngineCapacityError, EngineError
+from omni.engine.api import EngineCapacityError, EngineError
 from omni.gateway.auth import Denied, Grant, bearer_token
 from omni.gateway.inbound import MicReader, read_video
 from omni.gateway.media_clock import CallClock
@@ -167,6 +167,7 @@ class Call:
             initial=self._grant.session,
             playout=self.track,
             transcriber=gateway.transcriber,
+            voices=gateway.voices,
         )
         await self.session.start()
         try:
@@ -372,7 +373,7 @@ class Calls:
         return JSONResponse(
             {
                 "ice_servers": ice_servers_for_client(settings),
-                "voices": list(VOICES),
+                "voices": list(self.gateway.voices),
                 "video": {"max_fps": settings.video_max_fps, "max_side": settings.video_max_side},
             }
         )

@@ -12,7 +12,7 @@ the transcription settings are honoured (omni/session/input_transcription.py). s
 honoured by a prosodic end-of-turn score and an eagerness-bounded wait
 (omni/session/end_of_turn.py, omni/session/turn_detection.py). Tools are accepted and echoed
 as none: the model never calls one. OpenAI's built-in voice names speak in this model's
-default voice.
+default voice; the voices are the served checkpoint family's (omni/checkpoints/family.py).
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
-from omni.engine.api import OUTPUT_SAMPLE_RATE, VOICES, Truncation
+from omni.checkpoints.family import QWEN2_5_OMNI
+from omni.engine.api import OUTPUT_SAMPLE_RATE, Truncation
 from omni.session.client_events import (
     BETA_SESSION_FIELDS,
     GA_SESSION_FIELDS,
@@ -57,15 +58,17 @@ def session_shape(fields: SessionIn) -> Shape | None:
     return None
 
 
-def normalize_voice(voice: str, param: str) -> str:
-    for name in VOICES:
+def normalize_voice(voice: str, param: str, voices: tuple[str, ...]) -> str:
+    """The model's voice `voice` names (any case; an OpenAI voice: the model's default, the
+    first of `voices`)."""
+    for name in voices:
         if voice.lower() == name.lower():
             return name
     if voice.lower() in OPENAI_VOICES:
-        return VOICES[0]
+        return voices[0]
     raise RealtimeError(
         "invalid_value",
-        f"unknown voice {quoted(voice)}; this model speaks as {', '.join(VOICES)}",
+        f"unknown voice {quoted(voice)}; this model speaks as {', '.join(voices)}",
         param=param,
     )
 
@@ -165,7 +168,8 @@ class SessionConfig:
     model: str
     vad_defaults: TurnDetection  # what enabling server_vad without parameters gives
     instructions: str | None = None
-    voice: str = VOICES[0]
+    voices: tuple[str, ...] = QWEN2_5_OMNI.voices  # the served model's; the first is the default
+    voice: str = QWEN2_5_OMNI.voices[0]
     modalities: tuple[Modality, ...] = ("audio",)
     input_format: AudioFormat = PCM24K
     output_format: AudioFormat = PCM24K
@@ -178,12 +182,24 @@ class SessionConfig:
     qwen: bool = False  # Qwen-Omni-Realtime dialect: beta "pcm16" input means 16 kHz
 
     @classmethod
-    def from_settings(cls, settings: Settings, model: str | None = None) -> SessionConfig:
-        """A new session's config: server_vad on with the configured defaults (OpenAI's default)."""
+    def from_settings(
+        cls,
+        settings: Settings,
+        model: str | None = None,
+        voices: tuple[str, ...] = QWEN2_5_OMNI.voices,
+    ) -> SessionConfig:
+        """A new session's config: server_vad on with the configured defaults (OpenAI's
+        default), speaking in the first of the served model's `voices`."""
         vad = TurnDetection(
             settings.vad_threshold, settings.vad_prefix_padding_ms, settings.vad_silence_duration_ms
         )
-        return cls(model=model or settings.served_model_name, vad_defaults=vad, turn_detection=vad)
+        return cls(
+            model=model or settings.served_model_name,
+            vad_defaults=vad,
+            turn_detection=vad,
+            voices=voices,
+            voice=voices[0],
+        )
 
     @property
     def audio_out(self) -> bool:
@@ -209,7 +225,7 @@ class SessionConfig:
         if s.truncation is not None:
             new["truncation"] = truncation(s.truncation)
         if s.voice:
-            new["voice"] = normalize_voice(s.voice, f"{param}.voice")
+            new["voice"] = normalize_voice(s.voice, f"{param}.voice", self.voices)
 
         # beta / Qwen flat audio fields
         qwen = (
@@ -257,7 +273,9 @@ class SessionConfig:
                 check_output_format(fmt, f"{param}.audio.output.format")
                 new["output_format"] = fmt
             if audio_out.voice:
-                new["voice"] = normalize_voice(audio_out.voice, f"{param}.audio.output.voice")
+                new["voice"] = normalize_voice(
+                    audio_out.voice, f"{param}.audio.output.voice", self.voices
+                )
             if audio_out.speed is not None:
                 advisory["speed"] = audio_out.speed
         return replace(self, **new, advisory=replace(self.advisory, **advisory))

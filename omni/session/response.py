@@ -104,7 +104,7 @@ class ReplyPlan:
             fmt_param = "response.output_audio_format"
             check_output_format(parse_beta_format(r.output_audio_format, fmt_param), fmt_param)
         if voice:
-            new["voice"] = normalize_voice(voice, param)
+            new["voice"] = normalize_voice(voice, param, config.voices)
         for field in ("max_output_tokens", "max_response_output_tokens"):
             if field in r.model_fields_set:
                 new["max_output_tokens"] = max_tokens(getattr(r, field))

@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from omni.checkpoints.family import QWEN2_5_OMNI
 from omni.engine.api import (
     OUTPUT_SAMPLE_RATE,
     SAMPLES_PER_CODE,
@@ -92,6 +93,7 @@ class RealtimeSession:
         initial: ce.SessionIn | None = None,
         playout: Playout | None = None,
         transcriber: Transcriber | None = None,
+        voices: tuple[str, ...] = QWEN2_5_OMNI.voices,
     ) -> None:
         self.id = new_id("sess")
         self.engine = engine
@@ -102,7 +104,7 @@ class RealtimeSession:
         self.outbox = Outbox(
             settings.max_outbox_bytes, settings.max_client_lag_seconds, self._client_not_reading
         )
-        self.config = SessionConfig.from_settings(settings, model)
+        self.config = SessionConfig.from_settings(settings, model, voices)
         if initial is not None:
             self.config = self.config.updated(initial)
         self.conversation = Conversation()
