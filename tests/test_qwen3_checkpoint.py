@@ -16,7 +16,11 @@ import torch
 from fake_engine import fake_engine
 from realtime_helpers import API_KEY, recv_until, running_server, send_event
 from test_checkpoints import _assert_same_tensors, _fake_cached_snapshot
-from transformers import AutoTokenizer, Qwen3OmniMoeForConditionalGeneration
+from transformers import (
+    AutoTokenizer,
+    PreTrainedTokenizerBase,
+    Qwen3OmniMoeForConditionalGeneration,
+)
 
 from omni.checkpoints.errors import CheckpointError
 from omni.checkpoints.family import QWEN2_5_OMNI, QWEN3_OMNI, family_of
@@ -46,11 +50,11 @@ def model(tiny_qwen3_checkpoint: Path) -> Qwen3OmniMoeForConditionalGeneration:
 
 
 @pytest.fixture(scope="module")
-def tokenizer(tiny_qwen3_checkpoint: Path):  # noqa: ANN201 - transformers' tokenizer class
+def tokenizer(tiny_qwen3_checkpoint: Path) -> PreTrainedTokenizerBase:
     return AutoTokenizer.from_pretrained(tiny_qwen3_checkpoint)
 
 
-def _prompt_ids(tokenizer, text: str) -> torch.Tensor:  # noqa: ANN001
+def _prompt_ids(tokenizer: PreTrainedTokenizerBase, text: str) -> torch.Tensor:
     rendered = tokenizer.apply_chat_template(
         [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False
     )
@@ -92,7 +96,8 @@ def test_config_keeps_the_real_checkpoints_ids_and_layout() -> None:
         151672,
         151673,
     )
-    assert (talker.codec_bos_id, talker.codec_eos_token_id, talker.codec_pad_id) == (2149, 2150, 2148)
+    codec = (talker.codec_bos_id, talker.codec_eos_token_id, talker.codec_pad_id)
+    assert codec == (2149, 2150, 2148)
     assert talker.speaker_id == {"chelsie": 2301, "ethan": 2302, "aiden": 2303}
     assert talker.num_code_groups == talker.code_predictor_config.num_code_groups == 16
     assert config.code2wav_config.num_quantizers == 16
@@ -102,7 +107,8 @@ def test_config_keeps_the_real_checkpoints_ids_and_layout() -> None:
     assert text.num_experts > text.num_experts_per_tok > 1
     assert sum(text.rope_parameters["mrope_section"]) == text.head_dim // 2
     assert config.code2wav_config.sliding_window == 72
-    assert thinker.audio_config.output_dim == thinker.vision_config.out_hidden_size == text.hidden_size
+    assert thinker.audio_config.output_dim == thinker.vision_config.out_hidden_size
+    assert thinker.vision_config.out_hidden_size == text.hidden_size
     assert talker.thinker_hidden_size == text.hidden_size
 
 
@@ -128,7 +134,9 @@ def test_tiny_checkpoint_is_a_complete_qwen3_omni_directory(tiny_qwen3_checkpoin
     assert config["architectures"] == ["Qwen3OmniMoeForConditionalGeneration"]
 
 
-def test_tokenizer_and_processor_use_qwen3_omnis_ids(tiny_qwen3_checkpoint: Path, tokenizer) -> None:  # noqa: ANN001
+def test_tokenizer_and_processor_use_qwen3_omnis_ids(
+    tiny_qwen3_checkpoint: Path, tokenizer: PreTrainedTokenizerBase
+) -> None:
     ids = tokenizer.convert_tokens_to_ids(
         ["<|im_start|>", "<|audio_start|>", "<|audio_end|>", "<tts_pad>", "<tts_text_bos>"]
         + ["<tts_text_eod>", "<|audio_pad|>", "<|image_pad|>", "<|vision_start|>", "</think>"]
@@ -152,7 +160,9 @@ def test_tokenizer_and_processor_use_qwen3_omnis_ids(tiny_qwen3_checkpoint: Path
 # the real transformers classes run it
 
 
-def test_generate_gives_text_and_a_waveform(model: Qwen3OmniMoeForConditionalGeneration, tokenizer) -> None:  # noqa: ANN001
+def test_generate_gives_text_and_a_waveform(
+    model: Qwen3OmniMoeForConditionalGeneration, tokenizer: PreTrainedTokenizerBase
+) -> None:
     ids = _prompt_ids(tokenizer, PROMPTS[1])
     reply, wav = _generate(model, ids, speaker="Aiden")
     assert len(reply) == 16 and tokenizer.decode(reply).strip()
@@ -162,7 +172,9 @@ def test_generate_gives_text_and_a_waveform(model: Qwen3OmniMoeForConditionalGen
     assert torch.isfinite(wav).all() and float(wav.pow(2).mean().sqrt()) > 0.05
 
 
-def test_greedy_replies_depend_on_the_input(model: Qwen3OmniMoeForConditionalGeneration, tokenizer) -> None:  # noqa: ANN001
+def test_greedy_replies_depend_on_the_input(
+    model: Qwen3OmniMoeForConditionalGeneration, tokenizer: PreTrainedTokenizerBase
+) -> None:
     replies = [_generate(model, _prompt_ids(tokenizer, text))[0] for text in PROMPTS]
     assert len({tuple(reply) for reply in replies}) == len(PROMPTS)
     for reply in replies:
@@ -171,8 +183,11 @@ def test_greedy_replies_depend_on_the_input(model: Qwen3OmniMoeForConditionalGen
         assert not {151675, 151655, 151656} & set(reply)
 
 
-def test_each_family_voice_is_a_speaker_of_the_checkpoint(model: Qwen3OmniMoeForConditionalGeneration) -> None:
-    assert {voice.lower() for voice in QWEN3_OMNI.voices} == set(model.config.talker_config.speaker_id)
+def test_each_family_voice_is_a_speaker_of_the_checkpoint(
+    model: Qwen3OmniMoeForConditionalGeneration,
+) -> None:
+    speakers = set(model.config.talker_config.speaker_id)
+    assert {voice.lower() for voice in QWEN3_OMNI.voices} == speakers
 
 
 # presets and resolution
@@ -196,7 +211,8 @@ def test_resolving_the_tiny_preset_and_its_directory(
 
 
 def test_a_missing_download_is_a_one_line_error(hf_cache: Path) -> None:
-    with pytest.raises(CheckpointError, match="Qwen/Qwen3-Omni-30B-A3B-Instruct is not in the local") as caught:
+    missing = "Qwen/Qwen3-Omni-30B-A3B-Instruct is not in the local"
+    with pytest.raises(CheckpointError, match=missing) as caught:
         resolve_model("qwen3-omni-30b-a3b-instruct")
     assert "\n" not in str(caught.value) and "hf download" in str(caught.value)
 

@@ -23,7 +23,8 @@ QWEN3_MEDIA = (
 
 def chat_template(media: tuple[str, str, str], default_system: str | None) -> str:
     """The template for a family's media markers (audio, image, video); a default system turn
-    comes first when `default_system` is given (Qwen2.5-Omni's template has one, Qwen3-Omni's not)."""
+    comes first when `default_system` is given (Qwen2.5-Omni's template has one, Qwen3-Omni's
+    not)."""
     audio, image, video = media
     opening = (
         "{% if loop.first and message['role'] != 'system' %}"

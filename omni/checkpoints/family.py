@@ -24,7 +24,9 @@ class Family:
 QWEN2_5_OMNI = Family("Qwen2.5-Omni", "qwen2_5_omni", ("Chelsie", "Ethan"), speakers_file=True)
 # the talker config's speaker_id names them in lower case; transformers' generate() defaults
 # to Ethan
-QWEN3_OMNI = Family("Qwen3-Omni", "qwen3_omni_moe", ("Ethan", "Chelsie", "Aiden"), speakers_file=False)
+QWEN3_OMNI = Family(
+    "Qwen3-Omni", "qwen3_omni_moe", ("Ethan", "Chelsie", "Aiden"), speakers_file=False
+)
 FAMILIES = {family.model_type: family for family in (QWEN2_5_OMNI, QWEN3_OMNI)}
 
 

@@ -1,8 +1,9 @@
 """Resolving a `--model` spec to a local checkpoint directory and the defaults that go with it.
 
 A spec is a preset name (`omni models list`), a checkpoint directory, a Hugging Face repo id,
-or `auto`; the checkpoint's family (Qwen2.5-Omni or Qwen3-Omni) comes from its config.json: the checkpoint named by $OMNI_MODEL, else a real preset already in the local HF
-cache, else the tiny random-weight checkpoint (made on demand, with a loud warning).
+or `auto`: the checkpoint named by $OMNI_MODEL, else a real preset already in the local HF
+cache, else the tiny random-weight checkpoint (made on demand, with a loud warning). The
+checkpoint's family (Qwen2.5-Omni or Qwen3-Omni) comes from its config.json.
 """
 
 from __future__ import annotations
@@ -52,7 +53,8 @@ def check_checkpoint(path: Path, model_type: str, kind: str) -> None:
 def _tiny_preset(variant: str | None = "tiny") -> Preset:
     """The preset that makes `variant`, else the Qwen2.5 tiny's (random-shapes checkpoints)."""
     presets = [p for p in load_presets().values() if p.make]
-    return next((p for p in presets if p.make == variant), next(p for p in presets if p.make == "tiny"))
+    qwen2_5_tiny = next(p for p in presets if p.make == "tiny")
+    return next((p for p in presets if p.make == variant), qwen2_5_tiny)
 
 
 def _resolved(spec: str, path: Path, name: str, preset: Preset | None) -> ResolvedModel:

@@ -105,9 +105,11 @@ def load_thinker(
     """The thinker (audio and vision encoders, LLM) and the processor. dtype None: as stored."""
     path = Path(path)
     if _is_qwen3(path):
-        config, cls = Qwen3OmniMoeConfig.from_pretrained(path), Qwen3OmniMoeThinkerForConditionalGeneration
+        config = Qwen3OmniMoeConfig.from_pretrained(path)
+        cls = Qwen3OmniMoeThinkerForConditionalGeneration
     else:
-        config, cls = Qwen2_5OmniConfig.from_pretrained(path), Qwen2_5OmniThinkerForConditionalGeneration
+        config = Qwen2_5OmniConfig.from_pretrained(path)
+        cls = Qwen2_5OmniThinkerForConditionalGeneration
     model = _load(cls, config.thinker_config, path, "thinker.", device, dtype)
     return ThinkerParts(model=model, processor=load_processor(path))
 
@@ -138,9 +140,8 @@ def load_talker_lm(
     path = Path(path)
     if _is_qwen3(path):
         config = Qwen3OmniMoeConfig.from_pretrained(path)
-        return _load(
-            Qwen3OmniMoeTalkerForConditionalGeneration, config.talker_config, path, "talker.", device, dtype
-        )
+        talker = Qwen3OmniMoeTalkerForConditionalGeneration
+        return _load(talker, config.talker_config, path, "talker.", device, dtype)
     config = Qwen2_5OmniConfig.from_pretrained(path)
     return _load(
         Qwen2_5OmniTalkerForConditionalGeneration, config.talker_config, path, "talker.", device, dtype

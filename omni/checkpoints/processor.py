@@ -2,8 +2,8 @@
 Qwen3-Omni), with or without torchvision.
 
 transformers' only video processor for these models (`Qwen2VLVideoProcessor`) needs
-torchvision, and the processors' `from_pretrained` always builds one, so without torchvision it fails
-even for text, audio and images. Then we assemble the same processor from its other parts
+torchvision, and the processors' `from_pretrained` always builds one, so without torchvision
+it fails even for text, audio and images. Then we assemble the same processor from its other parts
 (same files, same classes, same chat template) and put a stand-in where the video processor
 goes that refuses video with a clear message.
 """

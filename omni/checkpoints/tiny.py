@@ -3,7 +3,8 @@
 The checkpoint is a complete Qwen2.5-Omni directory (config, sharded safetensors with an index,
 spk_dict.pt, tokenizer, preprocessor config, chat template) that transformers loads exactly as
 it loads the real one; the "tiny-qwen3-omni" variant is the same for Qwen3-Omni (whose voices
-are in its config, so it has no spk_dict.pt). It is deterministic: the same FORMAT_VERSION gives the same weights.
+are in its config, so it has no spk_dict.pt). It is deterministic: the same FORMAT_VERSION
+gives the same weights.
 A marker file labels it as random weights wherever it is used.
 """
 

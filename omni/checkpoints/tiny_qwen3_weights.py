@@ -47,19 +47,22 @@ def restrict_codec_head(model: Qwen3OmniMoeForConditionalGeneration) -> None:
     """Zero the codec head's rows past the real codes (the specials, eos among them)."""
     head = model.talker.codec_head
     if head.weight.data_ptr() == model.talker.get_input_embeddings().weight.data_ptr():
-        raise ValueError("the codec head is tied to the codec embedding: zeroing rows would mute voices")
+        raise ValueError("the codec head is tied to the codec embedding: zeroing would mute voices")
     head.weight[model.config.code2wav_config.codebook_size :] = 0.0
 
 
 @torch.no_grad()
-def set_vocoder_loudness(model: Qwen3OmniMoeForConditionalGeneration, generator: torch.Generator) -> None:
+def set_vocoder_loudness(
+    model: Qwen3OmniMoeForConditionalGeneration, generator: torch.Generator
+) -> None:
     """Scale Code2Wav's last convolution so random codes come out at TARGET_RMS."""
     code2wav = model.code2wav
     config = model.config.code2wav_config
     last = code2wav.decoder[-1].conv
     raw = []
     hook = last.register_forward_hook(lambda _m, _i, out: raw.append(out))
-    codes = torch.randint(0, config.codebook_size, (1, config.num_quantizers, 25), generator=generator)
+    shape = (1, config.num_quantizers, 25)
+    codes = torch.randint(0, config.codebook_size, shape, generator=generator)
     code2wav(codes)
     hook.remove()
     last.weight *= TARGET_RMS / raw[0].pow(2).mean().sqrt()
