@@ -40,6 +40,13 @@ def engine() -> FakeEngine:
     return FakeEngine(token_delay=0.02)
 
 
+async def speak_then_pause(h: Harness) -> None:
+    """A sentence, then 300 ms of silence: a pause (200 ms) but not the stop (500 ms)."""
+    await push(h, quiet(300))
+    await push(h, spoken("I was thinking that we could go"))
+    await push(h, quiet(300))
+
+
 async def queued(h: Harness) -> list:
     """What the outbox holds now."""
     return [await h.session.outbox.get() for _ in range(h.session.outbox.qsize())]
@@ -49,9 +56,7 @@ async def test_a_reply_started_at_the_pause_is_held_then_sent_on_the_stop(
     harness: Harness, engine: FakeEngine
 ) -> None:
     h = harness
-    await push(h, quiet(300))
-    await push(h, spoken("I was thinking that we could go"))
-    await push(h, quiet(300))  # the pause (200 ms) but not the stop (500 ms)
+    await speak_then_pause(h)
     await asyncio.sleep(0.4)  # the held reply streams meanwhile
     assert [c for c, _ in engine.calls].count("respond") == 1
     held = await queued(h)
@@ -122,9 +127,7 @@ async def test_a_client_event_in_the_pause_makes_the_guess_moot(
     harness: Harness, engine: FakeEngine
 ) -> None:
     h = harness
-    await push(h, quiet(300))
-    await push(h, spoken("I was thinking that we could go"))
-    await push(h, quiet(300))
+    await speak_then_pause(h)
     await asyncio.sleep(0.1)
     await h.send({"type": "input_audio_buffer.commit"})
     await h.send({"type": "response.create"})
@@ -138,9 +141,7 @@ async def test_a_client_event_in_the_pause_makes_the_guess_moot(
 @pytest.mark.parametrize("harness", [{"speculative_pause_ms": 0}], indirect=True)
 async def test_off_the_reply_starts_at_the_stop(harness: Harness, engine: FakeEngine) -> None:
     h = harness
-    await push(h, quiet(300))
-    await push(h, spoken("I was thinking that we could go"))
-    await push(h, quiet(300))
+    await speak_then_pause(h)
     await asyncio.sleep(0.2)
     assert "respond" not in [c for c, _ in engine.calls]
     await push(h, quiet(400))
