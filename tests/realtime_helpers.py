@@ -148,6 +148,12 @@ def speech(text: str, rate: int = 24_000) -> bytes:
     return pcm16(soxr.resample(audio, source_rate, rate))
 
 
+def words(text: str, rate: int = 24_000) -> bytes:
+    """`speech(text)` without espeak-ng's trailing silence (for tests that place pauses)."""
+    audio = np.frombuffer(speech(text, rate), dtype="<i2")
+    return audio[: np.flatnonzero(np.abs(audio) > 327)[-1] + 1].tobytes()
+
+
 def chunks(data: bytes, rate: int = 24_000, ms: int = 100) -> list[bytes]:
     size = 2 * rate * ms // 1000
     return [data[i : i + size] for i in range(0, len(data), size)]

@@ -1,28 +1,25 @@
 """Speculative replies in a session on the fake engine: a reply started at the caller's pause
 is held until the turn ends (then sent, in order) or discarded unheard if the caller goes on."""
 
+# ruff: noqa: F811 (the tests take the imported `harness` fixture by name)
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 
 import numpy as np
 import pytest
 from fake_engine import FakeEngine
-from realtime_helpers import speech
-from test_session_flow import Harness
+from realtime_helpers import words
+from test_session_flow import Harness, harness  # noqa: F401 (a fixture)
 
 from omni.metrics import Metrics
-from omni.session import AudioOut, RealtimeSession
-from omni.settings import Settings
+from omni.session import AudioOut
 
 RATE = 16_000
 
 
 def spoken(text: str) -> np.ndarray:
-    """espeak-ng's words without its own trailing silence (the tests place the pauses)."""
-    audio = np.frombuffer(speech(text, RATE), dtype="<i2").astype(np.float32) / 32768
-    return audio[: np.flatnonzero(np.abs(audio) > 0.01)[-1] + 1]
+    return np.frombuffer(words(text, RATE), dtype="<i2").astype(np.float32) / 32768
 
 
 def quiet(ms: int) -> np.ndarray:
@@ -39,20 +36,15 @@ def counter(metrics: Metrics, name: str, **labels: str) -> float:
 
 
 @pytest.fixture
-async def h(engine: FakeEngine, request: pytest.FixtureRequest) -> AsyncIterator[Harness]:
-    settings = Settings(**getattr(request, "param", {}))
-    session = RealtimeSession(engine, settings, Metrics())
-    await session.start()
-    harness = Harness(session)
-    await harness.until("session.created")
-    yield harness
-    await session.close()
-    assert engine.violations == []
-
-
-@pytest.fixture
 def engine() -> FakeEngine:
     return FakeEngine(token_delay=0.02)
+
+
+async def speak_then_pause(h: Harness) -> None:
+    """A sentence, then 300 ms of silence: a pause (200 ms) but not the stop (500 ms)."""
+    await push(h, quiet(300))
+    await push(h, spoken("I was thinking that we could go"))
+    await push(h, quiet(300))
 
 
 async def queued(h: Harness) -> list:
@@ -61,11 +53,10 @@ async def queued(h: Harness) -> list:
 
 
 async def test_a_reply_started_at_the_pause_is_held_then_sent_on_the_stop(
-    h: Harness, engine: FakeEngine
+    harness: Harness, engine: FakeEngine
 ) -> None:
-    await push(h, quiet(300))
-    await push(h, spoken("I was thinking that we could go"))
-    await push(h, quiet(300))  # the pause (200 ms) but not the stop (500 ms)
+    h = harness
+    await speak_then_pause(h)
     await asyncio.sleep(0.4)  # the held reply streams meanwhile
     assert [c for c, _ in engine.calls].count("respond") == 1
     held = await queued(h)
@@ -81,9 +72,14 @@ async def test_a_reply_started_at_the_pause_is_held_then_sent_on_the_stop(
     assert done["status"] == "completed" and done["metadata"]["speculation"] == "hit"
     user_item = events[1]["item_id"]
     added = next(e for e in events if e["type"] == "response.output_item.added")
-    assert next(
-        e for e in events if e["type"] == "conversation.item.added" and e["item"]["id"] == added["item"]["id"]
-    )["previous_item_id"] == user_item
+    assert (
+        next(
+            e
+            for e in events
+            if e["type"] == "conversation.item.added" and e["item"]["id"] == added["item"]["id"]
+        )["previous_item_id"]
+        == user_item
+    )
     assert [c for c, _ in engine.calls].count("respond") == 1  # no second reply
     # every audio chunk, in order, and the transcript is the whole reply
     samples = [a.first_sample for a in h.audio]
@@ -94,8 +90,9 @@ async def test_a_reply_started_at_the_pause_is_held_then_sent_on_the_stop(
 
 
 async def test_a_reply_discarded_when_the_caller_goes_on_is_never_heard(
-    h: Harness, engine: FakeEngine
+    harness: Harness, engine: FakeEngine
 ) -> None:
+    h = harness
     first, second = spoken("I was thinking that"), spoken("we could go tomorrow")
     await push(h, quiet(300))
     await push(h, first)
@@ -127,11 +124,10 @@ async def test_a_reply_discarded_when_the_caller_goes_on_is_never_heard(
 
 
 async def test_a_client_event_in_the_pause_makes_the_guess_moot(
-    h: Harness, engine: FakeEngine
+    harness: Harness, engine: FakeEngine
 ) -> None:
-    await push(h, quiet(300))
-    await push(h, spoken("I was thinking that we could go"))
-    await push(h, quiet(300))
+    h = harness
+    await speak_then_pause(h)
     await asyncio.sleep(0.1)
     await h.send({"type": "input_audio_buffer.commit"})
     await h.send({"type": "response.create"})
@@ -142,11 +138,10 @@ async def test_a_client_event_in_the_pause_makes_the_guess_moot(
     assert len(engine.conversation().history) == 1
 
 
-@pytest.mark.parametrize("h", [{"speculative_pause_ms": 0}], indirect=True)
-async def test_off_the_reply_starts_at_the_stop(h: Harness, engine: FakeEngine) -> None:
-    await push(h, quiet(300))
-    await push(h, spoken("I was thinking that we could go"))
-    await push(h, quiet(300))
+@pytest.mark.parametrize("harness", [{"speculative_pause_ms": 0}], indirect=True)
+async def test_off_the_reply_starts_at_the_stop(harness: Harness, engine: FakeEngine) -> None:
+    h = harness
+    await speak_then_pause(h)
     await asyncio.sleep(0.2)
     assert "respond" not in [c for c, _ in engine.calls]
     await push(h, quiet(400))

@@ -14,9 +14,9 @@ import json
 from pathlib import Path
 
 import numpy as np
-from realtime_helpers import b64, pcm16, recv_event, running_server, send_event, speech
-
 from gateway_fixtures import tiny_engine
+from realtime_helpers import b64, pcm16, recv_event, running_server, send_event, words
+
 from omni.engine.api import AudioChunk, ReplyDone, ReplyOptions, SessionOptions
 from omni.engine.engine import EngineConfig, running_engine
 
@@ -25,9 +25,7 @@ SPOKEN = ReplyOptions(greedy=True, max_text_tokens=6, min_text_tokens=6, max_cod
 
 
 def spoken(text: str, rate: int = RATE) -> np.ndarray:
-    """espeak-ng's words without its own trailing silence (the tests place the pauses)."""
-    audio = np.frombuffer(speech(text, rate), dtype="<i2").astype(np.float32) / 32768
-    return audio[: np.flatnonzero(np.abs(audio) > 0.01)[-1] + 1]
+    return np.frombuffer(words(text, rate), dtype="<i2").astype(np.float32) / 32768
 
 
 async def send(engine, session: str, pieces: list[np.ndarray]) -> None:
@@ -98,7 +96,9 @@ async def test_over_websocket_a_discarded_reply_is_never_heard() -> None:
         async def say(audio: np.ndarray) -> None:
             data = pcm16(audio)
             for i in range(0, len(data), 4800):  # 100 ms appends, in real time
-                await send_event(ws, {"type": "input_audio_buffer.append", "audio": b64(data[i : i + 4800])})
+                await send_event(
+                    ws, {"type": "input_audio_buffer.append", "audio": b64(data[i : i + 4800])}
+                )
                 await asyncio.sleep(0.1)
 
         await say(quiet[:7200])
