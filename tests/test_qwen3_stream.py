@@ -12,19 +12,19 @@ import json
 import pytest
 import torch
 from transformers import Qwen3OmniMoeForConditionalGeneration
-from transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe import _get_feat_extract_output_lengths
+from transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe import (
+    _get_feat_extract_output_lengths,
+)
 
 from omni.bench.qwen3 import WAV_TOLERANCE, chat_prompt, reference_reply, run_bench, streamed_reply
-from omni.checkpoints.tiny_qwen3_config import AUDIO_END, AUDIO_START, AUDIO_TOKEN, tiny_qwen3_config
-from omni.engine.qwen3_stream import (
-    AudioChunk,
-    Code2WavStream,
-    CodecFrame,
-    Qwen3OmniStreamer,
-    StreamOptions,
-    TextToken,
-    exact_left_context,
+from omni.checkpoints.tiny_qwen3_config import (
+    AUDIO_END,
+    AUDIO_START,
+    AUDIO_TOKEN,
+    tiny_qwen3_config,
 )
+from omni.engine.qwen3_code2wav import AudioChunk, Code2WavStream, exact_left_context
+from omni.engine.qwen3_stream import CodecFrame, Qwen3OmniStreamer, StreamOptions, TextToken
 
 OPTIONS = StreamOptions(max_text_tokens=12, max_codec_frames=30)
 LOGITS_TOLERANCE = 1e-4
@@ -86,7 +86,12 @@ def test_streamed_reply_equals_generate(model, prompt):
 def test_thinker_logits_per_step_match_generate(model, prompt):
     ids, media = PROMPTS[prompt](model)
     reference = model.thinker.generate(
-        ids, max_new_tokens=OPTIONS.max_text_tokens, do_sample=False, output_logits=True, return_dict_in_generate=True, **media
+        ids,
+        max_new_tokens=OPTIONS.max_text_tokens,
+        do_sample=False,
+        output_logits=True,
+        return_dict_in_generate=True,
+        **media,
     )
     streamer = Qwen3OmniStreamer(model, OPTIONS)
     tokens = streamer.thinker_tokens(ids, **media)
@@ -124,7 +129,9 @@ def test_audio_starts_after_the_first_frames_and_text_leads_speech(model):
             assert kinds[:position].count(TextToken) == min(event.index + 1, text_tokens)
     chunks = [event for event in events if isinstance(event, AudioChunk)]
     starts = [chunk.start_sample for chunk in chunks]
-    assert starts == [sum(chunk.samples.numel() for chunk in chunks[:i]) for i in range(len(chunks))]
+    assert starts == [
+        sum(chunk.samples.numel() for chunk in chunks[:i]) for i in range(len(chunks))
+    ]
 
 
 def test_code2wav_stream_is_exact_with_its_left_context_and_not_with_less(model):
@@ -181,7 +188,9 @@ def test_bad_input_is_a_clear_error(model):
 
 def test_bench_writes_first_audio_rtf_and_match(model, tmp_path, capsys):
     path = tmp_path / "qwen3.json"
-    bench = run_bench(model, options=StreamOptions(max_text_tokens=6, max_codec_frames=12), json_path=path)
+    bench = run_bench(
+        model, options=StreamOptions(max_text_tokens=6, max_codec_frames=12), json_path=path
+    )
     data = json.loads(path.read_text())
     assert data["sessions"] == 1
     assert data["matches_reference"] is True and bench.matches_reference
