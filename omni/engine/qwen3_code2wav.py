@@ -35,26 +35,28 @@ class Code2WavStream:
     Code2Wav is causal except for its transposed convolutions: each one's last input step only
     completes with the next step, so a decode of n frames ends `lookahead` samples short of
     n * samples_per_frame (measured from the module, like generate() does: 555 samples, under
-    one frame, at the real upsampling layout, which the tiny config keeps). Each decode covers
-    the newest frames and up to `left_context_frames` before them, and emits from where the
-    previous one stopped to its own exact end; after the last
-    frame the stream has exactly as many samples as one decode of the whole reply (which is
-    generate()'s decode for replies up to its 300-frame chunk; longer ones it decodes in chunks
-    with 25 frames of left context, which is itself not the whole-reply decode).
+    one frame, at the real upsampling layout, which the tiny config keeps). The first decode
+    runs on the first frame, later ones on every `chunk_frames` new frames; each covers those
+    frames and up to `left_context_frames` before them, and emits from where the previous one
+    stopped to its own exact end. After the last frame the stream has exactly as many samples
+    as one decode of the whole reply (which is generate()'s decode for replies up to its
+    300-frame chunk; longer ones it decodes in chunks with 25 frames of left context, which is
+    itself not the whole-reply decode).
 
     Every Code2Wav layer attends over a sliding window of frames, so a frame reaches
     layers * (window - 1) frames ahead, plus a few through the convolutions: with
     `exact_left_context()` frames of context the stream equals the whole-reply decode to float
     rounding (max abs difference ~1e-8 on the tiny model, tests/test_qwen3_stream.py); a shorter
     context is cheaper per frame but not exact (random weights attend evenly, so there the
-    error is as large as the signal). transformers' default layout (8 layers, window 72) needs 576 frames.
+    error is as large as the signal). transformers' default layout (8 layers, window 72)
+    needs 576 frames.
     """
 
     def __init__(
         self,
         code2wav: torch.nn.Module,
         left_context_frames: int | None = None,
-        chunk_frames: int = 1,
+        chunk_frames: int = 4,
     ) -> None:
         self.code2wav = code2wav
         if left_context_frames is None:
@@ -90,7 +92,9 @@ class Code2WavStream:
         self._frames.append(codes)
         self.frames += 1
         self._pending += 1
-        if self._pending < self.chunk_frames:
+        # the first decode runs on the first frame (first audio as early as it can be); later
+        # ones every chunk_frames, since each re-decodes its left context
+        if self._pending < (self.chunk_frames if self.emitted else 1):
             return None
         return self.flush()
 

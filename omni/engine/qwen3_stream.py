@@ -57,9 +57,10 @@ class StreamOptions:
     talker_top_k: int = 50
     talker_top_p: float = 1.0
     talker_repetition_penalty: float = 1.05
-    # Code2Wav: decode every `chunk_frames` new frames with `left_context_frames` before them
+    # Code2Wav: decode the first frame, then every `chunk_frames` new frames, with
+    # `left_context_frames` before them
     # (None: exact_left_context(), the stream then equals the whole-reply decode)
-    chunk_frames: int = 1
+    chunk_frames: int = 4
     left_context_frames: int | None = None
     seed: int | None = None
 
