@@ -182,6 +182,8 @@ def test_bad_input_is_a_clear_error(model):
         list(Qwen3OmniStreamer(model, OPTIONS).stream(ids[:, :-3]))
     with pytest.raises(ValueError, match=r"shape \(1, T\)"):
         list(Qwen3OmniStreamer(model, OPTIONS).stream(ids.repeat(2, 1)))
+    with pytest.raises(ValueError, match="max_codec_frames must be at least 1, got 0"):
+        StreamOptions(max_codec_frames=0)
     with pytest.raises(ValueError, match="left_context_frames must be at least 1"):
         Code2WavStream(model.code2wav, 0)
 

@@ -43,7 +43,8 @@ CODE_PREDICTOR_TOP_P = 0.8
 
 @dataclass
 class StreamOptions:
-    """Decoding settings; the defaults are generate()'s (the thinker greedy, as configured)."""
+    """Decoding settings. greedy=True makes all three token choices greedy (as the comparison
+    with generate() runs it); when sampling, the talker_* defaults are generate()'s."""
 
     speaker: str = "Ethan"
     greedy: bool = True
@@ -63,6 +64,11 @@ class StreamOptions:
     chunk_frames: int = 4
     left_context_frames: int | None = None
     seed: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("max_text_tokens", "max_codec_frames", "chunk_frames"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
 
 
 @dataclass
@@ -88,7 +94,8 @@ class _Prompt:
 
 @dataclass
 class _Reply:
-    """The reply's text so far, pulled from the thinker as the talker needs it."""
+    """The reply's text so far, pulled from the thinker as the talker needs it (both lists are
+    bounded by max_text_tokens; the outbox is drained before every frame)."""
 
     tokens: Iterator[TextToken]
     text: list[TextToken] = field(default_factory=list)
