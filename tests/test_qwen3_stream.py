@@ -82,6 +82,35 @@ def test_streamed_reply_equals_generate(model, prompt):
     assert reference.wav.abs().max() > 100 * WAV_TOLERANCE  # the tolerance is far below the signal
 
 
+def test_replies_that_end_on_their_own_equal_generate(model):
+    """The capped replies above never reach an end token: here the text ends with an eos
+    (tts_eos goes in its place) and the speech with the codec eos, both as generate() does.
+    The eos ids are set to a text token and a first code the greedy reply produces."""
+    ids, _ = PROMPTS["other text"](model)
+    capped = reference_reply(model, ids, OPTIONS)
+    # the token that first appears latest (a reply of one token cannot be voiced by generate())
+    text_eos = max(set(capped.text_ids), key=capped.text_ids.index)
+    assert 2 <= capped.text_ids.index(text_eos) < len(capped.text_ids) - 1
+    options = StreamOptions(text_eos=(text_eos,), max_text_tokens=12, max_codec_frames=30)
+    text_ended = reference_reply(model, ids, options)
+    first_codes = text_ended.codes[0, :20].tolist()
+    codec_eos = max(set(first_codes), key=first_codes.index)
+    talker_config = model.config.talker_config
+    saved = talker_config.codec_eos_token_id
+    talker_config.codec_eos_token_id = codec_eos
+    try:
+        reference = reference_reply(model, ids, options)
+        streamed, _ = streamed_reply(model, ids, options)
+    finally:
+        talker_config.codec_eos_token_id = saved
+    assert streamed.text_ids == reference.text_ids == text_ended.text_ids
+    assert reference.text_ids[-1] == text_eos and len(reference.text_ids) < 12
+    assert torch.equal(streamed.codes, reference.codes)
+    assert 2 <= reference.codes.shape[1] == first_codes.index(codec_eos)
+    assert streamed.wav.shape == reference.wav.shape
+    assert (streamed.wav - reference.wav).abs().max() <= WAV_TOLERANCE
+
+
 @pytest.mark.parametrize("prompt", ["text", "audio"])
 def test_thinker_logits_per_step_match_generate(model, prompt):
     ids, media = PROMPTS[prompt](model)
