@@ -12,19 +12,19 @@ import json
 import pytest
 import torch
 from transformers import Qwen3OmniMoeForConditionalGeneration
-from transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe import _get_feat_extract_output_lengths
+from transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe import (
+    _get_feat_extract_output_lengths,
+)
 
 from omni.bench.qwen3 import WAV_TOLERANCE, chat_prompt, reference_reply, run_bench, streamed_reply
-from omni.checkpoints.tiny_qwen3_config import AUDIO_END, AUDIO_START, AUDIO_TOKEN, tiny_qwen3_config
-from omni.engine.qwen3_stream import (
-    AudioChunk,
-    Code2WavStream,
-    CodecFrame,
-    Qwen3OmniStreamer,
-    StreamOptions,
-    TextToken,
-    exact_left_context,
+from omni.checkpoints.tiny_qwen3_config import (
+    AUDIO_END,
+    AUDIO_START,
+    AUDIO_TOKEN,
+    tiny_qwen3_config,
 )
+from omni.engine.qwen3_code2wav import AudioChunk, Code2WavStream, exact_left_context
+from omni.engine.qwen3_stream import CodecFrame, Qwen3OmniStreamer, StreamOptions, TextToken
 
 OPTIONS = StreamOptions(max_text_tokens=12, max_codec_frames=30)
 LOGITS_TOLERANCE = 1e-4
@@ -82,11 +82,45 @@ def test_streamed_reply_equals_generate(model, prompt):
     assert reference.wav.abs().max() > 100 * WAV_TOLERANCE  # the tolerance is far below the signal
 
 
+def test_replies_that_end_on_their_own_equal_generate(model):
+    """The capped replies above never reach an end token: here the text ends with an eos
+    (tts_eos goes in its place) and the speech with the codec eos, both as generate() does.
+    The eos ids are set to a text token and a first code the greedy reply produces."""
+    ids, _ = PROMPTS["other text"](model)
+    capped = reference_reply(model, ids, OPTIONS)
+    # the token that first appears latest (a reply of one token cannot be voiced by generate())
+    text_eos = max(set(capped.text_ids), key=capped.text_ids.index)
+    assert 2 <= capped.text_ids.index(text_eos) < len(capped.text_ids) - 1
+    options = StreamOptions(text_eos=(text_eos,), max_text_tokens=12, max_codec_frames=30)
+    text_ended = reference_reply(model, ids, options)
+    first_codes = text_ended.codes[0, :20].tolist()
+    codec_eos = max(set(first_codes), key=first_codes.index)
+    talker_config = model.config.talker_config
+    saved = talker_config.codec_eos_token_id
+    talker_config.codec_eos_token_id = codec_eos
+    try:
+        reference = reference_reply(model, ids, options)
+        streamed, _ = streamed_reply(model, ids, options)
+    finally:
+        talker_config.codec_eos_token_id = saved
+    assert streamed.text_ids == reference.text_ids == text_ended.text_ids
+    assert reference.text_ids[-1] == text_eos and len(reference.text_ids) < 12
+    assert torch.equal(streamed.codes, reference.codes)
+    assert 2 <= reference.codes.shape[1] == first_codes.index(codec_eos)
+    assert streamed.wav.shape == reference.wav.shape
+    assert (streamed.wav - reference.wav).abs().max() <= WAV_TOLERANCE
+
+
 @pytest.mark.parametrize("prompt", ["text", "audio"])
 def test_thinker_logits_per_step_match_generate(model, prompt):
     ids, media = PROMPTS[prompt](model)
     reference = model.thinker.generate(
-        ids, max_new_tokens=OPTIONS.max_text_tokens, do_sample=False, output_logits=True, return_dict_in_generate=True, **media
+        ids,
+        max_new_tokens=OPTIONS.max_text_tokens,
+        do_sample=False,
+        output_logits=True,
+        return_dict_in_generate=True,
+        **media,
     )
     streamer = Qwen3OmniStreamer(model, OPTIONS)
     tokens = streamer.thinker_tokens(ids, **media)
@@ -124,7 +158,9 @@ def test_audio_starts_after_the_first_frames_and_text_leads_speech(model):
             assert kinds[:position].count(TextToken) == min(event.index + 1, text_tokens)
     chunks = [event for event in events if isinstance(event, AudioChunk)]
     starts = [chunk.start_sample for chunk in chunks]
-    assert starts == [sum(chunk.samples.numel() for chunk in chunks[:i]) for i in range(len(chunks))]
+    assert starts == [
+        sum(chunk.samples.numel() for chunk in chunks[:i]) for i in range(len(chunks))
+    ]
 
 
 def test_code2wav_stream_is_exact_with_its_left_context_and_not_with_less(model):
@@ -175,13 +211,17 @@ def test_bad_input_is_a_clear_error(model):
         list(Qwen3OmniStreamer(model, OPTIONS).stream(ids[:, :-3]))
     with pytest.raises(ValueError, match=r"shape \(1, T\)"):
         list(Qwen3OmniStreamer(model, OPTIONS).stream(ids.repeat(2, 1)))
+    with pytest.raises(ValueError, match="max_codec_frames must be at least 1, got 0"):
+        StreamOptions(max_codec_frames=0)
     with pytest.raises(ValueError, match="left_context_frames must be at least 1"):
         Code2WavStream(model.code2wav, 0)
 
 
 def test_bench_writes_first_audio_rtf_and_match(model, tmp_path, capsys):
     path = tmp_path / "qwen3.json"
-    bench = run_bench(model, options=StreamOptions(max_text_tokens=6, max_codec_frames=12), json_path=path)
+    bench = run_bench(
+        model, options=StreamOptions(max_text_tokens=6, max_codec_frames=12), json_path=path
+    )
     data = json.loads(path.read_text())
     assert data["sessions"] == 1
     assert data["matches_reference"] is True and bench.matches_reference

@@ -156,13 +156,17 @@ def run(args: argparse.Namespace) -> int:
     return 0 if matches else 1
 
 
-def table(bench: EngineBench) -> str:
+def path_table(paths: dict[str, PathResult]) -> list[str]:
+    """One aligned line per path (and a header): first text, first audio, total, RTF."""
     rows = [("path", "first text ms", "first audio ms", "total ms", "RTF")]
-    for name in ("streaming", "reference"):
-        r: PathResult = getattr(bench, name)
+    for name, r in paths.items():
         rows.append((name, f"{r.first_text_ms:.0f}", f"{r.first_audio_ms:.0f}", f"{r.total_ms:.0f}", f"{r.rtf:.2f}"))
     widths = [max(len(row[i]) for row in rows) for i in range(5)]
-    lines = ["  ".join(cell.rjust(w) if i else cell.ljust(w) for i, (cell, w) in enumerate(zip(row, widths))) for row in rows]
+    return ["  ".join(cell.rjust(w) if i else cell.ljust(w) for i, (cell, w) in enumerate(zip(row, widths))) for row in rows]
+
+
+def table(bench: EngineBench) -> str:
+    lines = path_table({"streaming": bench.streaming, "reference": bench.reference})
     speedup = bench.reference.first_audio_ms / max(bench.streaming.first_audio_ms, 1e-9)
     lines.append(f"first audio {speedup:.1f}x sooner; matches_reference: {bench.matches_reference}")
     return "\n".join(lines)

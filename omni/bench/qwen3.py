@@ -19,8 +19,14 @@ from pathlib import Path
 import torch
 from transformers import Qwen3OmniMoeForConditionalGeneration
 
-from omni.bench.engine import PathResult
-from omni.engine.qwen3_stream import AudioChunk, CodecFrame, Qwen3OmniStreamer, StreamOptions, TextToken
+from omni.bench.engine import PathResult, path_table
+from omni.engine.qwen3_code2wav import AudioChunk
+from omni.engine.qwen3_stream import (
+    CodecFrame,
+    Qwen3OmniStreamer,
+    StreamOptions,
+    TextToken,
+)
 
 SAMPLE_RATE = 24000
 # the streamed waveform against generate()'s, max abs difference (float32 rounding of the
@@ -42,15 +48,26 @@ class Qwen3Bench:
     reference: PathResult
     matches_reference: bool
 
-    def as_json(self) -> dict:
-        return asdict(self)
-
 
 def chat_prompt(config, user_ids: list[int], system_ids: list[int] = (100, 101)) -> torch.Tensor:
     """(1, T) ids of a system turn, one user turn and the assistant header, from token ids."""
     newline = 198  # "\n" in the Qwen tokenizers
-    ids = [config.im_start_token_id, config.system_token_id, newline, *system_ids, config.im_end_token_id, newline]
-    ids += [config.im_start_token_id, config.user_token_id, newline, *user_ids, config.im_end_token_id, newline]
+    ids = [
+        config.im_start_token_id,
+        config.system_token_id,
+        newline,
+        *system_ids,
+        config.im_end_token_id,
+        newline,
+    ]
+    ids += [
+        config.im_start_token_id,
+        config.user_token_id,
+        newline,
+        *user_ids,
+        config.im_end_token_id,
+        newline,
+    ]
     ids += [config.im_start_token_id, config.assistant_token_id, newline]
     return torch.tensor([ids])
 
@@ -59,20 +76,23 @@ def generate_options(options: StreamOptions) -> dict:
     """generate()'s keyword arguments for the same greedy reply as `options`."""
     if not options.greedy:
         raise ValueError("the reference comparison is greedy")
-    return dict(
-        speaker=options.speaker,
-        thinker_max_new_tokens=options.max_text_tokens,
-        thinker_eos_token_id=list(options.text_eos),
-        thinker_do_sample=False,
-        talker_max_new_tokens=options.max_codec_frames,
-        talker_do_sample=False,
-        talker_repetition_penalty=options.talker_repetition_penalty,
-    )
+    return {
+        "speaker": options.speaker,
+        "thinker_max_new_tokens": options.max_text_tokens,
+        "thinker_eos_token_id": list(options.text_eos),
+        "thinker_do_sample": False,
+        "talker_max_new_tokens": options.max_codec_frames,
+        "talker_do_sample": False,
+        "talker_repetition_penalty": options.talker_repetition_penalty,
+    }
 
 
 @torch.no_grad()
 def reference_reply(
-    model: Qwen3OmniMoeForConditionalGeneration, input_ids: torch.Tensor, options: StreamOptions, **media
+    model: Qwen3OmniMoeForConditionalGeneration,
+    input_ids: torch.Tensor,
+    options: StreamOptions,
+    **media,
 ) -> Reply:
     """generate()'s reply; its codes are read on the way into Code2Wav (a forward pre-hook)."""
     seen: list[torch.Tensor] = []
@@ -81,7 +101,11 @@ def reference_reply(
         sequences, wav = model.generate(input_ids, **generate_options(options), **media)
     finally:
         hook.remove()
-    codes = torch.cat([codes[0] for codes in seen], dim=-1) if seen else torch.zeros(16, 0, dtype=torch.long)
+    codes = (
+        torch.cat([codes[0] for codes in seen], dim=-1)
+        if seen
+        else torch.zeros(16, 0, dtype=torch.long)
+    )
     return Reply(sequences[0, input_ids.shape[1] :].tolist(), codes, wav.reshape(-1))
 
 
@@ -96,7 +120,10 @@ def matches(streamed: Reply, reference: Reply) -> bool:
 
 @torch.no_grad()
 def streamed_reply(
-    model: Qwen3OmniMoeForConditionalGeneration, input_ids: torch.Tensor, options: StreamOptions, **media
+    model: Qwen3OmniMoeForConditionalGeneration,
+    input_ids: torch.Tensor,
+    options: StreamOptions,
+    **media,
 ) -> tuple[Reply, PathResult]:
     start = time.perf_counter()
     first_text = first_audio = None
@@ -117,7 +144,9 @@ def streamed_reply(
     return Reply(text, codes, wav), timing
 
 
-def _timing(start: float, first_text: float | None, first_audio: float | None, total: float, samples: int) -> PathResult:
+def _timing(
+    start: float, first_text: float | None, first_audio: float | None, total: float, samples: int
+) -> PathResult:
     speech_s = samples / SAMPLE_RATE
     return PathResult(
         first_text_ms=((first_text or start + total) - start) * 1000,
@@ -134,7 +163,9 @@ def run_bench(
     json_path: Path | None = None,
 ) -> Qwen3Bench:
     """One greedy reply both ways (after one warm-up each); prints the table, writes the JSON."""
-    input_ids = input_ids if input_ids is not None else chat_prompt(model.config, [3000, 4000, 5000])
+    input_ids = (
+        input_ids if input_ids is not None else chat_prompt(model.config, [3000, 4000, 5000])
+    )
     options = options or StreamOptions(max_text_tokens=12, max_codec_frames=40)
     streamed_reply(model, input_ids, options)
     reference_reply(model, input_ids, options)
@@ -150,17 +181,12 @@ def run_bench(
     )
     print(table(bench))
     if json_path is not None:
-        Path(json_path).write_text(json.dumps(bench.as_json(), indent=2))
+        Path(json_path).write_text(json.dumps(asdict(bench), indent=2))
         print(f"wrote {json_path}")
     return bench
 
 
 def table(bench: Qwen3Bench) -> str:
-    rows = [("path", "first text ms", "first audio ms", "total ms", "RTF")]
-    for name in ("streamed", "reference"):
-        r: PathResult = getattr(bench, name)
-        rows.append((name, f"{r.first_text_ms:.0f}", f"{r.first_audio_ms:.0f}", f"{r.total_ms:.0f}", f"{r.rtf:.2f}"))
-    widths = [max(len(row[i]) for row in rows) for i in range(5)]
-    lines = ["  ".join(cell.rjust(w) if i else cell.ljust(w) for i, (cell, w) in enumerate(zip(row, widths))) for row in rows]
+    lines = path_table({"streamed": bench.streamed, "reference": bench.reference})
     lines.append(f"matches_reference: {bench.matches_reference}")
     return "\n".join(lines)

@@ -18,7 +18,7 @@ frames instead of at its end:
   input is the sum of the frame's 16 code embeddings, as in the talker's
   `prepare_inputs_for_generation`. A frame whose first code is the codec eos ends the speech;
   so does the talker's token cap, whose last first code gets no residuals (as in generate());
-- Code2Wav: see `Code2WavStream`.
+- Code2Wav: `Code2WavStream` (omni/engine/qwen3_code2wav.py).
 
 Token choice uses transformers' logits processors in generate()'s order (omni/engine/sampling.py),
 so greedy streaming equals generate() token for token and code for code. Batch size 1.
@@ -33,11 +33,9 @@ from dataclasses import dataclass, field
 import torch
 from transformers import Qwen3OmniMoeForConditionalGeneration
 
+from omni.engine.qwen3_code2wav import AudioChunk, Code2WavStream
 from omni.engine.sampling import build_processors, choose, sampling_generator
 
-# frames beyond Code2Wav's attention reach that its convolutions still see (its kernel-7 and
-# dilated convolutions span a few frames; 8 holds on the tiny layout, checked by the test)
-CONV_CONTEXT_FRAMES = 8
 # generate()'s defaults: the code predictor samples with top_k 50 / top_p 0.8 when sampling
 CODE_PREDICTOR_TOP_K = 50
 CODE_PREDICTOR_TOP_P = 0.8
@@ -45,7 +43,8 @@ CODE_PREDICTOR_TOP_P = 0.8
 
 @dataclass
 class StreamOptions:
-    """Decoding settings; the defaults are generate()'s (the thinker greedy, as configured)."""
+    """Decoding settings. greedy=True makes all three token choices greedy (as the comparison
+    with generate() runs it); when sampling, the talker_* defaults are generate()'s."""
 
     speaker: str = "Ethan"
     greedy: bool = True
@@ -59,11 +58,17 @@ class StreamOptions:
     talker_top_k: int = 50
     talker_top_p: float = 1.0
     talker_repetition_penalty: float = 1.05
-    # Code2Wav: decode every `chunk_frames` new frames with `left_context_frames` before them
+    # Code2Wav: decode the first frame, then every `chunk_frames` new frames, with
+    # `left_context_frames` before them
     # (None: exact_left_context(), the stream then equals the whole-reply decode)
-    chunk_frames: int = 1
+    chunk_frames: int = 4
     left_context_frames: int | None = None
     seed: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("max_text_tokens", "max_codec_frames", "chunk_frames"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
 
 
 @dataclass
@@ -82,98 +87,15 @@ class CodecFrame:
 
 
 @dataclass
-class AudioChunk:
-    start_sample: int
-    samples: torch.Tensor  # (n,) float32 at 24 kHz
-
-
-@dataclass
 class _Prompt:
     embeds: torch.Tensor  # (1, T, hidden): the thinker's layer-0 states of the prompt
     accept_hidden: torch.Tensor  # (1, T, hidden): its `accept_hidden_layer` states
 
 
-def exact_left_context(code2wav: torch.nn.Module) -> int:
-    """Frames of left context after which a frame no longer changes Code2Wav's output."""
-    config = code2wav.config
-    return config.num_hidden_layers * (config.sliding_window - 1) + CONV_CONTEXT_FRAMES
-
-
-class Code2WavStream:
-    """Code2Wav over a growing list of frames, emitting only samples the whole decode agrees on.
-
-    Code2Wav is causal except for its transposed convolutions: each one's last input step only
-    completes with the next step, so a decode of n frames ends `lookahead` samples short of
-    n * samples_per_frame (measured from the module, like generate() does: 555 samples at the
-    tiny layout). Each decode covers the newest frames and up to `left_context_frames` before
-    them, and emits from where the previous one stopped to its own exact end; after the last
-    frame the stream has exactly as many samples as one decode of the whole reply (which is
-    generate()'s decode for replies up to its 300-frame chunk; longer ones it decodes in chunks
-    with 25 frames of left context, which is itself not the whole-reply decode).
-    Every Code2Wav layer attends over a sliding window of frames, so a frame reaches
-    layers * (window - 1) frames ahead, plus a few through the convolutions: with
-    `exact_left_context()` frames of context the stream equals the whole-reply decode to float
-    rounding (max abs difference ~1e-8 on the tiny model, tests/test_qwen3_stream.py); a shorter
-    context is cheaper per frame but not exact (random weights attend evenly, so there the
-    error is as large as the signal).
-    """
-
-    def __init__(self, code2wav: torch.nn.Module, left_context_frames: int | None = None, chunk_frames: int = 1) -> None:
-        self.code2wav = code2wav
-        if left_context_frames is None:
-            left_context_frames = exact_left_context(code2wav)
-        self.samples_per_frame = int(code2wav.total_upsample)
-        self.lookahead = self._lookahead()
-        min_context = -(-self.lookahead // self.samples_per_frame)
-        if left_context_frames < min_context:
-            raise ValueError(
-                f"left_context_frames must be at least {min_context} (Code2Wav's lookahead), got {left_context_frames}"
-            )
-        if chunk_frames < 1:
-            raise ValueError(f"chunk_frames must be at least 1, got {chunk_frames}")
-        self.chunk_frames = chunk_frames
-        # bounded: the context plus the frames not yet decoded
-        self._frames: deque[torch.Tensor] = deque(maxlen=left_context_frames + chunk_frames)
-        self._pending = 0
-        self.frames = 0
-        self.emitted = 0
-
-    @torch.no_grad()
-    def _lookahead(self) -> int:
-        frames = 4
-        device = next(self.code2wav.parameters()).device
-        codes = torch.zeros(1, self.code2wav.config.num_quantizers, frames, dtype=torch.long, device=device)
-        return frames * self.samples_per_frame - self.code2wav(codes).shape[-1]
-
-    def push(self, codes: torch.Tensor) -> AudioChunk | None:
-        """Add one frame's (16,) codes; returns the newly exact samples, if any."""
-        self._frames.append(codes)
-        self.frames += 1
-        self._pending += 1
-        if self._pending < self.chunk_frames:
-            return None
-        return self.flush()
-
-    @torch.no_grad()
-    def flush(self) -> AudioChunk | None:
-        """Decode the frames pushed so far (call once after the last frame)."""
-        if self._pending == 0:
-            return None
-        self._pending = 0
-        window = torch.stack(list(self._frames), dim=-1)[None]  # (1, 16, n)
-        first_frame = self.frames - window.shape[-1]
-        wav = self.code2wav(window).reshape(-1).float()
-        end = first_frame * self.samples_per_frame + wav.shape[-1]
-        if end <= self.emitted:
-            return None
-        chunk = AudioChunk(self.emitted, wav[self.emitted - first_frame * self.samples_per_frame :])
-        self.emitted = end
-        return chunk
-
-
 @dataclass
 class _Reply:
-    """The reply's text so far, pulled from the thinker as the talker needs it."""
+    """The reply's text so far, pulled from the thinker as the talker needs it (both lists are
+    bounded by max_text_tokens; the outbox is drained before every frame)."""
 
     tokens: Iterator[TextToken]
     text: list[TextToken] = field(default_factory=list)
@@ -195,7 +117,9 @@ class _Reply:
 class Qwen3OmniStreamer:
     """Streams one reply of a loaded Qwen3-Omni: TextToken, CodecFrame and AudioChunk events."""
 
-    def __init__(self, model: Qwen3OmniMoeForConditionalGeneration, options: StreamOptions | None = None) -> None:
+    def __init__(
+        self, model: Qwen3OmniMoeForConditionalGeneration, options: StreamOptions | None = None
+    ) -> None:
         if not model.has_talker:
             raise ValueError("the model was loaded without its talker (enable_audio_output=False)")
         self.model = model
@@ -206,18 +130,24 @@ class Qwen3OmniStreamer:
             known = ", ".join(sorted(talker_config.speaker_id))
             raise ValueError(f"unknown speaker {self.options.speaker!r}; known: {known}")
         self.device = model.thinker.device
-        self.generator = None if self.options.greedy else sampling_generator(self.device, self.options.seed)
+        self.generator = (
+            None if self.options.greedy else sampling_generator(self.device, self.options.seed)
+        )
 
     # -- the whole reply --------------------------------------------------------------------
     @torch.no_grad()
-    def stream(self, input_ids: torch.Tensor, **media) -> Iterator[TextToken | CodecFrame | AudioChunk]:
+    def stream(
+        self, input_ids: torch.Tensor, **media
+    ) -> Iterator[TextToken | CodecFrame | AudioChunk]:
         """input_ids: (1, T) ending with `<|im_start|>assistant\\n`; media: the thinker's
         multimodal inputs as generate() takes them (input_features, feature_attention_mask,
         pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw, ...)."""
         tokens = self.thinker_tokens(input_ids, **media)
         prompt = next(tokens)
         reply = _Reply(tokens)
-        decoder = Code2WavStream(self.model.code2wav, self.options.left_context_frames, self.options.chunk_frames)
+        decoder = Code2WavStream(
+            self.model.code2wav, self.options.left_context_frames, self.options.chunk_frames
+        )
         for frame in self.talker_frames(input_ids, prompt, reply.at, media):
             yield from reply.drain()
             yield frame
@@ -233,7 +163,9 @@ class Qwen3OmniStreamer:
     def thinker_tokens(self, input_ids: torch.Tensor, **media) -> Iterator[_Prompt | TextToken]:
         """The prompt's states first, then each reply token as soon as it is chosen."""
         if input_ids.dim() != 2 or input_ids.shape[0] != 1:
-            raise ValueError(f"input_ids must be one sequence of shape (1, T), got {tuple(input_ids.shape)}")
+            raise ValueError(
+                f"input_ids must be one sequence of shape (1, T), got {tuple(input_ids.shape)}"
+            )
         options = self.options
         thinker = self.model.thinker
         layer = self.model.config.talker_config.accept_hidden_layer
@@ -282,10 +214,15 @@ class Qwen3OmniStreamer:
         model, options = self.model, self.options
         talker = model.talker
         talker_config = model.config.talker_config
-        embeds, ids = self._talker_prompt(input_ids.to(self.device), prompt, first)
-        tts_bos, tts_eos, tts_pad = self._tts_embeds()
+        tts = self._tts_embeds()
+        _, tts_eos, tts_pad = tts
+        embeds, ids = self._talker_prompt(input_ids.to(self.device), prompt, first, tts)
         # the talker gets the thinker's vision grids and audio lengths for its 3-D positions
-        talker_media = {k: media[k] for k in ("image_grid_thw", "video_grid_thw", "video_second_per_grid") if k in media}
+        talker_media = {
+            k: media[k]
+            for k in ("image_grid_thw", "video_grid_thw", "video_second_per_grid")
+            if k in media
+        }
         if (feature_mask := media.get("feature_attention_mask")) is not None:
             talker_media["audio_feature_lengths"] = feature_mask.sum(dim=1)
         out = talker(
@@ -335,7 +272,11 @@ class Qwen3OmniStreamer:
             )
 
     def _talker_prompt(
-        self, input_ids: torch.Tensor, prompt: _Prompt, first: TextToken
+        self,
+        input_ids: torch.Tensor,
+        prompt: _Prompt,
+        first: TextToken,
+        tts: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The talker's prompt as generate() builds it: the user turns' tokens (text projected,
         media from the accept layer), then the assistant header with the codec's think/speaker/
@@ -343,19 +284,29 @@ class Qwen3OmniStreamer:
         config = self.model.config
         thinker_config = config.thinker_config
         length = input_ids.shape[1]
-        header = (input_ids[0, :-1] == config.im_start_token_id) & (input_ids[0, 1:] == config.assistant_token_id)
+        header = (input_ids[0, :-1] == config.im_start_token_id) & (
+            input_ids[0, 1:] == config.assistant_token_id
+        )
         starts = torch.nonzero(header).flatten()
         if starts.numel() == 0 or int(starts[-1]) != length - 3:
-            raise ValueError("input_ids must end with the assistant header <|im_start|>assistant\\n")
-        media_tokens = (thinker_config.audio_token_id, thinker_config.image_token_id, thinker_config.video_token_id)
+            raise ValueError(
+                "input_ids must end with the assistant header <|im_start|>assistant\\n"
+            )
+        media_tokens = (
+            thinker_config.audio_token_id,
+            thinker_config.image_token_id,
+            thinker_config.video_token_id,
+        )
         media_mask = torch.isin(input_ids, torch.tensor(media_tokens, device=input_ids.device))
-        user_part = self.model._get_talker_user_parts(0, length, media_mask, prompt.accept_hidden, prompt.embeds)
+        user_part = self.model._get_talker_user_parts(
+            0, length, media_mask, prompt.accept_hidden, prompt.embeds
+        )
         # a token belongs to the turn whose <|im_start|> is the last one before it
         positions = torch.arange(length, device=input_ids.device)
         turn_starts = torch.where(input_ids[0] == config.im_start_token_id, positions, -1)
         turn_of = torch.cummax(turn_starts, dim=0).values.clamp_min(0)
         user = input_ids[0, (turn_of + 1).clamp_max(length - 1)] == config.user_token_id
-        tts_bos, tts_eos, tts_pad = self._tts_embeds()
+        tts_bos, tts_eos, tts_pad = tts
         assistant_embeds, assistant_ids, _ = self.model._get_talker_assistant_parts(
             length - 3,
             length + 1,
@@ -372,8 +323,13 @@ class Qwen3OmniStreamer:
     def _tts_embeds(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(1, 1, hidden) each: tts_bos, tts_eos, tts_pad through the talker's text projection."""
         config = self.model.config
-        ids = torch.tensor([[config.tts_bos_token_id, config.tts_eos_token_id, config.tts_pad_token_id]], device=self.device)
-        projected = self.model.talker.text_projection(self.model.thinker.get_input_embeddings()(ids))
+        ids = torch.tensor(
+            [[config.tts_bos_token_id, config.tts_eos_token_id, config.tts_pad_token_id]],
+            device=self.device,
+        )
+        projected = self.model.talker.text_projection(
+            self.model.thinker.get_input_embeddings()(ids)
+        )
         return projected.chunk(3, dim=1)
 
     def _residual_codes(self, past_hidden: torch.Tensor, code0: torch.Tensor) -> torch.Tensor:
@@ -389,7 +345,10 @@ class Qwen3OmniStreamer:
             top_k=CODE_PREDICTOR_TOP_K,
             top_p=CODE_PREDICTOR_TOP_P,
         )
-        out = predictor(inputs_embeds=torch.cat((past_hidden, talker.get_input_embeddings()(code0)), dim=1), use_cache=True)
+        out = predictor(
+            inputs_embeds=torch.cat((past_hidden, talker.get_input_embeddings()(code0)), dim=1),
+            use_cache=True,
+        )
         codes = [code0.reshape(1)]
         seen = torch.zeros((1, 0), dtype=torch.long, device=self.device)
         for step in range(1, groups):
@@ -398,7 +357,9 @@ class Qwen3OmniStreamer:
             if step < groups - 1:
                 token = torch.tensor([[code]], device=self.device)
                 seen = torch.cat((seen, token), dim=1)
-                out = predictor(input_ids=token, cache=out.cache, use_cache=True, generation_steps=step)
+                out = predictor(
+                    input_ids=token, cache=out.cache, use_cache=True, generation_steps=step
+                )
         return torch.cat(codes)
 
     def _frame_embedding(self, codes: torch.Tensor) -> torch.Tensor:
