@@ -57,6 +57,11 @@ class SpeechListener(Protocol):
         """Speech again after a pause, before any stop."""
 
 
+# the pause at which semantic_vad scores the turn (and a speculative reply starts, unless
+# settings.speculative_pause_ms says otherwise)
+DEFAULT_PAUSE_MS = 200
+
+
 class InputAudioBuffer:
     def __init__(
         self,
@@ -65,7 +70,7 @@ class InputAudioBuffer:
         max_seconds: float,
         listener: SpeechListener,
         on_error: Callable[[RealtimeError], Awaitable[None]],
-        pause_ms: int = 200,
+        pause_ms: int = DEFAULT_PAUSE_MS,
     ) -> None:
         self.engine = engine
         self.pause_ms = pause_ms  # silence that counts as a pause within speech

@@ -44,7 +44,7 @@ from omni.session.conversation import Conversation, Item
 from omni.session.engine_queue import EngineQueue, TurnInput
 from omni.session.errors import RealtimeError, engine_error_code, new_id, quoted
 from omni.session.images import decode_base64_image
-from omni.session.input_buffer import InputAudioBuffer
+from omni.session.input_buffer import DEFAULT_PAUSE_MS, InputAudioBuffer
 from omni.session.offload import OFFLOAD_BYTES, off_loop
 from omni.session.outbox import CLIENT_NOT_READING, Outbox
 from omni.session.outputs import AudioOut, Closed, Playout
@@ -125,7 +125,7 @@ class RealtimeSession:
             settings.max_buffered_audio_seconds,
             self,
             self.emit_error,
-            pause_ms=settings.speculative_pause_ms or 200,
+            pause_ms=settings.speculative_pause_ms or DEFAULT_PAUSE_MS,
         )
         self._item_caps = ItemCaps.from_settings(settings)
         self._idle_frame: TurnInput | None = None  # latest camera frame while nobody talks
@@ -582,10 +582,7 @@ class RealtimeSession:
         response = speculation.response
         response.cancel("speculation_discarded")
         if response.streaming:
-            try:
-                await self.engine.cancel(self.id)
-            except EngineError as exc:
-                log.warning("session %s: engine cancel failed: %s", self.id, exc)
+            await self._cancel_engine()
         for piece in speculation.pieces:
             piece.item_id = None
         self._engine.turn = speculation.pieces + self._engine.turn
@@ -708,10 +705,14 @@ class RealtimeSession:
         for response in self._responses:
             response.cancel(reason)
         if self._responses and self._responses[0].streaming:
-            try:
-                await self.engine.cancel(self.id)
-            except EngineError as exc:
-                log.warning("session %s: engine cancel failed: %s", self.id, exc)
+            await self._cancel_engine()
+
+    async def _cancel_engine(self) -> None:
+        """Stop the engine's reply for this session now (around the call queue: barge-in)."""
+        try:
+            await self.engine.cancel(self.id)
+        except EngineError as exc:
+            log.warning("session %s: engine cancel failed: %s", self.id, exc)
 
     async def _clear_playout(self) -> None:
         assert self.playout is not None
