@@ -272,8 +272,10 @@ class Settings(BaseSettings):
     vad_silence_duration_ms: int = Field(
         500, ge=0, description="Silence that ends the user's turn."
     )
+    # 100: a hit's reply gets the 400 ms before the 500 ms stop to get going, more than the
+    # server's first audio on the tiny CPU checkpoint (README, "Speculative replies")
     speculative_pause_ms: int = Field(
-        200,
+        100,
         ge=0,
         description="Silence within speech after which the reply starts, held until the turn "
         "ends (a hit: its audio is sent at once) or discarded unheard if the caller goes on; "

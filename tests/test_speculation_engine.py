@@ -4,18 +4,26 @@ Engine: a reply started and then discarded (Engine.discard_reply) leaves the thi
 token for token what it would be had the reply never been asked for, with the input sent
 during and after it in the same user turn; the next greedy reply (text and codec tokens, so
 the talker's context too) is the one of a conversation that never speculated.
-WebSocket: a caller who pauses and goes on never gets an event or audio of the discarded reply.
+WebSocket and WebRTC: a caller who pauses and goes on never gets an event or audio of the
+discarded reply.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
+import pytest
 from gateway_fixtures import tiny_engine
 from realtime_helpers import b64, pcm16, recv_event, running_server, send_event, words
+from test_browser_calls import CHROMIUM, assistant_heard, chromium, enter_key, open_page
+from test_browser_calls import hang_up as hang_up_page
+from test_browser_calls import place_voice_call
+from test_webrtc_calls import call
 
 from omni.engine.api import AudioChunk, ReplyDone, ReplyOptions, SessionOptions
 from omni.engine.engine import EngineConfig, running_engine
@@ -127,6 +135,82 @@ async def test_over_websocket_a_discarded_reply_is_never_heard() -> None:
     misses = [m for m in metrics if m.startswith('omni_speculations_total{outcome="miss"}')]
     assert misses and float(misses[0].split()[-1]) >= 1  # the pause did start one
     assert done["metadata"]["speculation"] in ("hit", "miss")
+
+
+async def test_over_webrtc_a_discarded_reply_that_made_audio_is_never_played() -> None:
+    """A long silence window, so the reply started at the pause has time to make audio (held)
+    before the caller goes on: none of it may reach the caller's track, before or after."""
+    first, second = words("I was thinking that"), words("we could go tomorrow")
+    # 2 s: a pause within a 3 s silence window, time enough for audio even on a loaded CPU
+    pause = np.zeros(48_000, np.int16)
+    speech = np.concatenate([np.frombuffer(first, np.int16), pause, np.frombuffer(second, np.int16)])
+    async with running_server(tiny_engine) as server, call(server) as client:
+        await client.expect("session.created")
+        detection = {"type": "server_vad", "silence_duration_ms": 3000}
+        client.send(
+            {
+                "type": "session.update",
+                "session": {
+                    "type": "realtime",
+                    "max_output_tokens": 4,
+                    "audio": {"input": {"turn_detection": detection}},
+                },
+            }
+        )
+        await client.expect("session.updated")
+        ended = await client.say(speech)
+        done = (await client.expect("response.done"))["response"]
+        await client.seen("output_audio_buffer.stopped", response_id=done["id"])
+        metrics = (await asyncio.to_thread(_get, server.metrics_url)).splitlines()
+        loud = list(client.loud)
+        kinds = [e["type"] for e in client.events]
+        assert await client.hang_up() == 204
+    assert done["status"] == "completed", done
+    assert kinds.count("response.created") == 1
+    discarded = [m for m in metrics if m.startswith('omni_speculation_discarded_total{unit="codec_frames"}')]
+    assert discarded and float(discarded[0].split()[-1]) > 0  # the discarded reply made audio
+    # the only reply starts after the caller's last word and its silence window: any sound
+    # before the caller finished speaking was the discarded one's
+    assert loud and all(t > ended for t in loud)
+
+
+@pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian's chromium is not installed")
+async def test_in_chromium_a_discarded_reply_is_never_played(tmp_path: Path) -> None:
+    """The page's call, the caller's microphone a file: a phrase, a 2 s pause, a phrase, then
+    silence, with a 3 s silence window (the server's setting). Until the page is told the
+    caller stopped, the reply track must stay silent, though the pause started a reply."""
+    if shutil.which("espeak-ng") is None or shutil.which("sox") is None:
+        pytest.skip("espeak-ng and sox are needed (apt-get install espeak-ng sox)")
+    first, second, mic = tmp_path / "first.wav", tmp_path / "second.wav", tmp_path / "mic.wav"
+    subprocess.run(["espeak-ng", "-w", str(first), "I was thinking that"], check=True)
+    subprocess.run(["espeak-ng", "-w", str(second), "we could go tomorrow"], check=True)
+    subprocess.run(["sox", str(first), str(tmp_path / "paused.wav"), "pad", "0.3", "2"], check=True)
+    subprocess.run(
+        ["sox", str(tmp_path / "paused.wav"), str(second), "-r", "48000", "-c", "1", "-b", "16",
+         str(mic), "pad", "0", "20"],
+        check=True,
+    )
+    async with running_server(tiny_engine, vad_silence_duration_ms=3000) as server:
+        async with chromium(mic) as browser:
+            page = await open_page(browser, server)
+            await enter_key(page)
+            await place_voice_call(page, server)
+            deadline = asyncio.get_running_loop().time() + 60
+            while True:  # read together, so sound and the stop are seen in one instant
+                stopped, peak = await page.evaluate(
+                    "[omni.stats.events.includes('input_audio_buffer.speech_stopped'),"
+                    " omni.stats.remotePeak]"
+                )
+                if stopped:
+                    break
+                assert peak <= 0.05, "the reply track played before the caller's turn ended"
+                assert asyncio.get_running_loop().time() < deadline, "the turn never ended"
+                await asyncio.sleep(0.05)
+            await assistant_heard(page)
+            await hang_up_page(page, server)
+        metrics = (await asyncio.to_thread(_get, server.metrics_url)).splitlines()
+    discarded = [m for m in metrics if m.startswith('omni_speculation_discarded_total{unit="codec_frames"}')]
+    assert discarded and float(discarded[0].split()[-1]) > 0  # the discarded reply made audio
 
 
 def _get(url: str) -> str:

@@ -14,7 +14,7 @@ alike, goes into this hold instead of the outbox or the WebRTC playout. Then eit
 
 The hold is bounded: at `HELD_MAX` entries the reply's emits wait until the turn is decided
 (the engine then holds the rest in its own bounded reply queue). Between a pause and the stop
-are only `silence_duration_ms - speculative_pause_ms` (300 ms by default), so a reply rarely
+are only `silence_duration_ms - speculative_pause_ms` (400 ms by default), so a reply rarely
 gets near it.
 """
 
