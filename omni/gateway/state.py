@@ -15,8 +15,10 @@ from omni.engine.api import Engine
 from omni.engine.transcriber import Transcriber
 from omni.gateway.auth import Denied, KeyStore
 from omni.metrics import Metrics
+from omni.session import end_of_turn
 from omni.session.errors import RealtimeError
 from omni.session.session import RealtimeSession
+from omni.session.vad import on_vad_threads
 from omni.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -77,11 +79,14 @@ class Gateway:
     ) -> None:
         """Enter the factories (the transcriber's first: it loads in seconds), serve with
         their engine and transcriber until `stop`, then let them shut down."""
+        # while the model loads, so no caller's first semantic_vad pause pays for it
+        warming = asyncio.ensure_future(on_vad_threads(end_of_turn.warm_up))
         try:
             async with AsyncExitStack() as running:
                 if transcriber_factory is not None:
                     self.transcriber = await running.enter_async_context(transcriber_factory())
                 self.engine = await running.enter_async_context(factory())
+                await warming
                 self.ready.set()
                 await stop.wait()
                 await self.close_sessions()

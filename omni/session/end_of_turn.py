@@ -74,3 +74,11 @@ def end_probability(speech: np.ndarray) -> float:
     """p(the turn ended) from the voice before a pause; 0.5 when there is no voice to read."""
     found = prosody(speech)
     return 0.5 if found is None else found.end_probability
+
+
+def warm_up() -> None:
+    """Score a voiced second once: librosa's first YIN call compiles its numba kernels (about
+    2 s; 15-20 s when its on-disk cache is cold), which would otherwise delay the first
+    semantic_vad pause of the process."""
+    t = np.arange(INPUT_SAMPLE_RATE) / INPUT_SAMPLE_RATE
+    end_probability((0.3 * np.sin(2 * np.pi * 150 * t)).astype(np.float32))
