@@ -22,6 +22,7 @@ from transformers import (
     Qwen3OmniMoeForConditionalGeneration,
 )
 
+from omni.bench.qwen3 import text_prompt
 from omni.checkpoints.errors import CheckpointError
 from omni.checkpoints.family import QWEN2_5_OMNI, QWEN3_OMNI, family_of
 from omni.checkpoints.hub import is_complete
@@ -52,13 +53,6 @@ def model(tiny_qwen3_checkpoint: Path) -> Qwen3OmniMoeForConditionalGeneration:
 @pytest.fixture(scope="module")
 def tokenizer(tiny_qwen3_checkpoint: Path) -> PreTrainedTokenizerBase:
     return AutoTokenizer.from_pretrained(tiny_qwen3_checkpoint)
-
-
-def _prompt_ids(tokenizer: PreTrainedTokenizerBase, text: str) -> torch.Tensor:
-    rendered = tokenizer.apply_chat_template(
-        [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False
-    )
-    return tokenizer(rendered, return_tensors="pt").input_ids
 
 
 def _generate(
@@ -163,7 +157,7 @@ def test_tokenizer_and_processor_use_qwen3_omnis_ids(
 def test_generate_gives_text_and_a_waveform(
     model: Qwen3OmniMoeForConditionalGeneration, tokenizer: PreTrainedTokenizerBase
 ) -> None:
-    ids = _prompt_ids(tokenizer, PROMPTS[1])
+    ids = text_prompt(tokenizer, PROMPTS[1])
     reply, wav = _generate(model, ids, speaker="Aiden")
     assert len(reply) == 16 and tokenizer.decode(reply).strip()
     assert wav.dim() == 3 and wav.shape[:2] == (1, 1)
@@ -175,7 +169,7 @@ def test_generate_gives_text_and_a_waveform(
 def test_greedy_replies_depend_on_the_input(
     model: Qwen3OmniMoeForConditionalGeneration, tokenizer: PreTrainedTokenizerBase
 ) -> None:
-    replies = [_generate(model, _prompt_ids(tokenizer, text))[0] for text in PROMPTS]
+    replies = [_generate(model, text_prompt(tokenizer, text))[0] for text in PROMPTS]
     assert len({tuple(reply) for reply in replies}) == len(PROMPTS)
     for reply in replies:
         assert len(set(reply)) >= 5, tokenizer.decode(reply)

@@ -8,6 +8,12 @@ and the real-time factor (compute time / speech duration); and whether the strea
 equal the reference's. The engine runs first and is stopped before the reference loads, so
 the two never compete for the CPU or GPU. `--sessions N ...` runs N concurrent sessions
 instead, batched and unbatched (sessions.py).
+
+A Qwen3-Omni checkpoint (its family read from config.json by `resolve_model`) has no engine
+worker processes yet: its streamed path is `Qwen3OmniStreamer` in this process, on the same
+loaded model as the reference `Qwen3OmniMoeForConditionalGeneration.generate()` (qwen3.py),
+and `--sessions` is refused (no batched Qwen3 engine). Its caps count 80 ms frames (see
+`caps`), and its reply is not held to its caps: it may end sooner, on both paths alike.
 """
 
 from __future__ import annotations
@@ -17,13 +23,15 @@ import asyncio
 import json
 import logging
 import os
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
 from omni.bench.reference import ReferenceConversation
-from omni.checkpoints.loader import resolve_model
+from omni.checkpoints.family import QWEN3_OMNI, Family
+from omni.checkpoints.loader import ResolvedModel, resolve_model
 from omni.engine.api import SAMPLES_PER_CODE, ReplyDone, ReplyOptions, SessionOptions
 from omni.engine.engine import EngineConfig, _dtype_for, resolve_devices, running_engine
 
@@ -31,6 +39,13 @@ log = logging.getLogger(__name__)
 
 PROMPT = "Please tell me, in a few sentences, what a good morning routine looks like."
 WARMUP = dict(max_text_tokens=4, max_codec_tokens=24)
+DEFAULT_SPEECH_MS = 10_000  # --codec-tokens' default: 500 Qwen2.5 codes, 125 Qwen3 frames
+TEXT_TOKENS_PER_S = 10  # --text-tokens' default, per second of speech the codec cap gives
+SESSIONS_QWEN3 = (
+    "--sessions runs the batched engine, which serves Qwen2.5-Omni only: the batched "
+    "Qwen3-Omni engine is not built yet (without --sessions, the Qwen3 streamer is compared "
+    "with generate())"
+)
 
 
 @dataclass
@@ -109,42 +124,60 @@ def _reference(path: Path, device: str, dtype: torch.dtype, text_tokens: int, co
     return result, reply
 
 
+def caps(args: argparse.Namespace, family: Family) -> tuple[int, int]:
+    """(codec tokens, text tokens) of the reply. A codec token is the family's talker token:
+    a 20 ms code (Qwen2.5-Omni) or an 80 ms frame of 16 codes (Qwen3-Omni), as presets.toml's
+    max_codec_tokens counts them; the defaults are 10 s of speech and 10 text tokens a second
+    (Qwen2.5: codec tokens / 5)."""
+    codec_tokens = args.codec_tokens or DEFAULT_SPEECH_MS // family.codec_token_ms
+    text_tokens = args.text_tokens or max(
+        1, codec_tokens * family.codec_token_ms * TEXT_TOKENS_PER_S // 1000
+    )
+    return codec_tokens, text_tokens
+
+
 def run(args: argparse.Namespace) -> int:
+    resolved = resolve_model(args.model)
+    if resolved.family is QWEN3_OMNI and args.sessions:
+        print(f"omni bench engine: error: {SESSIONS_QWEN3}", file=sys.stderr)
+        return 2
     if args.threads:
         os.environ["OMNI_CPU_THREADS"] = str(args.threads)
     torch.set_num_threads(int(os.environ.get("OMNI_CPU_THREADS", "1")))
     torch.set_grad_enabled(False)
-    resolved = resolve_model(args.model)
+    codec_tokens, text_tokens = caps(args, resolved.family)
+    if resolved.family is QWEN3_OMNI:
+        return _run_qwen3(args, resolved, codec_tokens, text_tokens)
+    args.codec_tokens = codec_tokens  # run_sessions reads it too
     thinker_device, talker_device = resolve_devices(args.device)
     config = EngineConfig(
         model_path=str(resolved.path),
         thinker_device=thinker_device,
         talker_device=talker_device,
         dtype=args.dtype,
-        max_codec_tokens=args.codec_tokens,
+        max_codec_tokens=codec_tokens,
         vocoder_solver=args.vocoder_solver,
         start_timeout_s=1800,
         heartbeat_timeout_s=600,  # real-size shapes on a CPU take long steps
     )
-    text_tokens = args.text_tokens or max(1, args.codec_tokens // 5)
     # the reference runs in the thinker's dtype, as the engine picks it
     dtype = getattr(torch, _dtype_for(args.dtype, thinker_device))
     if args.sessions:
         from omni.bench.sessions import run_sessions  # here: it uses this module's WARMUP
 
         return run_sessions(args, resolved, config, dtype, text_tokens)
-    print(f"model {resolved.name}: {text_tokens} text tokens, {args.codec_tokens} codec tokens "
-          f"({args.codec_tokens * SAMPLES_PER_CODE / 24000:.2f} s of speech), greedy")
-    streaming, done = asyncio.run(_streaming(config, text_tokens, args.codec_tokens))
+    print(f"model {resolved.name}: {text_tokens} text tokens, {codec_tokens} codec tokens "
+          f"({codec_tokens * SAMPLES_PER_CODE / 24000:.2f} s of speech), greedy")
+    streaming, done = asyncio.run(_streaming(config, text_tokens, codec_tokens))
     reference, reply = _reference(
-        resolved.path, thinker_device, dtype, text_tokens, args.codec_tokens
+        resolved.path, thinker_device, dtype, text_tokens, codec_tokens
     )
     matches = done.text_token_ids == reply.text_ids and done.codec_tokens == reply.codes
     bench = EngineBench(
         model=resolved.name,
         text_tokens=text_tokens,
-        codec_tokens=args.codec_tokens,
-        speech_seconds=args.codec_tokens * SAMPLES_PER_CODE / 24000,
+        codec_tokens=codec_tokens,
+        speech_seconds=codec_tokens * SAMPLES_PER_CODE / 24000,
         streaming=streaming,
         reference=reference,
         matches_reference=matches,
@@ -154,6 +187,28 @@ def run(args: argparse.Namespace) -> int:
         Path(args.json).write_text(json.dumps(bench.as_json(), indent=2))
         print(f"wrote {args.json}")
     return 0 if matches else 1
+
+
+def _run_qwen3(
+    args: argparse.Namespace, resolved: ResolvedModel, codec_tokens: int, text_tokens: int
+) -> int:
+    """The Qwen3 streamer against generate() on one model loaded in this process (qwen3.py)."""
+    from transformers import AutoTokenizer
+
+    from omni.bench.qwen3 import run_bench, text_prompt  # here: qwen3.py imports this module
+    from omni.checkpoints.parts import load_whole
+    from omni.engine.qwen3_stream import StreamOptions
+
+    device, _ = resolve_devices(args.device)  # one model, one device: the thinker's
+    model = load_whole(resolved.path, device, getattr(torch, _dtype_for(args.dtype, device)))
+    input_ids = text_prompt(AutoTokenizer.from_pretrained(resolved.path), PROMPT).to(device)
+    speech_s = codec_tokens * resolved.family.codec_token_ms / 1000
+    print(f"model {resolved.name} ({resolved.family.name}): at most {text_tokens} text tokens "
+          f"and {codec_tokens} frames ({speech_s:.2f} s of speech), greedy; streamed in-process "
+          "(no engine worker processes yet)")
+    options = StreamOptions(max_text_tokens=text_tokens, max_codec_frames=codec_tokens)
+    bench = run_bench(model, input_ids, options, args.json, model_name=resolved.name)
+    return 0 if bench.matches_reference else 1
 
 
 def path_table(paths: dict[str, PathResult]) -> list[str]:
@@ -166,6 +221,7 @@ def path_table(paths: dict[str, PathResult]) -> list[str]:
 
 
 def table(bench: EngineBench) -> str:
+    """The paths' table and how much sooner streaming's first audio is (Qwen3Bench too)."""
     lines = path_table({"streaming": bench.streaming, "reference": bench.reference})
     speedup = bench.reference.first_audio_ms / max(bench.streaming.first_audio_ms, 1e-9)
     lines.append(f"first audio {speedup:.1f}x sooner; matches_reference: {bench.matches_reference}")
@@ -173,16 +229,32 @@ def table(bench: EngineBench) -> str:
 
 
 def add_engine_command(actions: argparse._SubParsersAction) -> None:
-    bench = actions.add_parser("engine", help="streaming engine vs transformers generate(), same turn")
+    bench = actions.add_parser(
+        "engine",
+        help="streaming engine vs transformers generate(), same turn (Qwen3-Omni: its "
+        "streamer in-process, no worker processes yet)",
+    )
     bench.add_argument("--model", default="tiny", help="preset, checkpoint directory or hub id (default: tiny)")
-    bench.add_argument("--codec-tokens", type=int, default=500, help="reply length in codec tokens (500 = 10 s)")
-    bench.add_argument("--text-tokens", type=int, help="reply length in text tokens (default: codec tokens / 5)")
+    bench.add_argument(
+        "--codec-tokens",
+        type=int,
+        help="reply length in talker tokens: Qwen2.5-Omni codes of 20 ms, Qwen3-Omni frames of "
+        "80 ms (16 codes each; generate() voices one frame less than its cap); default 10 s of "
+        "speech (500 codes, 125 frames)",
+    )
+    bench.add_argument(
+        "--text-tokens",
+        type=int,
+        help="reply length in text tokens (default: 10 per second of speech, i.e. codec tokens / 5 "
+        "on Qwen2.5-Omni, frames * 4 / 5 on Qwen3-Omni); on Qwen3-Omni both are caps",
+    )
     bench.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     bench.add_argument(
         "--vocoder-solver",
         default="rk4",
         choices=("rk4", "euler"),
-        help="Token2Wav ODE solver for the streaming path (default rk4, the reference's own)",
+        help="Token2Wav ODE solver for the streaming path (default rk4, the reference's own; "
+        "Qwen2.5-Omni only)",
     )
     bench.add_argument("--threads", type=int, help="torch threads per process on CPU (default 1)")
     bench.add_argument(
@@ -197,7 +269,8 @@ def add_engine_command(actions: argparse._SubParsersAction) -> None:
         nargs="+",
         metavar="N",
         help="instead: N concurrent sessions, each its own question, batched vs unbatched "
-        "(max_batch=1), started together and staggered; one table per N",
+        "(max_batch=1), started together and staggered; one table per N (Qwen2.5-Omni only: "
+        "no batched Qwen3-Omni engine yet)",
     )
     bench.add_argument(
         "--stagger-s",

@@ -19,13 +19,21 @@ class Family:
     model_type: str  # config.json's model_type
     voices: tuple[str, ...]  # the first is the default
     speakers_file: bool  # voices in spk_dict.pt (Qwen2.5) rather than in the talker config
+    # speech per talker token: a Qwen2.5 code (one codebook) or a Qwen3 frame (16 codebooks)
+    codec_token_ms: int
 
 
-QWEN2_5_OMNI = Family("Qwen2.5-Omni", "qwen2_5_omni", ("Chelsie", "Ethan"), speakers_file=True)
+QWEN2_5_OMNI = Family(
+    "Qwen2.5-Omni", "qwen2_5_omni", ("Chelsie", "Ethan"), speakers_file=True, codec_token_ms=20
+)
 # the talker config's speaker_id names them in lower case; transformers' generate() defaults
 # to Ethan
 QWEN3_OMNI = Family(
-    "Qwen3-Omni", "qwen3_omni_moe", ("Ethan", "Chelsie", "Aiden"), speakers_file=False
+    "Qwen3-Omni",
+    "qwen3_omni_moe",
+    ("Ethan", "Chelsie", "Aiden"),
+    speakers_file=False,
+    codec_token_ms=80,
 )
 FAMILIES = {family.model_type: family for family in (QWEN2_5_OMNI, QWEN3_OMNI)}
 
