@@ -24,6 +24,7 @@ from omni.bench.qwen3 import (
     streamed_reply,
     wav_error,
 )
+from omni.checkpoints.random_shapes import init_talker_experts
 from omni.checkpoints.tiny_qwen3_config import (
     AUDIO_END,
     AUDIO_START,
@@ -41,14 +42,8 @@ LOGITS_TOLERANCE = 1e-4
 def model() -> Qwen3OmniMoeForConditionalGeneration:
     torch.manual_seed(0)
     model = Qwen3OmniMoeForConditionalGeneration(tiny_qwen3_config()).eval()
+    init_talker_experts(model.talker)  # transformers leaves them torch.empty
     with torch.no_grad():
-        # transformers leaves the talker's fused expert weights as torch.empty (whatever the
-        # allocator hands back: zeros in a fresh process, garbage or NaN after other tests);
-        # draw them as it draws every other weight
-        std = model.config.talker_config.text_config.initializer_range
-        for layer in model.talker.model.layers:
-            layer.mlp.experts.gate_up_proj.normal_(0.0, std)
-            layer.mlp.experts.down_proj.normal_(0.0, std)
         for name, param in model.named_parameters():
             if name.startswith("code2wav"):
                 if "gamma" in name or "scale" in name:

@@ -3,6 +3,7 @@
 The 7B config is checked on the meta device (its parameter count is the published 10.7 B);
 the loaders and the engine are run on CPU at the tiny shapes (`--shape tiny`): each part is
 built from the checkpoint's seed in each process, so the workers and the reference agree.
+The Qwen3-Omni-30B-A3B config is checked on the meta device too, its loader at `tiny-qwen3`.
 """
 
 from __future__ import annotations
@@ -12,7 +13,11 @@ import json
 
 import pytest
 import torch
-from transformers import Qwen2_5OmniForConditionalGeneration
+from transformers import (
+    Qwen2_5OmniForConditionalGeneration,
+    Qwen3OmniMoeConfig,
+    Qwen3OmniMoeForConditionalGeneration,
+)
 
 from omni.bench.reference import ReferenceConversation
 from omni.checkpoints.loader import resolve_model
@@ -26,6 +31,7 @@ from omni.checkpoints.processor import load_processor
 from omni.checkpoints.random_shapes import (
     MARKER_FILE,
     is_random_checkpoint,
+    qwen3_omni_30b_config,
     qwen_omni_7b_config,
     write_random_checkpoint,
 )
@@ -54,6 +60,76 @@ def test_7b_config_has_the_real_shapes():
         model = Qwen2_5OmniForConditionalGeneration._from_config(config)
     params = sum(p.numel() for p in model.parameters())
     assert 10.6e9 < params < 10.9e9  # Qwen2.5-Omni-7B: 10.7 B parameters in all
+
+
+def test_qwen3_30b_config_has_the_real_shapes(tmp_path):
+    path = write_random_checkpoint(tmp_path / "30b", shape="qwen3-30b-a3b")
+    config = Qwen3OmniMoeConfig.from_pretrained(path)  # as written, no weights
+    assert config.to_dict() == qwen3_omni_30b_config().to_dict()
+    text = config.thinker_config.text_config
+    assert (text.hidden_size, text.num_hidden_layers, text.vocab_size) == (2048, 48, 152064)
+    assert (text.num_attention_heads, text.num_key_value_heads, text.head_dim) == (32, 4, 128)
+    assert (text.num_experts, text.num_experts_per_tok, text.moe_intermediate_size) == (128, 8, 768)
+    assert text.rope_parameters["mrope_section"] == [24, 20, 20] and not text.tie_word_embeddings
+    audio, vision = config.thinker_config.audio_config, config.thinker_config.vision_config
+    assert (audio.d_model, audio.encoder_layers, audio.output_dim) == (1280, 32, 2048)
+    assert (vision.hidden_size, vision.depth, vision.out_hidden_size) == (1152, 27, 2048)
+    talker = config.talker_config
+    assert (talker.accept_hidden_layer, talker.num_code_groups, talker.thinker_hidden_size) == (
+        24,
+        16,
+        2048,
+    )
+    talker_text = talker.text_config
+    assert (talker_text.hidden_size, talker_text.num_hidden_layers) == (1024, 20)
+    assert (talker_text.num_experts, talker_text.num_experts_per_tok) == (128, 6)
+    assert (talker_text.moe_intermediate_size, talker_text.shared_expert_intermediate_size) == (
+        384,
+        768,
+    )
+    predictor, code2wav = talker.code_predictor_config, config.code2wav_config
+    assert (predictor.hidden_size, predictor.num_hidden_layers, predictor.vocab_size) == (
+        1024,
+        5,
+        2048,
+    )
+    assert (code2wav.hidden_size, code2wav.num_hidden_layers, code2wav.decoder_dim) == (
+        1024,
+        8,
+        1536,
+    )
+    assert talker.speaker_id == {"chelsie": 2301, "ethan": 2302, "aiden": 2303}
+    assert (talker.codec_eos_token_id, config.tts_bos_token_id) == (2150, 151672)
+    with torch.device("meta"):  # shapes only: 70 GB in bfloat16
+        model = Qwen3OmniMoeForConditionalGeneration._from_config(config)
+    def params(module: torch.nn.Module) -> int:
+        return sum(p.numel() for p in module.parameters())
+
+    assert 35.2e9 < params(model) < 35.3e9  # thinker 31.7 B, talker 3.3 B, Code2Wav 0.2 B
+    thinker = model.thinker
+    language_model = params(thinker.model.language_model) + params(thinker.lm_head)
+    assert 30.5e9 < language_model < 30.6e9  # "30B-A3B": 30.5 B
+    # the tech report's encoders: AuT 650 M, SigLIP2-So400M 540 M
+    assert 0.64e9 < params(thinker.model.audio_tower) < 0.66e9
+    assert 0.53e9 < params(thinker.model.visual) < 0.55e9
+
+
+def test_random_qwen3_checkpoint_loads_the_same_weights_every_time(tmp_path):
+    path = write_random_checkpoint(tmp_path / "qwen3", shape="tiny-qwen3")
+    names = {p.name for p in path.iterdir()}
+    assert {"config.json", "tokenizer.json", "preprocessor_config.json", MARKER_FILE} <= names
+    assert "spk_dict.pt" not in names and not any(n.endswith(".safetensors") for n in names)
+    assert resolve_model(str(path)).family.name == "Qwen3-Omni"
+    first = load_whole(path, "cpu", torch.float32)
+    assert isinstance(first, Qwen3OmniMoeForConditionalGeneration) and not first.training
+    weights = first.state_dict()
+    again = load_whole(path, "cpu", torch.float32).state_dict()
+    assert weights.keys() == again.keys()
+    assert all(torch.equal(weights[k], again[k]) for k in weights)
+    assert all(torch.isfinite(w).all() for w in weights.values())
+    experts = first.talker.model.layers[0].mlp.experts
+    assert 0.01 < float(experts.gate_up_proj.std()) < 0.03  # drawn, not left torch.empty
+    assert load_whole(path, "cpu", torch.bfloat16).dtype == torch.bfloat16
 
 
 def test_checkpoint_is_a_config_and_no_weights(random_tiny, tmp_path):

@@ -5,9 +5,9 @@ and through `Qwen3OmniMoeForConditionalGeneration.generate()`. For each: time to
 text token and to the first audio sample, the total, and the real-time factor (compute time /
 speech duration); generate() returns everything at the end, so its first text and audio are its
 total. `matches_reference` says whether the text tokens, every codebook's codes and the waveform
-(to WAV_TOLERANCE of its peak) are the same. `omni bench engine --model tiny-qwen3-omni`
-(engine.py) calls `run_bench` with the loaded checkpoint; the JSON has the Qwen2.5 bench's keys
-(EngineBench), and more.
+(to WAV_TOLERANCE of its peak) are the same; `mismatched` names those that are not.
+`omni bench engine --model tiny-qwen3-omni` (engine.py) calls `run_bench` with the loaded
+checkpoint; the JSON has the Qwen2.5 bench's keys (EngineBench), and more.
 
 The streamed path is the streamer in this process, on the reference's own model: not the
 engine's worker processes (there is no Qwen3-Omni engine yet), so it measures the stage-by-stage
@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -61,6 +61,10 @@ class Qwen3Bench(EngineBench):
     family: str = "Qwen3-Omni"
     sessions: int = 1
     streamed_by: str = STREAMED_BY
+    # what differs from generate()'s reply (empty when matches_reference), and the waveform's
+    # max difference over its peak (the tolerance: WAV_TOLERANCE; inf: other lengths)
+    mismatched: list[str] = field(default_factory=list)
+    wav_error: float = 0.0
 
 
 def chat_prompt(config, user_ids: list[int], system_ids: list[int] = (100, 101)) -> torch.Tensor:
@@ -140,12 +144,14 @@ def wav_error(wav: torch.Tensor, reference: torch.Tensor) -> float:
     return difference / peak if peak else (0.0 if difference == 0 else float("inf"))
 
 
-def matches(streamed: Reply, reference: Reply) -> bool:
-    return (
-        streamed.text_ids == reference.text_ids
-        and torch.equal(streamed.codes, reference.codes)
-        and wav_error(streamed.wav, reference.wav) <= WAV_TOLERANCE
-    )
+def mismatched(streamed: Reply, reference: Reply) -> list[str]:
+    """Which of the text tokens, the codes and the waveform (to WAV_TOLERANCE) differ."""
+    differ = {
+        "text": streamed.text_ids != reference.text_ids,
+        "codes": not torch.equal(streamed.codes, reference.codes),
+        "waveform": wav_error(streamed.wav, reference.wav) > WAV_TOLERANCE,
+    }
+    return [part for part, different in differ.items() if different]
 
 
 @torch.no_grad()
@@ -204,6 +210,7 @@ def run_bench(
     start = time.perf_counter()
     reference = reference_reply(model, input_ids, options)
     total = time.perf_counter() - start
+    differ = mismatched(streamed, reference)
     bench = Qwen3Bench(
         model=model_name or model.config.name_or_path or "Qwen3-Omni",
         text_tokens=len(reference.text_ids),
@@ -211,9 +218,11 @@ def run_bench(
         speech_seconds=reference.wav.numel() / SAMPLE_RATE,
         streaming=streamed_timing,
         reference=_timing(start, None, None, total, reference.wav.numel()),
-        matches_reference=matches(streamed, reference),
+        matches_reference=not differ,
         max_text_tokens=options.max_text_tokens,
         max_codec_frames=options.max_codec_frames,
+        mismatched=differ,
+        wav_error=wav_error(streamed.wav, reference.wav),
     )
     print(table(bench))
     if json_path is not None:
@@ -223,11 +232,15 @@ def run_bench(
 
 
 def table(bench: Qwen3Bench) -> str:
-    return "\n".join(
-        [
-            engine_table(bench),
-            f"reply: {bench.text_tokens} text tokens, {bench.codec_tokens} frames "
-            f"({bench.speech_seconds:.2f} s of speech)",
-            f"streaming: {bench.streamed_by}; reference: generate(), its audio at its end",
-        ]
-    )
+    lines = [
+        engine_table(bench),
+        f"reply: {bench.text_tokens} text tokens, {bench.codec_tokens} frames "
+        f"({bench.speech_seconds:.2f} s of speech)",
+        f"streaming: {bench.streamed_by}; reference: generate(), its audio at its end",
+    ]
+    if bench.mismatched:
+        lines.append(
+            f"differs from generate(): {', '.join(bench.mismatched)} (waveform error "
+            f"{bench.wav_error:.1e} of its peak; tolerance {WAV_TOLERANCE:.0e})"
+        )
+    return "\n".join(lines)

@@ -10,6 +10,8 @@ submodule of `Qwen2_5OmniForConditionalGeneration.from_pretrained`. A Qwen3-Omni
 
 A random-shapes checkpoint (random_shapes.py) has no tensors: each part is built from its
 config on the device, from the checkpoint's fixed seed, so every process gets the same weights.
+A random-shapes Qwen3-Omni checkpoint is built whole, by `load_whole` (its bench, the only
+user, runs in one process).
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ from omni.checkpoints.family import QWEN3_OMNI, family_of
 from omni.checkpoints.processor import load_processor
 from omni.checkpoints.random_shapes import (
     build_random_part,
+    build_random_qwen3,
     is_random_checkpoint,
     random_embedding_rows,
 )
@@ -181,8 +184,11 @@ def load_whole(
     path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
 ) -> Qwen2_5OmniForConditionalGeneration | Qwen3OmniMoeForConditionalGeneration:
     """The whole model, for transformers' own generate() (the benchmarks' reference). A
-    random-shapes checkpoint is assembled from the parts built as the workers build them."""
+    random-shapes checkpoint is assembled from the parts built as the workers build them; a
+    random-shapes Qwen3-Omni one (whose bench has no workers) is built whole on `device`."""
     path = Path(path)
+    if _is_qwen3(path) and is_random_checkpoint(path):
+        return build_random_qwen3(path, device, dtype or torch.float32).eval()
     if _is_qwen3(path):
         return Qwen3OmniMoeForConditionalGeneration.from_pretrained(
             path, dtype=dtype or "auto", device_map=device
