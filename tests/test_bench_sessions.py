@@ -12,6 +12,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from omni.bench.sessions import QUESTIONS, question
 from omni.cli import build_parser
 from bench_json import check_result
@@ -31,6 +33,8 @@ def test_without_sessions_the_bench_is_the_single_turn_one():
     assert args.sessions is None
 
 
+# slow: tests/test_gpu_check.py's tiny run covers the same command (--sessions 1 2) by default
+@pytest.mark.slow
 def test_sessions_1_2_match_generate(tiny_checkpoint, tmp_path):
     out = tmp_path / "sessions.json"
     command = [

@@ -67,6 +67,7 @@ def test_tiny_shape_runs_the_check_on_cpu(tmp_path):
         assert f"gpu-check: {part} part: passed" in done.stdout
 
 
+@pytest.mark.slow  # a second whole run of the script's Qwen3 part
 def test_qwen3_part_runs_when_the_qwen25_part_fails(tmp_path):
     env = script_env(
         tmp_path, GPU_CHECK_SESSIONS="none", GPU_CHECK_QWEN3_FRAMES="3", GPU_CHECK_TEXT_TOKENS="2"
