@@ -150,7 +150,7 @@ class BatchedForward:
         out = self.stack(
             inputs_embeds=embeds,
             position_ids=positions.to(self.device),
-            attention_mask={t: mask for t in self.layer_types},
+            attention_mask=self._masks(mask),
             use_cache=False,
             **{self._cache_kw: cache},
         )
@@ -158,6 +158,14 @@ class BatchedForward:
             kv.lengths[row.slot] = start + n
         hidden = out.last_hidden_state
         return [hidden[b, :n] for b, n in enumerate(counts)]
+
+    def _masks(self, mask: torch.Tensor | VarlenLayout) -> torch.Tensor | dict:
+        """The forward's `attention_mask`: a ready 4-D mask passes through transformers'
+        `create_causal_mask` as it is (Qwen3-Omni's text models call it directly, without the
+        per-layer-type dict Qwen2.5-Omni's accept); a varlen layout goes as that dict."""
+        if isinstance(mask, VarlenLayout):
+            return {t: mask for t in self.layer_types}
+        return mask
 
     def decode_static(
         self,
@@ -174,7 +182,7 @@ class BatchedForward:
         out = self.stack(
             inputs_embeds=embeds,
             position_ids=positions,
-            attention_mask={t: mask for t in self.layer_types},
+            attention_mask=self._masks(mask),
             use_cache=False,
             **{self._cache_kw: _DecodeCache(self.kv, slots, lengths, kv_len)},
         )

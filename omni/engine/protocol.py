@@ -155,16 +155,22 @@ class Rewind(Msg):
 
 @dataclass
 class ContextRows:
-    """Talker inputs for conversation positions [start, start + n): (n, E) rows (the token's
-    input embedding, zeroed for multimodal placeholders, plus its last hidden state) and their
-    (3, n) TMRoPE positions. Empty rows roll the context back to `start`. In-process form of `Rows`."""
+    """Talker inputs for conversation positions [start, start + n): (n, E) rows, their (3, n)
+    TMRoPE positions and (n,) token ids. What a row holds is the family's (thinker.py's
+    `talker_rows`): Qwen2.5-Omni's is the token's input embedding (zeroed for multimodal
+    placeholders) plus its last hidden state; Qwen3-Omni's is the input embedding of a text
+    token, the `accept_hidden_layer` state of a multimodal one (its talker projects each its
+    own way, and keeps only the user turns: the token ids say which rows those are). Empty
+    rows roll the context back to `start`. In-process form of `Rows`."""
 
     start: int
     rows: torch.Tensor
     positions: torch.Tensor
+    token_ids: torch.Tensor | None = None
 
     def message(self, session: str) -> Rows:
-        return Rows(session, self.start, Array.of(self.rows), Array.of(self.positions))
+        ids = None if self.token_ids is None else Array.of(self.token_ids)
+        return Rows(session, self.start, Array.of(self.rows), Array.of(self.positions), ids)
 
 
 class Rows(Msg):
@@ -174,9 +180,11 @@ class Rows(Msg):
     start: int
     rows: Array
     positions: Array
+    token_ids: Array | None = None
 
     def context_rows(self) -> ContextRows:
-        return ContextRows(self.start, self.rows.tensor(), self.positions.tensor())
+        ids = None if self.token_ids is None else self.token_ids.tensor()
+        return ContextRows(self.start, self.rows.tensor(), self.positions.tensor(), ids)
 
 
 class EvictRows(Msg):
@@ -213,7 +221,8 @@ class VocoderStart(Msg):
 
 
 class Codes(Msg):
-    """Codec tokens of a reply, in order, as the talker's steps produce them."""
+    """Codec tokens of a reply, in order, as the talker's steps produce them (Qwen3-Omni: each
+    frame's codebooks 0..15, frame after frame)."""
 
     session: str
     reply: str
@@ -314,7 +323,7 @@ class TalkerDone(Msg):
     session: str
     reply: str
     status: str
-    codes: list[int]
+    codes: list[int]  # as Codes sends them
     vocoder_started: bool = False  # False: no VocoderDone will follow
 
 
