@@ -16,7 +16,8 @@ from omni.checkpoints.parts import load_thinker
 from omni.engine.audio_features import StreamingLogMel
 from omni.engine.kv_memory import KVSlots
 from omni.engine.scheduler import StepScheduler
-from omni.engine.thinker import FRAMES_PER_CHUNK, SPEECH_SYSTEM_PROMPT, ThinkerConversation, ThinkerStage
+from omni.engine.thinker import ThinkerConversation, ThinkerStage
+from omni.engine.thinker_family import QWEN2_5_FRAMES_PER_CHUNK as FRAMES_PER_CHUNK, SPEECH_SYSTEM_PROMPT
 from omni.engine.thinker_worker import token_ids
 
 

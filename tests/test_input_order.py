@@ -15,7 +15,7 @@ from engine_helpers import thinker_conversation
 
 from omni.checkpoints.parts import load_thinker
 from omni.engine.kv_memory import KVSlots
-from omni.engine.thinker import SPEECH_SYSTEM_PROMPT
+from omni.engine.thinker_family import SPEECH_SYSTEM_PROMPT
 
 
 @pytest.fixture(scope="module")

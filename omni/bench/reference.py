@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from omni.engine.audio_features import num_audio_tokens
-from omni.engine.thinker import SPEECH_SYSTEM_PROMPT
+from omni.engine.thinker_family import SPEECH_SYSTEM_PROMPT
 from omni.engine.vision import VideoPatcher
 
 FPS = 2.0

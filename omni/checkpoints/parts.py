@@ -69,6 +69,9 @@ if get_checkpoint_conversion_mapping(QWEN3_TALKER) is None:
 class ThinkerParts:
     model: Qwen2_5OmniThinkerForConditionalGeneration | Qwen3OmniMoeThinkerForConditionalGeneration
     processor: Qwen2_5OmniProcessor  # or Qwen3OmniMoeProcessor
+    # Qwen3-Omni: the thinker layer whose states its talker reads (the talker config's
+    # accept_hidden_layer); None for Qwen2.5-Omni, whose talker reads the last
+    talker_layer: int | None = None
 
     @property
     def tokenizer(self) -> Any:
@@ -107,14 +110,16 @@ def load_thinker(
 ) -> ThinkerParts:
     """The thinker (audio and vision encoders, LLM) and the processor. dtype None: as stored."""
     path = Path(path)
+    talker_layer = None
     if _is_qwen3(path):
         config = Qwen3OmniMoeConfig.from_pretrained(path)
         cls = Qwen3OmniMoeThinkerForConditionalGeneration
+        talker_layer = config.talker_config.accept_hidden_layer
     else:
         config = Qwen2_5OmniConfig.from_pretrained(path)
         cls = Qwen2_5OmniThinkerForConditionalGeneration
     model = _load(cls, config.thinker_config, path, "thinker.", device, dtype)
-    return ThinkerParts(model=model, processor=load_processor(path))
+    return ThinkerParts(model=model, processor=load_processor(path), talker_layer=talker_layer)
 
 
 def load_thinker_embedding_rows(

@@ -105,8 +105,15 @@ class BatchedForward:
     """Runs `stack` (a transformers decoder taking inputs_embeds) on rows over `kv`."""
 
     def __init__(
-        self, stack: torch.nn.Module, kv: KVSlots, max_batch: int = 16, cuda_graphs: bool = False
+        self,
+        stack: torch.nn.Module,
+        kv: KVSlots,
+        max_batch: int = 16,
+        cuda_graphs: bool = False,
+        keep_layer: int | None = None,
     ) -> None:
+        """`keep_layer` k: each call also keeps every row's states after decoder layer k
+        (transformers' `hidden_states[k]`) in `kept` (Qwen3-Omni's talker reads them)."""
         self.stack = stack
         self.kv = kv
         config = stack.config
@@ -123,6 +130,15 @@ class BatchedForward:
             raise ValueError("decode graphs need a KV store with a scratch slot for padding rows")
         self._graphs: dict[int, DecodeGraphs] = {}  # per key-length bucket
         self.packed = is_varlen(config)  # flash_attention_2: rows packed, no padded mask
+        # per row (n, H), from the last call; None: not kept (no keep_layer, or a decode graph,
+        # whose replay runs no Python hook: decode rows are reply tokens, text)
+        self.kept: list[torch.Tensor] | None = None
+        self._layer_out: torch.Tensor | None = None
+        if keep_layer is not None:
+            stack.layers[keep_layer - 1].register_forward_hook(self._keep)
+
+    def _keep(self, module: torch.nn.Module, args: tuple, output: torch.Tensor | tuple) -> None:
+        self._layer_out = output[0] if isinstance(output, tuple) else output
 
     def __call__(self, rows: list[Row]) -> list[torch.Tensor]:
         """Run the rows; returns each row's last hidden states (n, H) and grows its slot by n."""
@@ -132,6 +148,7 @@ class BatchedForward:
         for row, start, n in zip(rows, starts, counts):
             if start + n > kv.max_len:
                 raise KVFull(f"the context is full ({kv.max_len} tokens)")
+        self.kept, self._layer_out = None, None
         if self.cuda_graphs and max(counts) == 1:
             return self._decode(rows, starts)
         width = max(counts)
@@ -157,6 +174,8 @@ class BatchedForward:
         for row, start, n in zip(rows, starts, counts):
             kv.lengths[row.slot] = start + n
         hidden = out.last_hidden_state
+        if self._layer_out is not None:
+            self.kept = [self._layer_out[b, :n] for b, n in enumerate(counts)]
         return [hidden[b, :n] for b, n in enumerate(counts)]
 
     def _masks(self, mask: torch.Tensor | VarlenLayout) -> torch.Tensor | dict:

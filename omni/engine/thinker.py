@@ -35,8 +35,6 @@ import numpy as np
 import torch
 from transformers import LogitsProcessorList
 
-from transformers.models.qwen2_5_omni.processing_qwen2_5_omni import _get_feat_extract_output_lengths
-
 from omni.engine.audio_features import StreamingLogMel
 from omni.engine.batched_forward import BatchedForward, Row
 from omni.engine.buffers import GrowingTensor
@@ -47,15 +45,10 @@ from omni.engine.positions import AudioVideoChunker, PositionTracker
 from omni.engine.protocol import ContextRows
 from omni.engine.sampling import choose, sampling_generator, thinker_processors
 from omni.engine.scheduler import Demand, StepScheduler
+from omni.engine.thinker_family import thinker_family
 from omni.engine.video_clock import Frame, FrameTimeline
 from omni.engine.vision import VideoPatcher, image_to_patches
 
-# the system prompt Qwen2.5-Omni needs to produce speech (from Qwen's model card)
-SPEECH_SYSTEM_PROMPT = (
-    "You are Qwen, a virtual human developed by the Qwen Team, Alibaba Group, capable of "
-    "perceiving auditory and visual inputs, as well as generating text and speech."
-)
-FRAMES_PER_CHUNK = 200  # 2 s of log-mel at 100 frames/s: the audio encoder's window
 VIDEO_FPS = 2.0
 
 
@@ -171,6 +164,7 @@ class ThinkerConversation:
         first_exchange: int = 0,
     ) -> None:
         self.model = thinker
+        self.family = thinker_family(thinker)
         self.ids = ids
         self.feature_extractor = feature_extractor
         self.processor_config = processor_config
@@ -237,6 +231,7 @@ class ThinkerConversation:
         self._prefill_text(self.encode_text(text))
 
     def add_image(self, rgb: np.ndarray) -> None:
+        self._check_vision()
         turn = self._open_turn()
         turn.inputs.append(("add_image", (rgb,)))
         self._close_audio_span(turn)
@@ -259,6 +254,7 @@ class ThinkerConversation:
         the speech starts counts from its time too: the earliest frame stands for the speech's
         first instants until a nearer one comes, as an unstamped one would.
         """
+        self._check_vision()
         turn = self._open_turn()
         turn.inputs.append(("append_video_frame", (rgb, timestamp)))
         if turn.mel is not None and turn.chunker is None:
@@ -276,8 +272,9 @@ class ThinkerConversation:
         if frames.shape[1]:
             turn.mel_frames.append(frames)
             turn.mel_buffered += frames.shape[1]
-        while turn.mel_buffered >= FRAMES_PER_CHUNK:
-            self._prefill_audio_chunk(turn, self._take_frames(turn, FRAMES_PER_CHUNK))
+        chunk = self.family.frames_per_chunk
+        while turn.mel_buffered >= chunk:
+            self._prefill_audio_chunk(turn, self._take_frames(turn, chunk))
 
     def end_turn(self, system_prompt: str | None = None) -> None:
         """Close the user turn (queueing what is left) and open the assistant's.
@@ -637,8 +634,17 @@ class ThinkerConversation:
     # -- internals ------------------------------------------------------------------------
 
     def _system_turn(self, text: str) -> list[int]:
+        if not text:  # no instructions, and the family needs no prompt to speak
+            return []
         ids = self.ids
         return [ids.im_start, *ids.system, ids.newline, *self.encode_text(text), ids.im_end, ids.newline]
+
+    def _check_vision(self) -> None:
+        if not self.family.vision:
+            raise ValueError(
+                f"images and video are not served for {self.family.name} checkpoints yet "
+                "(its deepstack vision features are not in the batched step)"
+            )
 
     def _open_turn(self) -> _Turn:
         if self.turn is None:
@@ -683,7 +689,7 @@ class ThinkerConversation:
             turn.mel_frames.append(tail)
             turn.mel_buffered += tail.shape[1]
         while turn.mel_buffered:
-            n = min(FRAMES_PER_CHUNK, turn.mel_buffered)
+            n = min(self.family.frames_per_chunk, turn.mel_buffered)
             self._prefill_audio_chunk(turn, self._take_frames(turn, n))
         if turn.chunker is not None:
             turn.chunker.close()
@@ -701,7 +707,7 @@ class ThinkerConversation:
         n_frames = frames.shape[1]
         if turn.chunker is not None:
             self._prefill_video_for_chunk(turn, n_frames)
-        n_tokens = int(_get_feat_extract_output_lengths(torch.tensor(n_frames)))
+        n_tokens = self.family.audio_tokens(n_frames)
         if n_tokens == 0:  # a 1-2 frame tail makes no audio token (offline too)
             return
         feats = torch.from_numpy(frames).to(self.device, self.dtype)[None]
@@ -805,12 +811,25 @@ class ThinkerStage:
     """The thinker's batched model step: the queued rows of every session, in one forward."""
 
     def __init__(
-        self, thinker: torch.nn.Module, kv: KVSlots, scheduler: StepScheduler, cuda_graphs: bool = False
+        self,
+        thinker: torch.nn.Module,
+        kv: KVSlots,
+        scheduler: StepScheduler,
+        cuda_graphs: bool = False,
+        talker_layer: int | None = None,
     ) -> None:
+        """`talker_layer`: the layer whose states the talker reads (Qwen3-Omni's talker config
+        `accept_hidden_layer`; the thinker's own config does not say)."""
         self.model = thinker
         self.kv = kv
         self.scheduler = scheduler
-        self.forward = BatchedForward(thinker.model.language_model, kv, scheduler.max_rows, cuda_graphs)
+        self.family = thinker_family(thinker)
+        if self.family.talker_reads_layer and talker_layer is None:
+            raise ValueError(f"a {self.family.name} thinker stage needs the talker's layer")
+        keep = talker_layer if self.family.talker_reads_layer else None
+        self.forward = BatchedForward(
+            thinker.model.language_model, kv, scheduler.max_rows, cuda_graphs, keep_layer=keep
+        )
         self.last_plan: list[str] = []  # the sessions of the step in progress (for failures)
 
     def step(self, conversations: dict[str, ThinkerConversation]) -> StepResult:
@@ -838,12 +857,13 @@ class ThinkerStage:
         starts = [conv.cached for conv in convs]
         takes = [conv.take(n) for conv, (_, n) in zip(convs, plan)]
         hidden = self.forward([Row(c.slot, t.embeds, t.positions) for c, t in zip(convs, takes)])
+        layers = self.forward.kept or [None] * len(hidden)
         result.ran = True
         wanting: list[tuple[str, Reply, torch.Tensor]] = []
-        for (key, _), conv, take, start, h in zip(plan, convs, takes, starts, hidden):
-            # generate() zeroes multimodal positions in the embedding half of the talker's input
-            talker_embeds = torch.where(take.multimodal.to(h.device)[:, None], 0.0, take.embeds)
-            conv.on_rows(ContextRows(start, talker_embeds + h, take.positions.clone()))
+        for (key, _), conv, take, start, h, layer in zip(plan, convs, takes, starts, hidden, layers):
+            rows = self.family.talker_rows(take.embeds, take.multimodal, h, layer)
+            ids = conv.tokens.view()[start : start + h.shape[0]].cpu()
+            conv.on_rows(ContextRows(start, rows, take.positions.clone(), ids))
             wanting += [(key, reply, h[i]) for i, reply in take.logits_at if not reply.done]
         if wanting:
             logits = self.model.lm_head(torch.stack([h for _, _, h in wanting])).float()

@@ -18,7 +18,8 @@ import torch
 from omni.engine import protocol as p
 from omni.engine.api import CONTEXT_LENGTH_EXCEEDED, Truncation
 from omni.engine.scheduler import StepScheduler
-from omni.engine.thinker import SPEECH_SYSTEM_PROMPT, ThinkerConversation, ThinkerStage, TokenIds
+from omni.engine.thinker import ThinkerConversation, ThinkerStage, TokenIds
+from omni.engine.thinker_family import thinker_family
 from omni.engine.varlen_attention import set_attn_implementation
 from omni.engine.worker import WorkerConfig, WorkerIO, configure_worker, kv_store
 
@@ -43,6 +44,7 @@ class ThinkerWorker:
 
         parts = load_thinker(cfg.model_path, cfg.device, getattr(torch, cfg.dtype))
         self.model = parts.model.eval()
+        self.family = thinker_family(self.model)
         set_attn_implementation(self.model, cfg.attn_implementation, cfg.device)
         self.tokenizer = parts.tokenizer
         self.feature_extractor = parts.processor.feature_extractor
@@ -59,7 +61,9 @@ class ThinkerWorker:
         )
         self.kv = kv_store(self.model.config.text_config, cfg, self.model)
         scheduler = StepScheduler(cfg.step_token_budget, cfg.max_batch)
-        self.stage = ThinkerStage(self.model, self.kv, scheduler, cfg.cuda_graphs)
+        self.stage = ThinkerStage(
+            self.model, self.kv, scheduler, cfg.cuda_graphs, talker_layer=parts.talker_layer
+        )
         self.sessions: dict[str, ThinkerConversation] = {}
         self.active: dict[str, _Active] = {}
 
@@ -130,7 +134,7 @@ class ThinkerWorker:
                 kept = self.conv(msg.session).truncate_reply(msg.keep_tokens)
                 self.io.send("frontend", p.Result(msg.request, kept))
             case p.AddReply():  # the engine rebuilding a conversation after a restart
-                system = None if msg.instructions is None else system_prompt(msg.instructions)
+                system = None if msg.instructions is None else self.family.system_prompt(msg.instructions)
                 self.conv(msg.session).add_reply(msg.token_ids, system)
             case p.SetTruncation():
                 self.conv(msg.session).truncation = truncation(msg.truncation, msg.retention_ratio)
@@ -150,7 +154,7 @@ class ThinkerWorker:
     def open(self, msg: p.OpenSession) -> None:
         if msg.session in self.sessions:  # reopened: the old conversation's slot goes back
             self.sessions.pop(msg.session).close()
-        system = system_prompt(msg.instructions)
+        system = self.family.system_prompt(msg.instructions)
 
         def send_rows(piece: p.ContextRows, session: str = msg.session) -> None:
             self.io.send("talker", piece.message(session))
@@ -181,7 +185,7 @@ class ThinkerWorker:
             raise RuntimeError("a reply is already in progress")
         input_before = conv.turn.start_len if conv.turn is not None else len(conv.tokens)
         # instructions=None keeps the session's; anything else (even "") sets them from here on
-        system = None if msg.instructions is None else system_prompt(msg.instructions)
+        system = None if msg.instructions is None else self.family.system_prompt(msg.instructions)
         conv.end_turn(system)
         conv.start_reply(msg.max_text_tokens, msg.greedy, msg.min_text_tokens, msg.seed)
         first_row = len(conv.tokens)
@@ -312,11 +316,6 @@ class ThinkerWorker:
         conv.fit_budget(0)
 
 
-def system_prompt(instructions: str | None) -> str:
-    """The model's speech prompt always comes first (without it Qwen2.5-Omni can't speak)."""
-    return f"{SPEECH_SYSTEM_PROMPT}\n{instructions}" if instructions else SPEECH_SYSTEM_PROMPT
-
-
 def truncation(mode: str, retention_ratio: float) -> Truncation:
     if mode not in ("auto", "disabled", "retention_ratio"):
         raise ValueError(f"unknown truncation {mode!r}")
@@ -335,6 +334,11 @@ def token_ids(tokenizer, eos: int | list[int] | None) -> TokenIds:
     def words(text: str) -> list[int]:
         return tokenizer.encode(text, add_special_tokens=False)
 
+    def named(name: str, qwen2_5: str) -> int:
+        """A modality token by the tokenizer's name for it (Qwen3-Omni's differ), else
+        Qwen2.5-Omni's."""
+        return one(getattr(tokenizer, name, None) or qwen2_5)
+
     return TokenIds(
         im_start=one("<|im_start|>"),
         im_end=one("<|im_end|>"),
@@ -342,13 +346,13 @@ def token_ids(tokenizer, eos: int | list[int] | None) -> TokenIds:
         user=words("user"),
         assistant=words("assistant"),
         system=words("system"),
-        audio=one("<|AUDIO|>"),
-        audio_bos=one("<|audio_bos|>"),
-        audio_eos=one("<|audio_eos|>"),
-        image=one("<|IMAGE|>"),
-        video=one("<|VIDEO|>"),
-        vision_bos=one("<|vision_bos|>"),
-        vision_eos=one("<|vision_eos|>"),
+        audio=named("audio_token", "<|AUDIO|>"),
+        audio_bos=named("audio_bos_token", "<|audio_bos|>"),
+        audio_eos=named("audio_eos_token", "<|audio_eos|>"),
+        image=named("image_token", "<|IMAGE|>"),
+        video=named("video_token", "<|VIDEO|>"),
+        vision_bos=named("vision_bos_token", "<|vision_bos|>"),
+        vision_eos=named("vision_eos_token", "<|vision_eos|>"),
         # the thinker's end of reply: its generation config, else the chat template's ends
         eos=[eos] if isinstance(eos, int) else list(eos or [one("<|im_end|>"), one("<|endoftext|>")]),
     )

@@ -1,0 +1,98 @@
+"""What the thinker does differently per model family, in one place.
+
+The conversation (thinker.py) is the same for Qwen2.5-Omni and Qwen3-Omni: the chat template,
+streamed prefill, replies, truncation, the context budget. What differs:
+
+- the system prompt: Qwen2.5-Omni speaks only with its speech prompt first; Qwen3-Omni needs
+  none (no instructions: no system turn, as its chat template renders it);
+- how user speech is cut for the audio encoder: Qwen2.5-Omni's attends within 2-second
+  windows, so 2-second chunks prefilled while the caller talks equal one encode of the turn;
+  Qwen3-Omni's attends within `n_window_infer` mel frames (8 s in its released config), so its
+  chunks are that long to stay exact (the turn's last chunk is prefilled after it ends: up to
+  8 s of audio there instead of 2);
+- how many audio tokens a chunk makes (the encoders downsample differently);
+- what a context row carries for the talker (protocol.ContextRows): Qwen2.5-Omni's talker
+  reads the token's embedding (zeroed for audio/image/video placeholders) plus the last hidden
+  state; Qwen3-Omni's reads the embedding of a text token and the `accept_hidden_layer` state
+  of a multimodal one (generate()'s `_get_talker_user_parts`);
+- images and video: Qwen3-Omni adds its vision encoder's deepstack features into the first
+  LLM layers, which the batched step does not do yet, so a Qwen3-Omni session refuses them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from transformers.models.qwen2_5_omni.processing_qwen2_5_omni import (
+    _get_feat_extract_output_lengths as qwen2_5_audio_tokens,
+)
+from transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe import (
+    _get_feat_extract_output_lengths as qwen3_audio_tokens,
+)
+
+# the system prompt Qwen2.5-Omni needs to produce speech (from Qwen's model card)
+SPEECH_SYSTEM_PROMPT = (
+    "You are Qwen, a virtual human developed by the Qwen Team, Alibaba Group, capable of "
+    "perceiving auditory and visual inputs, as well as generating text and speech."
+)
+QWEN2_5_FRAMES_PER_CHUNK = 200  # 2 s of log-mel at 100 frames/s: the audio encoder's window
+
+
+@dataclass(frozen=True)
+class ThinkerFamily:
+    name: str
+    speech_prompt: str | None  # a system prompt the model needs to speak, first in every one
+    frames_per_chunk: int  # log-mel frames of user speech prefilled at once
+    audio_tokens: Callable[[int], int]  # the audio tokens of that many log-mel frames
+    # the talker reads a middle layer's states of multimodal tokens (its config's
+    # accept_hidden_layer, which ThinkerStage is given) rather than the last hidden state
+    talker_reads_layer: bool
+    vision: bool  # images and video served
+
+    def system_prompt(self, instructions: str | None) -> str:
+        """The system turn's text ("": no system turn)."""
+        parts = [text for text in (self.speech_prompt, instructions) if text]
+        return "\n".join(parts)
+
+    def talker_rows(
+        self,
+        embeds: torch.Tensor,
+        multimodal: torch.Tensor,
+        hidden: torch.Tensor,
+        layer_hidden: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """(n, E) context rows from a step's input embeddings, (n,) multimodal flags, last
+        hidden states and (Qwen3-Omni) the talker's layer's states (None: the step had no
+        multimodal rows, so none were kept)."""
+        multimodal = multimodal.to(hidden.device)[:, None]
+        if not self.talker_reads_layer:
+            # generate() zeroes multimodal positions in the embedding half of the talker's input
+            return torch.where(multimodal, 0.0, embeds) + hidden
+        if layer_hidden is None:
+            return embeds
+        return torch.where(multimodal, layer_hidden, embeds)
+
+
+def thinker_family(thinker: torch.nn.Module) -> ThinkerFamily:
+    """The family of a loaded thinker, from its config."""
+    config = thinker.config
+    if config.model_type.startswith("qwen3_omni"):
+        audio = config.audio_config
+        return ThinkerFamily(
+            name="Qwen3-Omni",
+            speech_prompt=None,
+            frames_per_chunk=audio.n_window_infer,
+            audio_tokens=lambda n: int(qwen3_audio_tokens(torch.tensor(n), audio.n_window)),
+            talker_reads_layer=True,
+            vision=False,
+        )
+    return ThinkerFamily(
+        name="Qwen2.5-Omni",
+        speech_prompt=SPEECH_SYSTEM_PROMPT,
+        frames_per_chunk=QWEN2_5_FRAMES_PER_CHUNK,
+        audio_tokens=lambda n: int(qwen2_5_audio_tokens(torch.tensor(n))),
+        talker_reads_layer=False,
+        vision=True,
+    )
