@@ -16,7 +16,6 @@ from functools import partial
 from pathlib import Path
 
 from omni.checkpoints.errors import CheckpointError
-from omni.checkpoints.family import QWEN2_5_OMNI
 from omni.checkpoints.hub import cached_snapshot
 from omni.checkpoints.loader import resolve_model
 from omni.checkpoints.presets import load_presets
@@ -109,12 +108,6 @@ def _serve(args: argparse.Namespace) -> int:
         OMNI_CPU_THREADS=str(settings.cpu_threads),
     )
     resolved = resolve_model(settings.model)
-    if resolved.family is not QWEN2_5_OMNI:
-        # the checkpoint code loads Qwen3-Omni; the streaming engine does not run it yet
-        raise CheckpointError(
-            f"{resolved.name} is a {resolved.family.name} checkpoint; the streaming engine "
-            f"serves {QWEN2_5_OMNI.name} checkpoints only so far"
-        )
     thinker_device, talker_device = resolve_devices(settings.device, settings.talker_device)
     config = EngineConfig(
         model_path=str(resolved.path),

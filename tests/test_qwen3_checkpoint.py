@@ -284,11 +284,3 @@ def test_each_part_loads_alone_equal_to_the_whole(
     whole = load_whole(tiny_qwen3_checkpoint)
     assert isinstance(whole, Qwen3OmniMoeForConditionalGeneration)
     assert load_talker_lm(tiny_qwen3_checkpoint, dtype=torch.bfloat16).dtype == torch.bfloat16
-
-
-def test_serving_a_qwen3_checkpoint_is_refused_in_one_line(
-    tiny_qwen3_checkpoint: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    assert main(["serve", "--model", str(tiny_qwen3_checkpoint)]) == 2
-    error = capsys.readouterr().err.strip()
-    assert "\n" not in error and "is a Qwen3-Omni checkpoint" in error

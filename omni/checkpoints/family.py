@@ -21,10 +21,20 @@ class Family:
     speakers_file: bool  # voices in spk_dict.pt (Qwen2.5) rather than in the talker config
     # speech per talker token: a Qwen2.5 code (one codebook) or a Qwen3 frame (16 codebooks)
     codec_token_ms: int
+    codebooks: int  # codes per talker token, as the talker sends them on
+    # images and camera frames served (Qwen3-Omni's deepstack vision features are not in the
+    # batched thinker step yet: omni/engine/thinker_family.py)
+    vision: bool
 
 
 QWEN2_5_OMNI = Family(
-    "Qwen2.5-Omni", "qwen2_5_omni", ("Chelsie", "Ethan"), speakers_file=True, codec_token_ms=20
+    "Qwen2.5-Omni",
+    "qwen2_5_omni",
+    ("Chelsie", "Ethan"),
+    speakers_file=True,
+    codec_token_ms=20,
+    codebooks=1,
+    vision=True,
 )
 # the talker config's speaker_id names them in lower case; transformers' generate() defaults
 # to Ethan
@@ -34,6 +44,8 @@ QWEN3_OMNI = Family(
     ("Ethan", "Chelsie", "Aiden"),
     speakers_file=False,
     codec_token_ms=80,
+    codebooks=16,
+    vision=False,
 )
 FAMILIES = {family.model_type: family for family in (QWEN2_5_OMNI, QWEN3_OMNI)}
 

@@ -28,11 +28,13 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import zmq
 import zmq.asyncio
 
+from omni.checkpoints.family import QWEN2_5_OMNI, family_of
 from omni.engine import protocol as p
 from omni.engine import talker_worker, thinker_worker, vocoder_worker
 from omni.engine.heard import SpeakingRate, SpokenReply, heard_tokens
@@ -142,11 +144,13 @@ class _Session:
     last_spoken: SpokenReply | None = None  # the latest reply, for truncate_reply
     spoken_before: SpokenReply | None = None  # the one before it (a discarded reply's)
     rate: SpeakingRate = field(default_factory=SpeakingRate)
+    video_refused: bool = False  # the caller was told its camera frames are not used
 
 
 class OmniEngine:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
+        self.family = family_of(Path(config.model_path))
         self._dir = tempfile.mkdtemp(prefix="omni-")
         # ipc:// sockets in a private temp dir (tcp:// works the same across hosts)
         self.addresses = Addresses(
@@ -330,7 +334,8 @@ class OmniEngine:
                 f"the model is at capacity: all {self.config.kv_slots} KV memory slots are in use"
             )
         replay = ReplayLog(session_id, options.instructions, self.config.replay_max_bytes)
-        self._sessions[session_id] = _Session(options, replay)
+        rate = SpeakingRate(code_ms=self.family.codec_token_ms)
+        self._sessions[session_id] = _Session(options, replay, rate=rate)
         self._send("thinker", _open_message(session_id, options, 0))
 
     async def close_session(self, session_id: str) -> None:
@@ -353,13 +358,24 @@ class OmniEngine:
     async def append_video_frame(
         self, session_id: str, rgb: np.ndarray, timestamp: float | None = None
     ) -> None:
+        if not self.family.vision:  # a video call goes on as a voice call, told so once
+            session = self._session(session_id, restarting_ok=True)
+            if not session.video_refused:
+                session.video_refused = True
+                self._notify(session, f"camera frames are not used: {self._no_vision()}")
+            return
         self._add_input(
             session_id,
             lambda: p.AppendFrame(session_id, p.Array.of(_rgb(rgb)), _seconds(timestamp)),
         )
 
     async def add_image(self, session_id: str, rgb: np.ndarray) -> None:
+        if not self.family.vision:
+            raise EngineError(f"images are not accepted: {self._no_vision()}")
         self._add_input(session_id, lambda: p.AddImage(session_id, p.Array.of(_rgb(rgb))))
+
+    def _no_vision(self) -> str:
+        return f"the served {self.family.name} checkpoint takes no images or video yet"
 
     async def add_text(self, session_id: str, text: str) -> None:
         self._add_input(session_id, lambda: p.AddText(session_id, text))
@@ -478,7 +494,8 @@ class OmniEngine:
         timings = StageTimings()
         text, text_tokens, input_tokens, audio_samples = "", 0, 0, 0
         token_ids: list[int] = []
-        spoken = SpokenReply(0, 0, ended_itself=False)  # for truncate_reply, filled below
+        # for truncate_reply, filled below
+        spoken = SpokenReply(0, 0, ended_itself=False, code_ms=self.family.codec_token_ms)
         codes: list[int] = []
         statuses: dict[str, str] = {}
         error: str | None = None
@@ -560,10 +577,12 @@ class OmniEngine:
             status = "cancelled"
         else:
             status = "completed"
-        assert audio_samples % SAMPLES_PER_CODE == 0 or status != "completed"
+        if self.family is QWEN2_5_OMNI:  # (Qwen3-Omni's Code2Wav ends short of a whole frame)
+            assert audio_samples % SAMPLES_PER_CODE == 0 or status != "completed"
         # the talker stops at the codec cap without its end code: that speech was cut too
-        spoken.text_tokens, spoken.codes = text_tokens, len(codes)
-        spoken.ended_itself = statuses.get("talker") == "completed" and len(codes) < max_codes
+        steps = len(codes) // self.family.codebooks
+        spoken.text_tokens, spoken.codes = text_tokens, steps
+        spoken.ended_itself = statuses.get("talker") == "completed" and steps < max_codes
         session.spoken_before, session.last_spoken = session.last_spoken, spoken
         session.rate.add(spoken)
         yield ReplyDone(

@@ -32,8 +32,9 @@ from dataclasses import dataclass, field
 from omni.engine.api import OUTPUT_SAMPLE_RATE, SAMPLES_PER_CODE
 
 # ~240 ms of speech per text token: English is ~1.3 tokens per word at 250-350 ms a word
-PRIOR_CODES_PER_TOKEN = 12.0
-MS_PER_CODE = 1000 * SAMPLES_PER_CODE // OUTPUT_SAMPLE_RATE  # 20
+PRIOR_MS_PER_TOKEN = 240
+MS_PER_CODE = 1000 * SAMPLES_PER_CODE // OUTPUT_SAMPLE_RATE  # 20: a Qwen2.5-Omni code
+PRIOR_CODES_PER_TOKEN = PRIOR_MS_PER_TOKEN / MS_PER_CODE
 
 
 @dataclass
@@ -45,6 +46,7 @@ class SpokenReply:
     ended_itself: bool  # the talker's end code, not a cancel, failure or the codec cap
     # (tokens, characters) so far at the end of each text delta sent, ascending
     delta_ends: list[tuple[int, int]] = field(default_factory=list)
+    code_ms: int = MS_PER_CODE  # speech per talker step (a Qwen3-Omni frame: 80 ms)
 
     def add_delta(self, tokens: int, text: str) -> None:
         last_tokens, last_chars = self.delta_ends[-1] if self.delta_ends else (0, 0)
@@ -57,6 +59,7 @@ class SpeakingRate:
 
     codes: int = 0
     tokens: int = 0
+    code_ms: int = MS_PER_CODE  # speech per talker step, as SpokenReply's
 
     def add(self, reply: SpokenReply) -> None:
         if reply.ended_itself and reply.text_tokens and reply.codes:
@@ -65,14 +68,14 @@ class SpeakingRate:
 
     @property
     def codes_per_token(self) -> float:
-        return self.codes / self.tokens if self.tokens else PRIOR_CODES_PER_TOKEN
+        return self.codes / self.tokens if self.tokens else PRIOR_MS_PER_TOKEN / self.code_ms
 
 
 def heard_tokens(reply: SpokenReply, audio_ms: int, codes_per_token: float) -> int:
     """How many of the reply's first text tokens the caller heard in its first `audio_ms`."""
     if reply.codes == 0 or audio_ms <= 0:
         return 0
-    heard = min(1.0, audio_ms / MS_PER_CODE / reply.codes)
+    heard = min(1.0, audio_ms / reply.code_ms / reply.codes)
     covered = float(reply.text_tokens)
     if not reply.ended_itself:
         covered = min(covered, reply.codes / codes_per_token)

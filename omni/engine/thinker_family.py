@@ -32,6 +32,8 @@ from transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe import (
     _get_feat_extract_output_lengths as qwen3_audio_tokens,
 )
 
+from omni.checkpoints.family import QWEN2_5_OMNI, QWEN3_OMNI, Family
+
 # the system prompt Qwen2.5-Omni needs to produce speech (from Qwen's model card)
 SPEECH_SYSTEM_PROMPT = (
     "You are Qwen, a virtual human developed by the Qwen Team, Alibaba Group, capable of "
@@ -42,14 +44,21 @@ QWEN2_5_FRAMES_PER_CHUNK = 200  # 2 s of log-mel at 100 frames/s: the audio enco
 
 @dataclass(frozen=True)
 class ThinkerFamily:
-    name: str
+    family: Family
     speech_prompt: str | None  # a system prompt the model needs to speak, first in every one
     frames_per_chunk: int  # log-mel frames of user speech prefilled at once
     audio_tokens: Callable[[int], int]  # the audio tokens of that many log-mel frames
     # the talker reads a middle layer's states of multimodal tokens (its config's
     # accept_hidden_layer, which ThinkerStage is given) rather than the last hidden state
     talker_reads_layer: bool
-    vision: bool  # images and video served
+
+    @property
+    def name(self) -> str:
+        return self.family.name
+
+    @property
+    def vision(self) -> bool:
+        return self.family.vision
 
     def system_prompt(self, instructions: str | None) -> str:
         """The system turn's text ("": no system turn)."""
@@ -81,18 +90,16 @@ def thinker_family(thinker: torch.nn.Module) -> ThinkerFamily:
     if config.model_type.startswith("qwen3_omni"):
         audio = config.audio_config
         return ThinkerFamily(
-            name="Qwen3-Omni",
+            family=QWEN3_OMNI,
             speech_prompt=None,
             frames_per_chunk=audio.n_window_infer,
             audio_tokens=lambda n: int(qwen3_audio_tokens(torch.tensor(n), audio.n_window)),
             talker_reads_layer=True,
-            vision=False,
         )
     return ThinkerFamily(
-        name="Qwen2.5-Omni",
+        family=QWEN2_5_OMNI,
         speech_prompt=SPEECH_SYSTEM_PROMPT,
         frames_per_chunk=QWEN2_5_FRAMES_PER_CHUNK,
         audio_tokens=lambda n: int(qwen2_5_audio_tokens(torch.tensor(n))),
         talker_reads_layer=False,
-        vision=True,
     )
