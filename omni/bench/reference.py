@@ -47,7 +47,8 @@ class _Media:
 
 
 class ReferenceConversation:
-    def __init__(self, model, processor, system_prompt: str = SPEECH_SYSTEM_PROMPT) -> None:
+    def __init__(self, model, processor, system_prompt: str | None = SPEECH_SYSTEM_PROMPT) -> None:
+        """`system_prompt` None: no system turn (Qwen3-Omni without instructions)."""
         self.model = model
         self.processor = processor
         self.tokenizer = processor.tokenizer
@@ -171,6 +172,12 @@ class ReferenceConversation:
 
     def _template(self, messages: list[dict], add_generation_prompt: bool) -> str:
         """The template's text for `messages`, without the system turn it starts with."""
+        if self.system is None:
+            if not messages:
+                return ""
+            return self.processor.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=add_generation_prompt
+            )
         system = {"role": "system", "content": self.system}
         full = self.processor.apply_chat_template(
             [system, *messages], tokenize=False, add_generation_prompt=add_generation_prompt

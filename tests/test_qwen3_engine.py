@@ -1,0 +1,173 @@
+"""Qwen3-Omni through the engine's real worker processes (thinker, talker + code predictor,
+Code2Wav) on the tiny checkpoint, against `Qwen3OmniMoeForConditionalGeneration.generate()`.
+
+Two sessions talk at once (so the stages batch them), each with turns of text and of speech;
+after each turn the reference runs generate() on that session's conversation so far, built by
+the processor and the chat template (omni/bench/reference.py builds the prompt; the engine
+builds its own from the same turns, so shared code ends at the tokenizer and feature
+extractor). Greedy text tokens, every codebook's codes and the 24 kHz waveform (int16 on the
+wire) must be generate()'s. Then what the sessions do besides: barge-in, truncation to what
+was heard, and the clear refusals of images and camera frames, which Qwen3-Omni's batched
+step does not take yet.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+import torch
+from test_engine_reference import speech_like
+
+from omni.bench.qwen3 import WAV_TOLERANCE, reference_reply, wav_error
+from omni.bench.reference import ReferenceConversation
+from omni.checkpoints.parts import load_whole
+from omni.checkpoints.processor import load_processor
+from omni.engine.api import (
+    AudioChunk,
+    EngineError,
+    ReplyDone,
+    ReplyOptions,
+    SessionOptions,
+    TextDelta,
+)
+from omni.engine.engine import EngineConfig, OmniEngine
+from omni.engine.qwen3_stream import StreamOptions
+
+TEXT_TOKENS = 10
+FRAMES = 24
+CODEBOOKS = 16
+# the reference's tolerance plus int16's step on the wire (full scale here)
+WIRE_TOLERANCE = WAV_TOLERANCE + 1 / 32767
+
+
+def _options(**kwargs) -> ReplyOptions:
+    return ReplyOptions(
+        greedy=True, max_text_tokens=TEXT_TOKENS, max_codec_tokens=FRAMES, voice="Ethan", **kwargs
+    )
+
+
+async def _reply(engine: OmniEngine, session: str, options: ReplyOptions | None = None):
+    done, audio = None, []
+    async for event in engine.respond(session, options or _options()):
+        if isinstance(event, AudioChunk):
+            assert event.first_sample == sum(a.size for a in audio)
+            audio.append(event.pcm)
+        elif isinstance(event, ReplyDone):
+            done = event
+    assert done is not None
+    pcm = np.concatenate(audio) if audio else np.zeros(0, np.int16)
+    return done, torch.from_numpy(pcm.astype(np.float32) / 32767)
+
+
+def _engine(checkpoint) -> OmniEngine:
+    return OmniEngine(EngineConfig(model_path=str(checkpoint), kv_slots=4, max_context_tokens=4096))
+
+
+TURNS = {
+    "a": [dict(text="Hello there! What can you do?"), dict(audio=speech_like(10.5, seed=1))],
+    "b": [dict(audio=speech_like(3.3, seed=2)), dict(text="Tell me a story about the sea.")],
+}
+
+
+async def _send(engine: OmniEngine, session: str, turn: dict) -> None:
+    if "audio" in turn:
+        for piece in np.array_split(turn["audio"], 13):  # uneven pieces, as a network sends
+            await engine.append_audio(session, piece)
+    if "text" in turn:
+        await engine.add_text(session, turn["text"])
+
+
+def test_two_sessions_at_once_equal_generate(tiny_qwen3_checkpoint):
+    async def calls() -> dict[str, list]:
+        engine = _engine(tiny_qwen3_checkpoint)
+        await engine.start()
+        try:
+            for session in TURNS:
+                await engine.open_session(session, SessionOptions(voice="Ethan"))
+            got: dict[str, list] = {session: [] for session in TURNS}
+            for index in range(2):
+                for session, turns in TURNS.items():
+                    await _send(engine, session, turns[index])
+                replies = await asyncio.gather(*(_reply(engine, s) for s in TURNS))
+                for session, reply in zip(TURNS, replies):
+                    got[session].append(reply)
+            return got
+        finally:
+            await engine.stop()
+
+    streamed = asyncio.run(calls())
+
+    model = load_whole(tiny_qwen3_checkpoint)
+    processor = load_processor(tiny_qwen3_checkpoint)
+    options = StreamOptions(
+        speaker="Ethan", max_text_tokens=TEXT_TOKENS, max_codec_frames=FRAMES, text_eos=(151645, 151643)
+    )
+    replies = set()
+    for session, turns in TURNS.items():
+        reference = ReferenceConversation(model, processor, system_prompt=None)
+        for index, (turn, (done, wav)) in enumerate(zip(turns, streamed[session])):
+            reference.user_turn(**turn)
+            media = {}
+            if reference.media.features:
+                media["input_features"] = torch.stack(reference.media.features)
+                media["feature_attention_mask"] = torch.stack(reference.media.feature_masks)
+            want = reference_reply(model, torch.tensor([reference.ids]), options, **media)
+            where = f"session {session}, turn {index}"
+            assert done.status == "completed", (where, done.error)
+            assert done.text_token_ids == want.text_ids, where
+            codes = torch.tensor(done.codec_tokens).view(-1, CODEBOOKS).T
+            assert torch.equal(codes, want.codes), where
+            assert codes.shape[1] > 4, where
+            assert wav_error(wav, want.wav.clamp(-1, 1)) < WIRE_TOLERANCE, where
+            assert done.audio_samples == wav.numel() == want.wav.numel(), where
+            replies.add(tuple(done.text_token_ids))
+            reference.add_reply(want.text_ids)
+    assert len(replies) == 4  # every turn has a reply of its own: the evidence can fail
+
+
+def test_barge_in_truncation_and_refused_vision(tiny_qwen3_checkpoint):
+    errors: list[str] = []
+
+    async def on_error(message: str) -> None:
+        errors.append(message)
+
+    async def call() -> None:
+        engine = _engine(tiny_qwen3_checkpoint)
+        await engine.start()
+        try:
+            await engine.open_session("s", SessionOptions(voice="Chelsie", on_error=on_error))
+            await engine.add_text("s", "Hello there! What can you do?")
+            # barge-in: cancelled at its first audio, the reply stops and keeps what it said
+            events = []
+            async for event in engine.respond("s", _options(voice=None, max_text_tokens=40)):
+                events.append(event)
+                if isinstance(event, AudioChunk) and sum(isinstance(e, AudioChunk) for e in events) == 1:
+                    await engine.cancel("s")
+            done = events[-1]
+            assert isinstance(done, ReplyDone) and done.status == "cancelled"
+            assert any(isinstance(e, TextDelta) for e in events)
+            # what was heard: none of it, then the next turn goes on from the cut
+            assert await engine.truncate_reply("s", 0) == 0
+            await engine.add_text("s", "Say that again.")
+            again, wav = await _reply(engine, "s")
+            assert again.status == "completed" and wav.numel() > 0
+            # images are refused; camera frames are dropped, the caller told once
+            with pytest.raises(EngineError, match="takes no images or video"):
+                await engine.add_image("s", np.zeros((32, 32, 3), np.uint8))
+            for _ in range(3):
+                await engine.append_video_frame("s", np.zeros((32, 32, 3), np.uint8))
+            await engine.append_audio("s", speech_like(1.0, seed=3))
+            spoken, wav = await _reply(engine, "s")
+            assert spoken.status == "completed" and wav.numel() > 0
+            await asyncio.sleep(0.1)
+            assert [e for e in errors if "camera frames are not used" in e] == errors
+            assert len(errors) == 1
+            # an unknown voice names the known ones
+            unknown, _ = await _reply(engine, "s", _options(voice="Nobody"))
+            assert unknown.status == "failed" and "Ethan" in (unknown.error or "")
+        finally:
+            await engine.stop()
+
+    asyncio.run(call())
