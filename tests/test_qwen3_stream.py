@@ -31,7 +31,7 @@ from omni.checkpoints.tiny_qwen3_config import (
     AUDIO_TOKEN,
     tiny_qwen3_config,
 )
-from omni.engine.qwen3_code2wav import AudioChunk, Code2WavStream, exact_left_context
+from omni.engine.qwen3_code2wav import AudioChunk, Code2WavBatch, exact_left_context
 from omni.engine.qwen3_stream import CodecFrame, Qwen3OmniStreamer, StreamOptions, TextToken
 
 OPTIONS = StreamOptions(max_text_tokens=12, max_codec_frames=30)
@@ -180,10 +180,15 @@ def test_code2wav_stream_is_exact_with_its_left_context_and_not_with_less(model)
         whole = code2wav(codes).reshape(-1)
 
     def streamed(left_context: int, chunk_frames: int) -> torch.Tensor:
-        stream = Code2WavStream(code2wav, left_context, chunk_frames)
-        chunks = [chunk for frame in codes[0].T if (chunk := stream.push(frame)) is not None]
-        if (chunk := stream.flush()) is not None:
-            chunks.append(chunk)
+        batch = Code2WavBatch(code2wav, left_context, chunk_frames)
+        stream = batch.stream()
+        chunks = []
+        for frame in codes[0].T:
+            stream.add(frame.tolist())
+            chunks += batch.ready_chunks(stream)
+        stream.finish()
+        chunks += batch.ready_chunks(stream)
+        assert stream.done
         return torch.cat([chunk.samples for chunk in chunks])
 
     exact = exact_left_context(code2wav)
@@ -223,7 +228,7 @@ def test_bad_input_is_a_clear_error(model):
     with pytest.raises(ValueError, match="max_codec_frames must be at least 1, got 0"):
         StreamOptions(max_codec_frames=0)
     with pytest.raises(ValueError, match="left_context_frames must be at least 1"):
-        Code2WavStream(model.code2wav, 0)
+        Code2WavBatch(model.code2wav, 0)
 
 
 def test_bench_writes_first_audio_rtf_and_match(model, tmp_path, capsys):

@@ -18,7 +18,8 @@ frames instead of at its end:
   input is the sum of the frame's 16 code embeddings, as in the talker's
   `prepare_inputs_for_generation`. A frame whose first code is the codec eos ends the speech;
   so does the talker's token cap, whose last first code gets no residuals (as in generate());
-- Code2Wav: `Code2WavStream` (omni/engine/qwen3_code2wav.py).
+- Code2Wav: a `Code2WavStream` of the reply, decoded as a batch of one
+  (omni/engine/qwen3_code2wav.py).
 
 Token choice uses transformers' logits processors in generate()'s order (omni/engine/sampling.py),
 so greedy streaming equals generate() token for token and code for code. Batch size 1.
@@ -33,7 +34,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import Qwen3OmniMoeForConditionalGeneration
 
-from omni.engine.qwen3_code2wav import AudioChunk, Code2WavStream
+from omni.engine.qwen3_code2wav import AudioChunk, Code2WavBatch
 from omni.engine.sampling import build_processors, choose, sampling_generator
 
 # generate()'s defaults: the code predictor samples with top_k 50 / top_p 0.8 when sampling
@@ -133,6 +134,9 @@ class Qwen3OmniStreamer:
         self.generator = (
             None if self.options.greedy else sampling_generator(self.device, self.options.seed)
         )
+        self.code2wav = Code2WavBatch(
+            model.code2wav, self.options.left_context_frames, self.options.chunk_frames
+        )
 
     # -- the whole reply --------------------------------------------------------------------
     @torch.no_grad()
@@ -145,16 +149,14 @@ class Qwen3OmniStreamer:
         tokens = self.thinker_tokens(input_ids, **media)
         prompt = next(tokens)
         reply = _Reply(tokens)
-        decoder = Code2WavStream(
-            self.model.code2wav, self.options.left_context_frames, self.options.chunk_frames
-        )
+        decoder = self.code2wav.stream()
         for frame in self.talker_frames(input_ids, prompt, reply.at, media):
             yield from reply.drain()
             yield frame
-            if (chunk := decoder.push(frame.codes)) is not None:
-                yield chunk
-        if (chunk := decoder.flush()) is not None:
-            yield chunk
+            decoder.add(frame.codes.tolist())
+            yield from self.code2wav.ready_chunks(decoder)
+        decoder.finish()
+        yield from self.code2wav.ready_chunks(decoder)
         yield from reply.drain()
         if not (reply.text and reply.text[-1].final):
             yield from tokens

@@ -182,24 +182,21 @@ class Token2WavBatch:
     def decode_ready(self, streams: Sequence[Token2WavStream]) -> list[np.ndarray | None]:
         """Decode at most one ready chunk of each stream; returns, per stream, the audio that
         became final (float32 mono, 24 kHz) or None where no chunk was ready."""
-        if len({id(s) for s in streams}) != len(streams):
-            raise ValueError("a stream appears twice in one decode")
-        if any(s.batch is not self for s in streams):
-            raise ValueError("a stream belongs to another Token2WavBatch")
+        check_streams(self, streams)
         windows = {i: w for i, s in enumerate(streams) if (w := s._next_window()) is not None}
 
         def shape(i: int) -> Hashable:  # rows of one DiT call need equal shapes and steps
             return windows[i].frames, windows[i].steps, streams[i]._reference_mel.shape
 
         mels: dict[int, torch.Tensor] = {}
-        for rows in _group(windows, shape):
+        for rows in group_rows(windows, shape):
             mel = self._solve([windows[i] for i in rows], [streams[i] for i in rows])
             mels.update(zip(rows, mel.split(1)))
 
         joined = {i: streams[i]._join(windows[i], mels[i]) for i in windows}
         inputs = {i: j.vocoder_input() for i, j in joined.items()}
         wavs: dict[int, np.ndarray] = {}
-        for rows in _group(inputs, lambda i: inputs[i].shape[-1]):
+        for rows in group_rows(inputs, lambda i: inputs[i].shape[-1]):
             wav = self.vocoder(torch.cat([inputs[i] for i in rows]))  # clamped, squeezed, on CPU
             wavs.update(zip(rows, wav.reshape(len(rows), -1).numpy()))
 
@@ -383,7 +380,15 @@ class Token2WavStream:
         return self._noise
 
 
-def _group(rows: Iterable[int], key: Callable[[int], Hashable]) -> list[list[int]]:
+def check_streams(batch: object, streams: Sequence) -> None:
+    """The streams of one batched decode: each once, and made by `batch`."""
+    if len({id(s) for s in streams}) != len(streams):
+        raise ValueError("a stream appears twice in one decode")
+    if any(s.batch is not batch for s in streams):
+        raise ValueError(f"a stream belongs to another {type(batch).__name__}")
+
+
+def group_rows(rows: Iterable[int], key: Callable[[int], Hashable]) -> list[list[int]]:
     """`rows` grouped by `key(row)`: the rows that can share one model call."""
     groups: dict[Hashable, list[int]] = defaultdict(list)
     for row in rows:
