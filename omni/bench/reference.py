@@ -122,6 +122,53 @@ class ReferenceConversation:
         min_text_tokens: int = 0,
         min_codec_tokens: int = 0,
     ) -> ReferenceReply:
+        """generate()'s greedy reply to the conversation so far. Its codes as the engine
+        reports them: Qwen2.5-Omni's one per step, Qwen3-Omni's 16 per frame, frame by frame
+        (read on the way into Token2Wav / Code2Wav)."""
+        qwen3 = self.model.config.model_type == "qwen3_omni_moe"
+        kwargs = self._qwen3_inputs() if qwen3 else self._qwen2_5_inputs()
+        # generate() keeps everything on its inputs' device: the model's, e.g. a GPU
+        kwargs = {name: value.to(self.model.device) for name, value in kwargs.items()}
+        codes: list[int] = []
+        if qwen3:
+            # Code2Wav decodes a long reply in chunks: each call's (1, 16, frames) codes
+            hook = self.model.code2wav.register_forward_pre_hook(
+                lambda _mod, args: codes.extend(args[0][0].T.reshape(-1).tolist())
+            )
+            options = {"thinker_eos_token_id": self._eos()}
+            if min_codec_tokens:
+                options["talker_min_new_tokens"] = min_codec_tokens
+        else:
+            hook = self.model.token2wav.register_forward_pre_hook(
+                lambda _mod, args, _kw: codes.extend(args[0][0].tolist()), with_kwargs=True
+            )
+            options = {
+                "use_audio_in_video": self.use_audio_in_video,
+                "talker_min_new_tokens": min_codec_tokens,
+            }
+        self._first_token_at = None
+        started = time.perf_counter()
+        try:
+            sequences, wav = self.model.generate(
+                **kwargs,
+                **options,
+                speaker=voice,
+                thinker_max_new_tokens=max_text_tokens,
+                thinker_min_new_tokens=min_text_tokens,
+                thinker_do_sample=False,
+                thinker_streamer=_FirstToken(self),
+                talker_do_sample=False,
+                talker_max_new_tokens=max_codec_tokens,
+            )
+        finally:
+            hook.remove()
+        total_ms = (time.perf_counter() - started) * 1000
+        first_ms = ((self._first_token_at or time.perf_counter()) - started) * 1000
+        text_ids = sequences[0, kwargs["input_ids"].shape[1] :].tolist()
+        wav = wav.float().reshape(-1).cpu().numpy() if wav is not None else np.zeros(0, np.float32)
+        return ReferenceReply(text_ids, codes, wav, first_ms, total_ms)
+
+    def _qwen2_5_inputs(self) -> dict:
         pad = self.tokenizer.convert_tokens_to_ids("<|endoftext|>")
         input_ids = torch.tensor([[pad, *self.ids]])
         mask = torch.ones_like(input_ids)
@@ -140,33 +187,30 @@ class ReferenceConversation:
             kwargs["thinker_pixel_values_videos"] = torch.cat(m.video_pixels)
             kwargs["video_grid_thw"] = torch.cat(m.video_grids)
             kwargs["video_second_per_grid"] = torch.full((len(m.video_grids),), 2 / FPS)
-        # generate() keeps everything on its inputs' device: the model's, e.g. a GPU
-        kwargs = {name: value.to(self.model.device) for name, value in kwargs.items()}
-        codes: list[list[int]] = []
-        hook = self.model.token2wav.register_forward_pre_hook(
-            lambda _mod, args, _kw: codes.append(args[0][0].tolist()), with_kwargs=True
-        )
-        self._first_token_at = None
-        started = time.perf_counter()
-        try:
-            sequences, wav = self.model.generate(
-                **kwargs,
-                speaker=voice,
-                use_audio_in_video=self.use_audio_in_video,
-                thinker_max_new_tokens=max_text_tokens,
-                thinker_min_new_tokens=min_text_tokens,
-                thinker_do_sample=False,
-                thinker_streamer=_FirstToken(self),
-                talker_do_sample=False,
-                talker_max_new_tokens=max_codec_tokens,
-                talker_min_new_tokens=min_codec_tokens,
+        return kwargs
+
+    def _qwen3_inputs(self) -> dict:
+        """Qwen3-Omni's processor does not pad audio to 30 s: each clip's log-mel has its own
+        length, so several clips are right-padded to the longest (their masks say how long)."""
+        kwargs: dict = {"input_ids": torch.tensor([self.ids])}
+        m = self.media
+        if m.features:
+            longest = max(f.shape[-1] for f in m.features)
+            kwargs["input_features"] = torch.stack(
+                [torch.nn.functional.pad(f, (0, longest - f.shape[-1])) for f in m.features]
             )
-        finally:
-            hook.remove()
-        total_ms = (time.perf_counter() - started) * 1000
-        first_ms = ((self._first_token_at or time.perf_counter()) - started) * 1000
-        text_ids = sequences[0, input_ids.shape[1] :].tolist()
-        return ReferenceReply(text_ids, codes[0] if codes else [], wav.float().cpu().numpy(), first_ms, total_ms)
+            kwargs["feature_attention_mask"] = torch.stack(
+                [torch.nn.functional.pad(k, (0, longest - k.shape[-1])) for k in m.feature_masks]
+            )
+        return kwargs
+
+    def _eos(self) -> list[int]:
+        """The thinker's end of reply, as the engine's thinker takes it (its generation
+        config's, else the chat template's ends)."""
+        eos = self.model.thinker.generation_config.eos_token_id
+        if eos is not None:
+            return [eos] if isinstance(eos, int) else list(eos)
+        return [self.tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")]
 
     # -- helpers --------------------------------------------------------------------------
 
