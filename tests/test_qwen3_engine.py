@@ -42,9 +42,8 @@ WIRE_TOLERANCE = WAV_TOLERANCE + 1 / 32767
 
 
 def _options(**kwargs) -> ReplyOptions:
-    return ReplyOptions(
-        greedy=True, max_text_tokens=TEXT_TOKENS, max_codec_tokens=FRAMES, voice="Ethan", **kwargs
-    )
+    settings = dict(greedy=True, max_text_tokens=TEXT_TOKENS, max_codec_tokens=FRAMES, voice="Ethan")
+    return ReplyOptions(**(settings | kwargs))
 
 
 async def _reply(engine: OmniEngine, session: str, options: ReplyOptions | None = None):
