@@ -9,11 +9,12 @@ equal the reference's. The engine runs first and is stopped before the reference
 the two never compete for the CPU or GPU. `--sessions N ...` runs N concurrent sessions
 instead, batched and unbatched (sessions.py).
 
-A Qwen3-Omni checkpoint (its family read from config.json by `resolve_model`) has no engine
-worker processes yet: its streamed path is `Qwen3OmniStreamer` in this process, on the same
-loaded model as the reference `Qwen3OmniMoeForConditionalGeneration.generate()` (qwen3.py),
-and `--sessions` is refused (no batched Qwen3 engine). Its caps count 80 ms frames (see
-`caps`), and its reply is not held to its caps: it may end sooner, on both paths alike.
+A Qwen3-Omni checkpoint (its family read from config.json by `resolve_model`) runs the same
+way, through the same worker processes, against `Qwen3OmniMoeForConditionalGeneration.generate()`;
+its caps count 80 ms frames (see `caps`). With `--in-process` its streamed path is instead
+`Qwen3OmniStreamer` in this process, on the reference's own loaded model (qwen3.py): what
+scripts/gpu-check runs at the real shapes, whose random-shapes checkpoint is built whole in
+one process.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ import torch
 from omni.bench.reference import ReferenceConversation
 from omni.checkpoints.family import QWEN3_OMNI, Family
 from omni.checkpoints.loader import ResolvedModel, resolve_model
-from omni.engine.api import SAMPLES_PER_CODE, ReplyDone, ReplyOptions, SessionOptions
+from omni.engine.api import ReplyDone, ReplyOptions, SessionOptions
 from omni.engine.engine import EngineConfig, _dtype_for, resolve_devices, running_engine
 
 log = logging.getLogger(__name__)
@@ -41,11 +42,7 @@ PROMPT = "Please tell me, in a few sentences, what a good morning routine looks 
 WARMUP = dict(max_text_tokens=4, max_codec_tokens=24)
 DEFAULT_SPEECH_MS = 10_000  # --codec-tokens' default: 500 Qwen2.5 codes, 125 Qwen3 frames
 TEXT_TOKENS_PER_S = 10  # --text-tokens' default, per second of speech the codec cap gives
-SESSIONS_QWEN3 = (
-    "--sessions runs the batched engine, which serves Qwen2.5-Omni only: the batched "
-    "Qwen3-Omni engine is not built yet (without --sessions, the Qwen3 streamer is compared "
-    "with generate())"
-)
+IN_PROCESS = "--in-process runs the Qwen3-Omni streamer: a Qwen3-Omni checkpoint's, one reply"
 
 
 @dataclass
@@ -118,7 +115,7 @@ def _reference(path: Path, device: str, dtype: torch.dtype, text_tokens: int, co
             max_codec_tokens=codec_tokens,
             min_codec_tokens=codec_tokens,
         )
-    speech_ms = len(reply.codes) * SAMPLES_PER_CODE / 24
+    speech_ms = reply.wav.size / 24
     # generate() returns audio only when everything is done: first audio = total
     result = PathResult(reply.first_text_ms, reply.total_ms, reply.total_ms, reply.total_ms / speech_ms)
     return result, reply
@@ -138,15 +135,15 @@ def caps(args: argparse.Namespace, family: Family) -> tuple[int, int]:
 
 def run(args: argparse.Namespace) -> int:
     resolved = resolve_model(args.model)
-    if resolved.family is QWEN3_OMNI and args.sessions:
-        print(f"omni bench engine: error: {SESSIONS_QWEN3}", file=sys.stderr)
+    if args.in_process and (resolved.family is not QWEN3_OMNI or args.sessions):
+        print(f"omni bench engine: error: {IN_PROCESS}", file=sys.stderr)
         return 2
     if args.threads:
         os.environ["OMNI_CPU_THREADS"] = str(args.threads)
     torch.set_num_threads(int(os.environ.get("OMNI_CPU_THREADS", "1")))
     torch.set_grad_enabled(False)
     codec_tokens, text_tokens = caps(args, resolved.family)
-    if resolved.family is QWEN3_OMNI:
+    if args.in_process:
         return _run_qwen3(args, resolved, codec_tokens, text_tokens)
     args.codec_tokens = codec_tokens  # run_sessions reads it too
     thinker_device, talker_device = resolve_devices(args.device)
@@ -166,8 +163,9 @@ def run(args: argparse.Namespace) -> int:
         from omni.bench.sessions import run_sessions  # here: it uses this module's WARMUP
 
         return run_sessions(args, resolved, config, dtype, text_tokens)
-    print(f"model {resolved.name}: {text_tokens} text tokens, {codec_tokens} codec tokens "
-          f"({codec_tokens * SAMPLES_PER_CODE / 24000:.2f} s of speech), greedy")
+    speech_s = codec_tokens * resolved.family.codec_token_ms / 1000
+    print(f"model {resolved.name} ({resolved.family.name}): {text_tokens} text tokens, "
+          f"{codec_tokens} codec tokens ({speech_s:.2f} s of speech), greedy")
     streaming, done = asyncio.run(_streaming(config, text_tokens, codec_tokens))
     reference, reply = _reference(
         resolved.path, thinker_device, dtype, text_tokens, codec_tokens
@@ -176,8 +174,9 @@ def run(args: argparse.Namespace) -> int:
     bench = EngineBench(
         model=resolved.name,
         text_tokens=text_tokens,
-        codec_tokens=codec_tokens,
-        speech_seconds=codec_tokens * SAMPLES_PER_CODE / 24000,
+        # what was said: Qwen3-Omni's generate() voices one frame less than its cap
+        codec_tokens=len(done.codec_tokens) // resolved.family.codebooks,
+        speech_seconds=done.audio_samples / 24000,
         streaming=streaming,
         reference=reference,
         matches_reference=matches,
@@ -204,8 +203,7 @@ def _run_qwen3(
     input_ids = text_prompt(AutoTokenizer.from_pretrained(resolved.path), PROMPT).to(device)
     speech_s = codec_tokens * resolved.family.codec_token_ms / 1000
     print(f"model {resolved.name} ({resolved.family.name}): at most {text_tokens} text tokens "
-          f"and {codec_tokens} frames ({speech_s:.2f} s of speech), greedy; streamed in-process "
-          "(no engine worker processes yet)")
+          f"and {codec_tokens} frames ({speech_s:.2f} s of speech), greedy; streamed in-process")
     options = StreamOptions(max_text_tokens=text_tokens, max_codec_frames=codec_tokens)
     bench = run_bench(model, input_ids, options, args.json, model_name=resolved.name)
     return 0 if bench.matches_reference else 1
@@ -231,8 +229,7 @@ def table(bench: EngineBench) -> str:
 def add_engine_command(actions: argparse._SubParsersAction) -> None:
     bench = actions.add_parser(
         "engine",
-        help="streaming engine vs transformers generate(), same turn (Qwen3-Omni: its "
-        "streamer in-process, no worker processes yet)",
+        help="streaming engine vs transformers generate(), same turn",
     )
     bench.add_argument("--model", default="tiny", help="preset, checkpoint directory or hub id (default: tiny)")
     bench.add_argument(
@@ -269,8 +266,13 @@ def add_engine_command(actions: argparse._SubParsersAction) -> None:
         nargs="+",
         metavar="N",
         help="instead: N concurrent sessions, each its own question, batched vs unbatched "
-        "(max_batch=1), started together and staggered; one table per N (Qwen2.5-Omni only: "
-        "no batched Qwen3-Omni engine yet)",
+        "(max_batch=1), started together and staggered; one table per N",
+    )
+    bench.add_argument(
+        "--in-process",
+        action="store_true",
+        help="Qwen3-Omni only: its stage-by-stage streamer in this process, on the reference's "
+        "own model (no worker processes; what scripts/gpu-check runs at the real shapes)",
     )
     bench.add_argument(
         "--stagger-s",

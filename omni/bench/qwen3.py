@@ -6,12 +6,13 @@ text token and to the first audio sample, the total, and the real-time factor (c
 speech duration); generate() returns everything at the end, so its first text and audio are its
 total. `matches_reference` says whether the text tokens, every codebook's codes and the waveform
 (to WAV_TOLERANCE of its peak) are the same; `mismatched` names those that are not.
-`omni bench engine --model tiny-qwen3-omni` (engine.py) calls `run_bench` with the loaded
+`omni bench engine --model tiny-qwen3-omni --in-process` (engine.py) calls `run_bench` with the loaded
 checkpoint; the JSON has the Qwen2.5 bench's keys (EngineBench), and more.
 
-The streamed path is the streamer in this process, on the reference's own model: not the
-engine's worker processes (there is no Qwen3-Omni engine yet), so it measures the stage-by-stage
-streaming, without the engine's process hops and scheduling.
+The streamed path is the streamer in this process, on the reference's own model (`bench engine
+--in-process`; without it the bench runs the engine's worker processes, as for Qwen2.5-Omni), so
+it measures the stage-by-stage streaming without the engine's process hops and scheduling, and
+runs where the workers cannot: a random-shapes Qwen3-Omni checkpoint is built whole.
 """
 
 from __future__ import annotations

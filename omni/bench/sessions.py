@@ -85,9 +85,11 @@ class PassResult:
     start: str
     wall_s: float
     replies: list[SessionReply]
+    codebooks: int = 1  # codes per talker token: a Qwen3-Omni frame has 16
 
     def summary(self) -> dict:
-        codes = sum(len(r.done.codec_tokens) for r in self.replies)
+        # codec tokens are talker tokens: Qwen2.5-Omni codes, Qwen3-Omni frames
+        codes = sum(len(r.done.codec_tokens) for r in self.replies) / self.codebooks
         first_audio = [r.done.timings.first_audio_ms or 0.0 for r in self.replies]
         rtf = [(r.done.timings.total_ms or 0.0) / _speech_ms(r.done) for r in self.replies]
         return {
@@ -194,7 +196,7 @@ async def _run_mode(
         for sessions in counts:
             for start, spread in (("together", 0.0), ("staggered", stagger_s)):
                 wall, replies = await _pass(engine, sessions, spread, options)
-                results.append(PassResult(mode, start, wall, replies))
+                results.append(PassResult(mode, start, wall, replies, engine.family.codebooks))
                 # a line per run as it ends: what is measured survives a run cut short
                 line = f"  {sessions} session(s), {mode}, {start}: {_line(results[-1].summary())}"
                 print(line, flush=True)
