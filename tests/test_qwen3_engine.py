@@ -101,7 +101,7 @@ def test_two_sessions_at_once_equal_generate(tiny_qwen3_checkpoint):
     processor = load_processor(tiny_qwen3_checkpoint)
     replies = set()
     for session, turns in TURNS.items():
-        reference = ReferenceConversation(model, processor, system_prompt=None)
+        reference = ReferenceConversation(model, processor)
         for index, (turn, (done, wav)) in enumerate(zip(turns, streamed[session])):
             reference.user_turn(**turn)
             want = reference.generate("Ethan", max_text_tokens=TEXT_TOKENS, max_codec_tokens=FRAMES)

@@ -47,11 +47,14 @@ class _Media:
 
 
 class ReferenceConversation:
-    def __init__(self, model, processor, system_prompt: str | None = SPEECH_SYSTEM_PROMPT) -> None:
-        """`system_prompt` None: no system turn (Qwen3-Omni without instructions)."""
+    def __init__(self, model, processor, system_prompt: str | None = None) -> None:
+        """`system_prompt` None: the one the model needs to speak (Qwen2.5-Omni's speech
+        prompt; Qwen3-Omni needs none: no system turn, as the engine without instructions)."""
         self.model = model
         self.processor = processor
         self.tokenizer = processor.tokenizer
+        if system_prompt is None and model.config.model_type != "qwen3_omni_moe":
+            system_prompt = SPEECH_SYSTEM_PROMPT
         self.system = system_prompt
         self.ids: list[int] = self._encode(self._template([], add_generation_prompt=False))
         self.media = _Media()
