@@ -323,3 +323,70 @@ def test_evicting_system_rows_leaves_the_reply_as_generate(model, special, refer
     start(conv, p - 4)
     conv.text_ended(len(reference.text_ids) - 1)
     assert torch.equal(talker.speak({"a": conv})["a"], reference.codes)
+
+
+class _Outbox:
+    """Stands in for the worker's sockets: what it sends, in order."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, object]] = []
+
+    def send(self, to: str, msg) -> None:
+        self.sent.append((to, msg))
+
+    def count_step(self) -> None:
+        pass
+
+    def of(self, kind) -> list:
+        return [msg for _, msg in self.sent if isinstance(msg, kind)]
+
+
+@pytest.fixture
+def worker(tiny_qwen3_checkpoint, tmp_path):
+    from omni.engine.talker_worker import TalkerWorker
+    from omni.engine.worker import Addresses, WorkerConfig
+
+    addresses = Addresses(*(f"ipc://{tmp_path}/{name}" for name in ("thinker", "talker", "vocoder", "frontend")))
+    cfg = WorkerConfig(str(tiny_qwen3_checkpoint), "cpu", "float32", addresses, kv_slots=2, max_context_tokens=1024)
+    worker = TalkerWorker(cfg)
+    worker.io.close()
+    worker.io = _Outbox()
+    return worker
+
+
+@torch.no_grad()
+def test_worker_sends_each_frame_as_its_16_codes(model, worker, references):
+    from omni.engine import protocol as p
+
+    assert worker.qwen3
+    ids, media, reference = references["audio"]
+    rows = thinker_rows(model, ids, media, reference.text_ids)
+    n = rows.rows.shape[0]
+    worker.handle(piece(rows, 0, 20).message("s"))
+    worker.handle(piece(rows, 20, n).message("s"))
+    start = dict(
+        session="s", first_row=ids.shape[1], greedy=True, max_codes=OPTIONS.max_codec_frames,
+        min_codes=0, top_k=50, top_p=1.0, temperature=0.9,
+        repetition_penalty=OPTIONS.talker_repetition_penalty,
+    )
+    worker.handle(p.TalkerStart(reply="r1", voice="Ethan", **start))
+    worker.handle(p.TextEnd("s", "r1", len(reference.text_ids) - 1))
+    for _ in range(200):
+        worker.step()
+        if worker.io.of(p.TalkerDone):
+            break
+    frames = [msg.codes for msg in worker.io.of(p.Codes)]
+    assert all(len(codes) == 16 for codes in frames)
+    assert torch.equal(_codes(frames), reference.codes)
+    assert len(worker.io.of(p.CodeOut)) == 1 and len(worker.io.of(p.VocoderStart)) == 1
+    (done,) = worker.io.of(p.TalkerDone)
+    assert done.status == "completed" and done.codes == [c for frame in frames for c in frame]
+    assert [msg.status for msg in worker.io.of(p.CodesEnd)] == ["completed"]
+    # voices by the family's names, in any case; an unknown one is refused with the list
+    worker.handle(p.TalkerStart(reply="r2", voice="aiden", **start))
+    assert worker.speaking["s"].reply == "r2"
+    worker.handle(p.Cancel("s", "r2"))
+    worker.handle(p.TalkerStart(reply="r3", voice="Nobody", **start))
+    (error,) = worker.io.of(p.WorkerError)
+    assert "unknown voice 'Nobody'" in error.message and "Aiden" in error.message
+    assert worker.io.of(p.TalkerDone)[-1].status == "failed"

@@ -37,7 +37,7 @@ from omni.engine.protocol import ContextRows
 from omni.engine.qwen3_stream import CODE_PREDICTOR_TOP_K, CODE_PREDICTOR_TOP_P
 from omni.engine.sampling import build_processors, choose, sampling_generator
 from omni.engine.scheduler import StepScheduler
-from omni.engine.talker import BatchedTalkerStep, StepInput
+from omni.engine.talker import BatchedTalkerStep, SlotConversation, StepInput
 
 OPENING_ROWS = 9  # _get_talker_assistant_parts: header (3), tts_pad x4, tts_bos, first token
 
@@ -91,18 +91,11 @@ class Qwen3Reply:
     done: bool = False
 
 
-class Qwen3TalkerConversation:
+class Qwen3TalkerConversation(SlotConversation):
     def __init__(self, talker: torch.nn.Module, special: Qwen3Special, kv: KVSlots) -> None:
-        self.model = talker
-        self.special = special
-        self.device = next(talker.parameters()).device
-        self.dtype = next(talker.parameters()).dtype
-        self.kv = kv
-        self.slot = kv.allocate()
-        config = talker.config
-        self.codec = config
-        width = special.tts_pad.shape[-1]
-        self.rows = GrowingTensor((width,), self.dtype, self.device)
+        super().__init__(talker, special, kv)
+        self.codec = talker.config
+        self.rows = GrowingTensor((special.tts_pad.shape[-1],), self.dtype, self.device)
         self.token_ids = GrowingTensor((), torch.long)
         self.thinker_pos = GrowingTensor((3,), torch.long)
         # per classified row (a row is classified once its turn's role token has arrived)
@@ -115,25 +108,12 @@ class Qwen3TalkerConversation:
         self.reply: Qwen3Reply | None = None
 
     @property
-    def n_rows(self) -> int:
-        return len(self.rows)
-
-    @property
     def classified(self) -> int:
         return len(self.user)
 
-    def close(self) -> None:
-        self.kv.release(self.slot)
-
     # -- context --------------------------------------------------------------------------
 
-    def add_rows(self, piece: ContextRows) -> None:
-        """Append rows; an empty piece rolls the context back to `piece.start` rows."""
-        if piece.rows.numel() == 0:
-            self._rollback(piece.start)
-            return
-        if piece.start != self.n_rows:
-            raise ValueError(f"context rows out of order: got {piece.start}, have {self.n_rows}")
+    def append(self, piece: ContextRows) -> None:
         if piece.token_ids is None:
             raise ValueError("Qwen3-Omni's talker needs the context rows' token ids")
         self.rows.append(piece.rows)
@@ -169,7 +149,7 @@ class Qwen3TalkerConversation:
         self.nonuser_upto.append(upto)
         self.talker_pos.append(self.thinker_pos.view()[lo:i] - nonuser_before[:, None])
 
-    def _rollback(self, start: int) -> None:
+    def rollback(self, start: int) -> None:
         keep = start
         if 0 < start <= self.classified:
             opener = start - 1 == 0 or int(self.token_ids.view()[start - 1]) == self.special.im_start
@@ -297,11 +277,6 @@ class Qwen3TalkerConversation:
             seen=GrowingTensor((), torch.long, self.device),
         )
 
-    def text_ended(self, text_rows: int) -> None:
-        """The thinker's reply is complete: it produced `text_rows` rows."""
-        if self.reply is not None:
-            self.reply.text_rows = text_rows
-
     def can_step(self) -> bool:
         """True when the reply's next talker step has its inputs."""
         reply = self.reply
@@ -372,10 +347,6 @@ class Qwen3TalkerConversation:
         """The frame's 16 codes, and the sum of their embeddings (the next step's input)."""
         self.reply.frames.append(codes)
         self.reply.next_embed = embedding
-
-    def finish_silent(self) -> None:
-        assert self.reply is not None
-        self.reply.done = True
 
     def end_reply(self) -> None:
         """Forget the reply's positions: the cache goes back to the user rows."""

@@ -69,24 +69,19 @@ class TalkerReply:
     done: bool = False
 
 
-class TalkerConversation:
-    def __init__(self, talker: torch.nn.Module, special: SpecialEmbeds, kv: KVSlots) -> None:
-        self.model = talker
-        self.special = special
-        self.device = next(talker.parameters()).device
-        self.dtype = next(talker.parameters()).dtype
-        self.kv = kv
-        self.slot = kv.allocate()
-        self.rows = GrowingTensor((talker.config.embedding_size,), self.dtype, self.device)
-        self.row_pos = GrowingTensor((3,), torch.long)  # (n, 3): rows' TMRoPE positions
-        self.prefilled = 0  # rows in the cache as context
-        self.reply: TalkerReply | None = None
-        codec = talker.config
-        self.mask, self.pad, self.bos = (
-            codec.tts_codec_mask_token_id,
-            codec.tts_codec_pad_token_id,
-            codec.tts_codec_start_token_id,
-        )
+class SlotConversation:
+    """What both families' talker conversations share: the session's KV slot, its rows (the
+    subclass's `rows`, appended by `append`, rolled back by `rollback`) and the reply's
+    `text_rows` / `done` flags."""
+
+    reply = None
+    rows: GrowingTensor
+
+    def __init__(self, talker: torch.nn.Module, special, kv: KVSlots) -> None:
+        self.kv, self.slot = kv, kv.allocate()
+        self.model, self.special = talker, special
+        parameter = next(talker.parameters())
+        self.device, self.dtype = parameter.device, parameter.dtype
 
     @property
     def n_rows(self) -> int:
@@ -98,14 +93,51 @@ class TalkerConversation:
     def add_rows(self, piece: ContextRows) -> None:
         """Append rows; an empty piece rolls the context back to `piece.start` rows."""
         if piece.rows.numel() == 0:
-            self.rows.truncate(piece.start)
-            self.row_pos.truncate(piece.start)
-            if self.prefilled > piece.start:
-                self.kv.crop(self.slot, piece.start)
-                self.prefilled = piece.start
+            self.rollback(piece.start)
             return
         if piece.start != self.n_rows:
             raise ValueError(f"context rows out of order: got {piece.start}, have {self.n_rows}")
+        self.append(piece)
+
+    def append(self, piece: ContextRows) -> None:
+        raise NotImplementedError
+
+    def rollback(self, start: int) -> None:
+        raise NotImplementedError
+
+    def text_ended(self, text_rows: int) -> None:
+        """The thinker's reply is complete: it produced `text_rows` reply rows."""
+        if self.reply is not None:
+            self.reply.text_rows = text_rows
+
+    def finish_silent(self) -> None:
+        """End a reply that has nothing to say (its text was empty)."""
+        assert self.reply is not None
+        self.reply.done = True
+
+
+class TalkerConversation(SlotConversation):
+    def __init__(self, talker: torch.nn.Module, special: SpecialEmbeds, kv: KVSlots) -> None:
+        super().__init__(talker, special, kv)
+        self.rows = GrowingTensor((talker.config.embedding_size,), self.dtype, self.device)
+        self.row_pos = GrowingTensor((3,), torch.long)  # (n, 3): rows' TMRoPE positions
+        self.prefilled = 0  # rows in the cache as context
+        self.reply: TalkerReply | None = None
+        codec = talker.config
+        self.mask, self.pad, self.bos = (
+            codec.tts_codec_mask_token_id,
+            codec.tts_codec_pad_token_id,
+            codec.tts_codec_start_token_id,
+        )
+
+    def rollback(self, start: int) -> None:
+        self.rows.truncate(start)
+        self.row_pos.truncate(start)
+        if self.prefilled > start:
+            self.kv.crop(self.slot, start)
+            self.prefilled = start
+
+    def append(self, piece: ContextRows) -> None:
         self.rows.append(piece.rows)
         self.row_pos.append(piece.positions.long().T)
 
@@ -163,11 +195,6 @@ class TalkerConversation:
             seen=seen,
         )
 
-    def text_ended(self, text_rows: int) -> None:
-        """The thinker's reply is complete: it produced `text_rows` reply parts."""
-        if self.reply is not None:
-            self.reply.text_rows = text_rows
-
     def context_waiting(self) -> int:
         """Context rows that can be prefilled now (up to the reply's first row while it speaks)."""
         upto = self.n_rows
@@ -223,11 +250,6 @@ class TalkerConversation:
         if len(reply.codes) >= reply.max_codes:
             reply.done = True
         return code
-
-    def finish_silent(self) -> None:
-        """End a reply that has nothing to say (its text was empty)."""
-        assert self.reply is not None
-        self.reply.done = True
 
     def end_reply(self) -> None:
         """Forget the reply's codec positions; its text rows become context for the next turn."""
