@@ -9,15 +9,15 @@ last). The talker's 16-codebook codes must equal the codes generate() hands to C
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import pytest
 import torch
-from transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe import (
-    _get_feat_extract_output_lengths,
-)
+from test_qwen3_stream import PROMPTS, ending_on_their_own  # the streamer's prompts
 
-from omni.bench.qwen3 import chat_prompt, reference_reply
+from omni.bench.qwen3 import Reply, reference_reply
 from omni.checkpoints.parts import load_whole
-from omni.checkpoints.tiny_qwen3_config import AUDIO_END, AUDIO_START, AUDIO_TOKEN
+from omni.engine import protocol as p
 from omni.engine.kv_memory import KVSlots
 from omni.engine.protocol import ContextRows
 from omni.engine.qwen3_stream import StreamOptions
@@ -39,27 +39,13 @@ def special(model) -> Qwen3Special:
     return Qwen3Special.from_config(model.config, lambda ids: embed(torch.tensor(ids)).detach())
 
 
-def _text(model, words):
-    return chat_prompt(model.config, words), {}
-
-
-def _audio(model):
-    generator = torch.Generator().manual_seed(1)
-    mel_frames = 300
-    tokens = int(_get_feat_extract_output_lengths(torch.tensor(mel_frames)))
-    ids = chat_prompt(model.config, [AUDIO_START, *[AUDIO_TOKEN] * tokens, AUDIO_END, 3000])
-    media = {
-        "input_features": torch.randn(1, 128, mel_frames, generator=generator),
-        "feature_attention_mask": torch.ones(1, mel_frames, dtype=torch.long),
-    }
-    return ids, media
-
-
-PROMPTS = {
-    "text": lambda model: _text(model, [3000, 4000, 5000]),
-    "other text": lambda model: _text(model, [777, 12345, 90000, 42]),
-    "audio": _audio,
-}
+@pytest.fixture(scope="module")
+def references(model) -> dict:
+    out = {}
+    for name, make in PROMPTS.items():
+        ids, media = make(model)
+        out[name] = (ids, media, reference_reply(model, ids, OPTIONS, **media))
+    return out
 
 
 @torch.no_grad()
@@ -69,37 +55,50 @@ def thinker_rows(model, ids: torch.Tensor, media: dict, reply: list[int]) -> Con
     input embedding (what generate() reads back for it)."""
     config = model.config
     thinker = model.thinker
-    out = thinker(input_ids=ids, attention_mask=torch.ones_like(ids), output_hidden_states=True, **media)
+    ones = torch.ones_like(ids)
+    out = thinker(input_ids=ids, attention_mask=ones, output_hidden_states=True, **media)
     layer = config.talker_config.accept_hidden_layer
-    media_ids = torch.tensor(
-        [config.thinker_config.audio_token_id, config.thinker_config.image_token_id, config.thinker_config.video_token_id]
-    )
-    multimodal = torch.isin(ids[0], media_ids)[:, None]
+    kinds = ("audio", "image", "video")
+    media_ids = [getattr(config.thinker_config, f"{kind}_token_id") for kind in kinds]
+    multimodal = torch.isin(ids[0], torch.tensor(media_ids))[:, None]
     prompt = torch.where(multimodal, out.hidden_states[layer][0], out.hidden_states[0][0])
     run = torch.tensor(reply[:-1], dtype=torch.long)
     rows = torch.cat((prompt, thinker.get_input_embeddings()(run)))
     all_ids = torch.cat((ids[0], run))[None]
-    lengths = media["feature_attention_mask"].sum(1) if "feature_attention_mask" in media else None
+    mask = media.get("feature_attention_mask")
+    lengths = None if mask is None else mask.sum(1)
     positions, _ = thinker.get_rope_index(
         all_ids, attention_mask=torch.ones_like(all_ids), audio_seqlens=lengths
     )
     return ContextRows(0, rows, positions[:, 0], all_ids[0])
 
 
-def piece(rows: ContextRows, lo: int, hi: int) -> ContextRows:
-    return ContextRows(lo, rows.rows[lo:hi], rows.positions[:, lo:hi], rows.token_ids[lo:hi])
+def piece(rows: ContextRows, lo: int, hi: int | None = None, start: int | None = None):
+    """Rows [lo, hi) of `rows`, sent as the piece that starts at `start` (default: lo)."""
+    hi = rows.rows.shape[0] if hi is None else hi
+    part = ContextRows(lo, rows.rows[lo:hi], rows.positions[:, lo:hi], rows.token_ids[lo:hi])
+    if start is not None:
+        part.start = start
+    return part
 
 
 def rollback(start: int) -> ContextRows:
-    return ContextRows(start, torch.zeros(0, 1), torch.zeros(3, 0), torch.zeros(0, dtype=torch.long))
+    no_ids = torch.zeros(0, dtype=torch.long)
+    return ContextRows(start, torch.zeros(0, 1), torch.zeros(3, 0), no_ids)
+
+
+def _codes(frames: list[list[int]]) -> torch.Tensor:
+    return torch.tensor(frames, dtype=torch.long).reshape(-1, 16).T
 
 
 class Talker:
-    def __init__(self, model, special, max_rows: int = 4, budget: int = 64) -> None:
+    """A Qwen3TalkerStage over its own KV store, recording the code predictor's batch sizes."""
+
+    def __init__(self, model, special) -> None:
         self.kv = KVSlots.for_model(model.talker.config.text_config, 4, 1024, "cpu", torch.float32)
-        self.stage = Qwen3TalkerStage(model.talker, self.kv, StepScheduler(budget, max_rows))
+        self.stage = Qwen3TalkerStage(model.talker, self.kv, StepScheduler(64, 4))
         self.model, self.special = model, special
-        self.batches: list[int] = []  # the code predictor's batch sizes
+        self.batches: list[int] = []
         residual = self.stage.residual_codes
 
         def recorded(hidden, code0, replies):
@@ -112,13 +111,17 @@ class Talker:
         return Qwen3TalkerConversation(self.model.talker, self.special, self.kv)
 
     @torch.no_grad()
-    def speak(self, convs: dict[str, Qwen3TalkerConversation], feed=None, steps: int = 400) -> dict:
-        """Step until every conversation's reply ends; `feed(step)` runs before each step."""
+    def step(self, convs: dict) -> dict:
+        return self.stage.step(convs)
+
+    @torch.no_grad()
+    def speak(self, convs: dict[str, Qwen3TalkerConversation], feed=None) -> dict:
+        """Step until every conversation's reply ends; `feed()` runs before each step."""
         frames: dict[str, list[list[int]]] = {key: [] for key in convs}
         speaking = set(convs)
-        for step in range(steps):
+        for _ in range(400):
             if feed is not None:
-                feed(step)
+                feed()
             for key, codes in self.stage.step(convs).items():
                 if codes is not None:
                     frames[key].append(codes)
@@ -130,70 +133,85 @@ class Talker:
         raise AssertionError("the replies did not end")
 
 
-def _codes(frames: list[list[int]]) -> torch.Tensor:
-    return torch.tensor(frames, dtype=torch.long).reshape(-1, 16).T
-
-
-def start(conv, first_row: int, max_codes: int = OPTIONS.max_codec_frames) -> None:
+def start(conv, first_row: int, text_rows: int | None = None) -> None:
     conv.start_reply(
         first_row,
         "Ethan",
         greedy=True,
-        max_codes=max_codes,
+        max_codes=OPTIONS.max_codec_frames,
         repetition_penalty=OPTIONS.talker_repetition_penalty,
     )
+    if text_rows is not None:
+        conv.text_ended(text_rows)
 
 
-@pytest.fixture(scope="module")
-def references(model) -> dict:
-    out = {}
-    for name, make in PROMPTS.items():
-        ids, media = make(model)
-        out[name] = (ids, media, reference_reply(model, ids, OPTIONS, **media))
-    return out
+@dataclass
+class Case:
+    """One prompt's reference, its thinker rows and a fresh talker conversation."""
+
+    ids: torch.Tensor
+    reference: Reply
+    rows: ContextRows
+    talker: Talker
+    conv: Qwen3TalkerConversation
+
+    @property
+    def first_row(self) -> int:
+        return self.ids.shape[1]
+
+    @property
+    def text_rows(self) -> int:
+        return len(self.reference.text_ids) - 1
+
+    def cached(self) -> int:
+        return self.talker.kv.lengths[self.conv.slot]
+
+    def reply_equals_generate(self, first_row: int | None = None) -> None:
+        """Start the reply (its rows all sent) and speak it: generate()'s codes."""
+        start(self.conv, self.first_row if first_row is None else first_row, self.text_rows)
+        assert torch.equal(self.talker.speak({"a": self.conv})["a"], self.reference.codes)
+
+
+def case(model, special, references, name: str) -> Case:
+    ids, media, reference = references[name]
+    rows = thinker_rows(model, ids, media, reference.text_ids)
+    talker = Talker(model, special)
+    return Case(ids, reference, rows, talker, talker.conversation())
 
 
 @pytest.mark.parametrize("prompt", PROMPTS)
 def test_reply_equals_generate(model, special, references, prompt):
-    ids, media, reference = references[prompt]
-    assert reference.codes.shape == (16, OPTIONS.max_codec_frames - 1)
-    rows = thinker_rows(model, ids, media, reference.text_ids)
-    talker = Talker(model, special)
-    conv = talker.conversation()
-    p = ids.shape[1]
-    text_rows = len(reference.text_ids) - 1
-    # the prompt in three pieces, some prefilled before the reply starts
+    c = case(model, special, references, prompt)
+    conv, rows, first = c.conv, c.rows, c.first_row
+    assert c.reference.codes.shape == (16, OPTIONS.max_codec_frames - 1)
+    # the prompt in pieces, some prefilled before the reply starts
     conv.add_rows(piece(rows, 0, 5))
-    conv.add_rows(piece(rows, 5, p - 4))
-    talker.stage.step({"a": conv})
-    conv.add_rows(piece(rows, p - 4, p + 1))  # the header and the reply's first token
-    start(conv, p)
-    end = p + text_rows
+    conv.add_rows(piece(rows, 5, first - 4))
+    c.talker.step({"a": conv})
+    conv.add_rows(piece(rows, first - 4, first + 1))  # the header and the reply's first token
+    start(conv, first)
+    end = first + c.text_rows
 
-    def feed(step: int) -> None:  # the reply's rows arrive one per step, then its end
+    def feed() -> None:  # the reply's rows arrive one per step, then its end
         if conv.n_rows < end:
             conv.add_rows(piece(rows, conv.n_rows, conv.n_rows + 1))
         elif conv.reply.text_rows is None:
-            conv.text_ended(text_rows)
+            conv.text_ended(c.text_rows)
 
-    codes = talker.speak({"a": conv}, feed)["a"]
-    assert torch.equal(codes, reference.codes)
+    assert torch.equal(c.talker.speak({"a": conv}, feed)["a"], c.reference.codes)
     # after the reply the cache holds the user rows only
-    users = int(conv.user.view().sum())
-    assert talker.kv.lengths[conv.slot] == conv.context_len == users
+    assert c.cached() == conv.context_len == int(conv.user.view().sum())
 
 
 def test_two_sessions_batched_each_equal_generate(model, special, references):
     talker = Talker(model, special)
     convs, expected = {}, {}
     for name in ("text", "other text"):
-        ids, media, reference = references[name]
-        rows = thinker_rows(model, ids, media, reference.text_ids)
+        c = case(model, special, references, name)
         conv = convs[name] = talker.conversation()
-        conv.add_rows(rows)
-        start(conv, ids.shape[1])
-        conv.text_ended(len(reference.text_ids) - 1)
-        expected[name] = reference.codes
+        conv.add_rows(c.rows)
+        start(conv, c.first_row, c.text_rows)
+        expected[name] = c.reference.codes
     assert not torch.equal(expected["text"], expected["other text"])
     got = talker.speak(convs)
     for name in convs:
@@ -203,126 +221,104 @@ def test_two_sessions_batched_each_equal_generate(model, special, references):
 
 def test_second_turn_equals_generate_on_the_whole_conversation(model, special, references):
     config = model.config
-    ids1, _, reply1 = references["text"]
-    turn2 = [config.im_end_token_id, NEWLINE, config.im_start_token_id, config.user_token_id, NEWLINE]
+    first = case(model, special, references, "text")
+    ids1, reply1 = first.ids, first.reference
+    turn2 = [config.im_end_token_id, NEWLINE]
+    turn2 += [config.im_start_token_id, config.user_token_id, NEWLINE]
     turn2 += [6000, 7000, config.im_end_token_id, NEWLINE]
     turn2 += [config.im_start_token_id, config.assistant_token_id, NEWLINE]
     ids2 = torch.cat((ids1, torch.tensor([reply1.text_ids + turn2])), dim=1)
     reply2 = reference_reply(model, ids2, OPTIONS)
-    rows = thinker_rows(model, ids2, {}, reply2.text_ids)
-    talker = Talker(model, special)
-    conv = talker.conversation()
-    p1 = ids1.shape[1]
-    r1 = len(reply1.text_ids) - 1
-    conv.add_rows(piece(rows, 0, p1 + r1))
-    start(conv, p1)
-    conv.text_ended(r1)
-    assert torch.equal(talker.speak({"a": conv})["a"], reply1.codes)
+    rows2 = thinker_rows(model, ids2, {}, reply2.text_ids)
+    second = Case(ids2, reply2, rows2, first.talker, first.conv)
+    conv = first.conv
+    sent = first.first_row + first.text_rows
+    conv.add_rows(piece(second.rows, 0, sent))
+    first.reply_equals_generate()
     # the thinker runs the reply's last token, the turn's end and the next user turn
-    p2 = ids2.shape[1]
-    conv.add_rows(piece(rows, p1 + r1, p2 + 2))
-    talker.stage.step({"a": conv})
-    conv.add_rows(piece(rows, p2 + 2, rows.rows.shape[0]))
-    start(conv, p2)
-    conv.text_ended(len(reply2.text_ids) - 1)
-    assert torch.equal(talker.speak({"a": conv})["a"], reply2.codes)
-    # the talker's prompt: the two user turns only
-    users = conv.user.view()
-    assert int(users.sum()) == (3 + 3 + 2) + (3 + 2 + 2)  # <|im_start|>user\n ... <|im_end|>\n twice
+    conv.add_rows(piece(second.rows, sent, second.first_row + 2))
+    second.talker.step({"a": conv})
+    conv.add_rows(piece(second.rows, second.first_row + 2))
+    second.reply_equals_generate()
+    # the talker's prompt: the two user turns only (<|im_start|>user\n ... <|im_end|>\n)
+    assert int(conv.user.view().sum()) == (3 + 3 + 2) + (3 + 2 + 2)
+
+
+def test_replies_that_end_on_their_own_equal_generate(model, special, references):
+    """Text that ends with an eos (tts_eos after its last run row) and speech that ends with
+    the codec eos (eos ids set to a text token and a first code the greedy reply produces)."""
+    ids = references["other text"][0]
+    with ending_on_their_own(model, ids) as ending:
+        reference = reference_reply(model, ids, ending.options)
+        assert len(reference.text_ids) < 12 and 2 <= reference.codes.shape[1] == ending.frames
+        c = case(model, special, {"it": (ids, {}, reference)}, "it")
+        c.conv.add_rows(c.rows)
+        c.reply_equals_generate()
 
 
 def test_rollback_then_reply_equals_generate(model, special, references):
-    ids, media, reference = references["text"]
-    rows = thinker_rows(model, ids, media, reference.text_ids)
-    _, _, other = references["other text"]
-    wrong = thinker_rows(model, *PROMPTS["other text"](model), other.text_ids)
-    talker = Talker(model, special)
-    conv = talker.conversation()
+    c = case(model, special, references, "text")
+    wrong = case(model, special, references, "other text").rows
     k = 10  # inside the user turn
-    conv.add_rows(piece(rows, 0, k))
-    talker.stage.step({"a": conv})
-    conv.add_rows(ContextRows(k, wrong.rows[k : k + 6], wrong.positions[:, k : k + 6], wrong.token_ids[k : k + 6]))
-    talker.stage.step({"a": conv})
-    assert talker.kv.lengths[conv.slot] > 3
-    conv.add_rows(rollback(k - 1))  # back into what was already prefilled
-    assert conv.n_rows == k - 1 and talker.kv.lengths[conv.slot] == conv.context_len
-    conv.add_rows(piece(rows, k - 1, rows.rows.shape[0]))
-    start(conv, ids.shape[1])
-    conv.text_ended(len(reference.text_ids) - 1)
-    assert torch.equal(talker.speak({"a": conv})["a"], reference.codes)
+    c.conv.add_rows(piece(c.rows, 0, k))
+    c.talker.step({"a": c.conv})
+    c.conv.add_rows(piece(wrong, k, k + 6))
+    c.talker.step({"a": c.conv})
+    assert c.cached() > 3
+    c.conv.add_rows(rollback(k - 1))  # back into what was already prefilled
+    assert c.conv.n_rows == k - 1 and c.cached() == c.conv.context_len == 2
+    c.conv.add_rows(piece(c.rows, k - 1))
+    c.reply_equals_generate()
 
 
 def test_cancel_mid_reply_then_a_new_reply(model, special, references):
-    ids, media, reference = references["other text"]
-    rows = thinker_rows(model, ids, media, reference.text_ids)
-    talker = Talker(model, special)
-    conv = talker.conversation()
-    p = ids.shape[1]
-    conv.add_rows(piece(rows, 0, p + 6))
-    start(conv, p)
+    c = case(model, special, references, "other text")
+    c.conv.add_rows(piece(c.rows, 0, c.first_row + 6))
+    start(c.conv, c.first_row)
     frames = 0
-    with torch.no_grad():
-        while frames < 4:
-            frames += sum(c is not None for c in talker.stage.step({"a": conv}).values())
-    conv.end_reply()  # cancelled: the worker stops the reply
-    assert talker.kv.lengths[conv.slot] == conv.context_len
-    conv.add_rows(rollback(p))  # the thinker drops the cancelled reply's rows
-    conv.add_rows(piece(rows, p, rows.rows.shape[0]))
-    start(conv, p)
-    conv.text_ended(len(reference.text_ids) - 1)
-    assert torch.equal(talker.speak({"a": conv})["a"], reference.codes)
+    while frames < 4:
+        frames += sum(codes is not None for codes in c.talker.step({"a": c.conv}).values())
+    c.conv.end_reply()  # cancelled: the worker stops the reply
+    assert c.cached() == c.conv.context_len
+    c.conv.add_rows(rollback(c.first_row))  # the thinker drops the cancelled reply's rows
+    c.conv.add_rows(piece(c.rows, c.first_row))
+    c.reply_equals_generate()
 
 
 def test_a_one_token_reply_is_silent(model, special, references):
-    ids, media, reference = references["text"]
-    rows = thinker_rows(model, ids, media, reference.text_ids)
-    talker = Talker(model, special)
-    conv = talker.conversation()
-    p = ids.shape[1]
-    conv.add_rows(piece(rows, 0, p))
-    start(conv, p)
-    conv.text_ended(0)
-    assert talker.stage.step({"a": conv}) == {}  # the context first
-    codes = talker.speak({"a": conv})["a"]
-    assert codes.numel() == 0
+    c = case(model, special, references, "text")
+    c.conv.add_rows(piece(c.rows, 0, c.first_row))
+    start(c.conv, c.first_row, 0)
+    assert c.talker.step({"a": c.conv}) == {}  # the context first
+    assert c.talker.speak({"a": c.conv})["a"].numel() == 0
 
 
-@torch.no_grad()
 def test_eviction_keeps_the_cache_in_step(model, special, references):
     """Evicting rows drops the cached user rows among them (system rows were never run)."""
-    ids, media, reference = references["text"]
-    rows = thinker_rows(model, ids, media, reference.text_ids)
-    talker = Talker(model, special)
-    conv = talker.conversation()
-    p = ids.shape[1]
-    conv.add_rows(piece(rows, 0, p))
-    while conv.context_waiting():
-        talker.stage.step({"a": conv})
-    users = int(conv.user.view().sum())
-    assert talker.kv.lengths[conv.slot] == users
-    conv.evict_rows([(1, 3), (8, 10)])  # two system rows, two user rows
-    assert conv.n_rows == p - 4
-    assert talker.kv.lengths[conv.slot] == conv.context_len == users - 2 == int(conv.user.view().sum())
+    c = case(model, special, references, "text")
+    c.conv.add_rows(piece(c.rows, 0, c.first_row))
+    while c.conv.context_waiting():
+        c.talker.step({"a": c.conv})
+    users = int(c.conv.user.view().sum())
+    assert c.cached() == users
+    with torch.no_grad():
+        c.conv.evict_rows([(1, 3), (8, 10)])  # two system rows, two user rows
+    assert c.conv.n_rows == c.first_row - 4
+    assert c.cached() == c.conv.context_len == users - 2 == int(c.conv.user.view().sum())
 
 
 def test_evicting_system_rows_leaves_the_reply_as_generate(model, special, references):
     """System rows are no part of the talker's prompt: dropping them (rows only, nothing was
     cached for them) changes no position the talker uses."""
-    ids, media, reference = references["text"]
-    rows = thinker_rows(model, ids, media, reference.text_ids)
-    talker = Talker(model, special)
-    conv = talker.conversation()
-    p = ids.shape[1]
-    conv.add_rows(piece(rows, 0, 12))
-    talker.stage.step({"a": conv})
-    cached = talker.kv.lengths[conv.slot]
+    c = case(model, special, references, "text")
+    c.conv.add_rows(piece(c.rows, 0, 12))
+    c.talker.step({"a": c.conv})
+    cached = c.cached()
     with torch.no_grad():
-        conv.evict_rows([(1, 5)])
-    assert talker.kv.lengths[conv.slot] == cached
-    conv.add_rows(ContextRows(8, rows.rows[12:], rows.positions[:, 12:], rows.token_ids[12:]))
-    start(conv, p - 4)
-    conv.text_ended(len(reference.text_ids) - 1)
-    assert torch.equal(talker.speak({"a": conv})["a"], reference.codes)
+        c.conv.evict_rows([(1, 5)])
+    assert c.cached() == cached
+    c.conv.add_rows(piece(c.rows, 12, start=8))
+    c.reply_equals_generate(c.first_row - 4)
 
 
 class _Outbox:
@@ -346,8 +342,11 @@ def worker(tiny_qwen3_checkpoint, tmp_path):
     from omni.engine.talker_worker import TalkerWorker
     from omni.engine.worker import Addresses, WorkerConfig
 
-    addresses = Addresses(*(f"ipc://{tmp_path}/{name}" for name in ("thinker", "talker", "vocoder", "frontend")))
-    cfg = WorkerConfig(str(tiny_qwen3_checkpoint), "cpu", "float32", addresses, kv_slots=2, max_context_tokens=1024)
+    names = ("thinker", "talker", "vocoder", "frontend")
+    addresses = Addresses(*(f"ipc://{tmp_path}/{name}" for name in names))
+    cfg = WorkerConfig(
+        str(tiny_qwen3_checkpoint), "cpu", "float32", addresses, kv_slots=2, max_context_tokens=1024
+    )
     worker = TalkerWorker(cfg)
     worker.io.close()
     worker.io = _Outbox()
@@ -355,38 +354,40 @@ def worker(tiny_qwen3_checkpoint, tmp_path):
 
 
 @torch.no_grad()
-def test_worker_sends_each_frame_as_its_16_codes(model, worker, references):
-    from omni.engine import protocol as p
-
+def test_worker_sends_each_frame_as_its_16_codes(model, special, references, worker):
     assert worker.qwen3
-    ids, media, reference = references["audio"]
-    rows = thinker_rows(model, ids, media, reference.text_ids)
-    n = rows.rows.shape[0]
-    worker.handle(piece(rows, 0, 20).message("s"))
-    worker.handle(piece(rows, 20, n).message("s"))
-    start = dict(
-        session="s", first_row=ids.shape[1], greedy=True, max_codes=OPTIONS.max_codec_frames,
-        min_codes=0, top_k=50, top_p=1.0, temperature=0.9,
+    c = case(model, special, references, "audio")
+    worker.handle(piece(c.rows, 0, 20).message("s"))
+    worker.handle(piece(c.rows, 20).message("s"))
+    settings = dict(
+        session="s",
+        first_row=c.first_row,
+        greedy=True,
+        max_codes=OPTIONS.max_codec_frames,
+        min_codes=0,
+        top_k=50,
+        top_p=1.0,
+        temperature=0.9,
         repetition_penalty=OPTIONS.talker_repetition_penalty,
     )
-    worker.handle(p.TalkerStart(reply="r1", voice="Ethan", **start))
-    worker.handle(p.TextEnd("s", "r1", len(reference.text_ids) - 1))
+    worker.handle(p.TalkerStart(reply="r1", voice="Ethan", **settings))
+    worker.handle(p.TextEnd("s", "r1", c.text_rows))
     for _ in range(200):
         worker.step()
         if worker.io.of(p.TalkerDone):
             break
     frames = [msg.codes for msg in worker.io.of(p.Codes)]
     assert all(len(codes) == 16 for codes in frames)
-    assert torch.equal(_codes(frames), reference.codes)
+    assert torch.equal(_codes(frames), c.reference.codes)
     assert len(worker.io.of(p.CodeOut)) == 1 and len(worker.io.of(p.VocoderStart)) == 1
     (done,) = worker.io.of(p.TalkerDone)
-    assert done.status == "completed" and done.codes == [c for frame in frames for c in frame]
+    assert done.status == "completed" and done.codes == [code for frame in frames for code in frame]
     assert [msg.status for msg in worker.io.of(p.CodesEnd)] == ["completed"]
     # voices by the family's names, in any case; an unknown one is refused with the list
-    worker.handle(p.TalkerStart(reply="r2", voice="aiden", **start))
+    worker.handle(p.TalkerStart(reply="r2", voice="aiden", **settings))
     assert worker.speaking["s"].reply == "r2"
     worker.handle(p.Cancel("s", "r2"))
-    worker.handle(p.TalkerStart(reply="r3", voice="Nobody", **start))
+    worker.handle(p.TalkerStart(reply="r3", voice="Nobody", **settings))
     (error,) = worker.io.of(p.WorkerError)
     assert "unknown voice 'Nobody'" in error.message and "Aiden" in error.message
     assert worker.io.of(p.TalkerDone)[-1].status == "failed"

@@ -36,10 +36,11 @@ from omni.engine.kv_memory import KVSlots
 from omni.engine.protocol import ContextRows
 from omni.engine.qwen3_stream import CODE_PREDICTOR_TOP_K, CODE_PREDICTOR_TOP_P
 from omni.engine.sampling import build_processors, choose, sampling_generator
-from omni.engine.scheduler import StepScheduler
 from omni.engine.talker import BatchedTalkerStep, SlotConversation, StepInput
 
 OPENING_ROWS = 9  # _get_talker_assistant_parts: header (3), tts_pad x4, tts_bos, first token
+# generate()'s talker sampling defaults
+TALKER_SAMPLING = {"top_k": 50, "top_p": 1.0, "temperature": 0.9, "repetition_penalty": 1.05}
 
 
 @dataclass
@@ -152,7 +153,8 @@ class Qwen3TalkerConversation(SlotConversation):
     def rollback(self, start: int) -> None:
         keep = start
         if 0 < start <= self.classified:
-            opener = start - 1 == 0 or int(self.token_ids.view()[start - 1]) == self.special.im_start
+            last = int(self.token_ids.view()[start - 1])
+            opener = start - 1 == 0 or last == self.special.im_start
             keep = start - 1 if opener else start  # its role came from a row now gone
         for t in (self.rows, self.token_ids, self.thinker_pos):
             t.truncate(start)
@@ -229,19 +231,11 @@ class Qwen3TalkerConversation(SlotConversation):
     # -- reply ----------------------------------------------------------------------------
 
     def start_reply(
-        self,
-        first_row: int,
-        voice: str,
-        *,
-        greedy: bool,
-        max_codes: int,
-        min_codes: int = 0,
-        top_k: int = 50,
-        top_p: float = 1.0,
-        temperature: float = 0.9,
-        repetition_penalty: float = 1.05,
-        seed: int | None = None,
+        self, first_row: int, voice: str, *, greedy: bool, max_codes: int, min_codes: int = 0,
+        seed: int | None = None, **sampling: float
     ) -> None:
+        """sampling: top_k, top_p, temperature, repetition_penalty (generate()'s defaults)."""
+        sampling = TALKER_SAMPLING | sampling
         speaker = self.special.speakers.get(voice.lower())
         if speaker is None:
             raise ValueError(f"unknown voice {voice!r}; available: {sorted(self.special.speakers)}")
@@ -255,12 +249,9 @@ class Qwen3TalkerConversation(SlotConversation):
                 prompt_length=0,
                 eos=[eos],
                 greedy=greedy,
-                repetition_penalty=repetition_penalty,
                 min_new_tokens=min_codes,
                 suppress=[i for i in range(vocab - 1024, vocab) if i != eos],
-                temperature=temperature,
-                top_k=top_k,
-                top_p=top_p,
+                **sampling,
             ),
             residual_processors=build_processors(
                 prompt_length=0,
@@ -302,9 +293,8 @@ class Qwen3TalkerConversation(SlotConversation):
             before = self.talker_pos.view()[:p][users]
             reply.start_pos = int(before.max()) + 1 if before.numel() else 0
             special = self.special
-            text = torch.cat(
-                (rows[p - 3 : p], special.tts_pad.expand(4, -1), special.tts_bos[None], rows[p : p + 1])
-            )
+            pads = special.tts_pad.expand(4, -1)
+            text = torch.cat((rows[p - 3 : p], pads, special.tts_bos[None], rows[p : p + 1]))
             codec = self.codec
             ids = [
                 codec.codec_nothink_id,
@@ -321,7 +311,8 @@ class Qwen3TalkerConversation(SlotConversation):
             return StepInput(text, positions.view(1, -1).expand(3, -1), codec=codec_rows)
         j = len(reply.frames) - 1
         pos = reply.start_pos + OPENING_ROWS + j
-        return StepInput(self._reply_text(j + 1)[None], torch.full((3, 1), pos), codec=reply.next_embed[None])
+        text = self._reply_text(j + 1)[None]
+        return StepInput(text, torch.full((3, 1), pos), codec=reply.next_embed[None])
 
     def _reply_text(self, k: int) -> torch.Tensor:
         """The text the step after frame k-1 adds: reply row k, then tts_eos, then tts_pad."""
@@ -336,7 +327,8 @@ class Qwen3TalkerConversation(SlotConversation):
         reply = self.reply
         assert reply is not None and not reply.done
         reply.opened = True
-        code = choose(reply.processors, reply.seen.view()[None], logits, reply.greedy, reply.generator)
+        seen = reply.seen.view()[None]
+        code = choose(reply.processors, seen, logits, reply.greedy, reply.generator)
         if code == reply.eos or len(reply.frames) == reply.max_codes - 1:
             reply.done = True
             return None
@@ -361,22 +353,13 @@ class Qwen3TalkerStage(BatchedTalkerStep):
     the talker's decoder stack, then code 0 per session and the code predictor batched over
     the sessions that got a frame."""
 
-    def __init__(
-        self, talker: torch.nn.Module, kv: KVSlots, scheduler: StepScheduler, cuda_graphs: bool = False
-    ) -> None:
-        super().__init__(talker.model, kv, scheduler, cuda_graphs)
-        self.model = talker
-        self.groups = talker.config.num_code_groups
-
     def project(self, inputs: list[StepInput]) -> list[torch.Tensor]:
         """Text rows through text_projection, multimodal ones through hidden_projection (one
         matmul each for the whole step), then the codec rows added."""
         rows = torch.cat([x.rows for x in inputs]).to(self.model.dtype)
+        text = rows.new_zeros(0, dtype=torch.bool)
         media = torch.cat(
-            [
-                x.media if x.media is not None else torch.zeros(len(x.rows), dtype=torch.bool, device=rows.device)
-                for x in inputs
-            ]
+            [text.new_zeros(len(x.rows)) if x.media is None else x.media for x in inputs]
         )
         projected = rows.new_empty(rows.shape[0], self.model.config.text_config.hidden_size)
         if media.any():
@@ -386,7 +369,9 @@ class Qwen3TalkerStage(BatchedTalkerStep):
         pieces = list(projected.split([len(x.rows) for x in inputs]))
         return [p if x.codec is None else p + x.codec for p, x in zip(pieces, inputs)]
 
-    def step(self, conversations: dict[str, Qwen3TalkerConversation]) -> dict[str, list[int] | None]:
+    def step(
+        self, conversations: dict[str, Qwen3TalkerConversation]
+    ) -> dict[str, list[int] | None]:
         """One step; returns {session: the frame's 16 codes (None: its speech ended)}."""
         silent, last = self.run(conversations)
         if not last:
@@ -425,7 +410,8 @@ class Qwen3TalkerStage(BatchedTalkerStep):
         out = predictor(inputs_embeds=embeds, use_cache=True)
         codes = [code0]
         seen = code0.new_zeros((len(replies), 0))  # each row's residual codes so far
-        for step in range(1, self.groups):
+        groups = self.model.config.num_code_groups
+        for step in range(1, groups):
             chosen = torch.tensor(
                 [
                     choose(r.residual_processors, seen[b : b + 1], row, r.greedy, r.generator)
@@ -434,10 +420,13 @@ class Qwen3TalkerStage(BatchedTalkerStep):
                 device=code0.device,
             )
             codes.append(chosen)
-            if step < self.groups - 1:
+            if step < groups - 1:
                 seen = torch.cat((seen, chosen[:, None]), dim=1)
                 out = predictor(
-                    input_ids=chosen[:, None], cache=out.cache, use_cache=True, generation_steps=step
+                    input_ids=chosen[:, None],
+                    cache=out.cache,
+                    use_cache=True,
+                    generation_steps=step,
                 )
         return torch.stack(codes, dim=1)
 

@@ -289,11 +289,16 @@ class BatchedTalkerStep:
     take_context / slot / reply (with `done` and `opened`)."""
 
     def __init__(
-        self, stack: torch.nn.Module, kv: KVSlots, scheduler: StepScheduler, cuda_graphs: bool = False
+        self,
+        talker: torch.nn.Module,
+        kv: KVSlots,
+        scheduler: StepScheduler,
+        cuda_graphs: bool = False,
     ) -> None:
+        self.model = talker  # transformers' talker LM; its decoder stack is `.model`
         self.kv = kv
         self.scheduler = scheduler
-        self.forward = BatchedForward(stack, kv, scheduler.max_rows, cuda_graphs)
+        self.forward = BatchedForward(talker.model, kv, scheduler.max_rows, cuda_graphs)
         self.last_plan: list[str] = []
 
     def project(self, inputs: list[StepInput]) -> list[torch.Tensor]:
@@ -342,16 +347,11 @@ class TalkerStage(BatchedTalkerStep):
     """The talker's batched model step: every speaking session's codec step and chunks of
     waiting context rows, in one forward of transformers' talker LM."""
 
-    def __init__(
-        self, talker: torch.nn.Module, kv: KVSlots, scheduler: StepScheduler, cuda_graphs: bool = False
-    ) -> None:
-        super().__init__(talker.model, kv, scheduler, cuda_graphs)
-        self.model = talker
-
     def project(self, inputs: list[StepInput]) -> list[torch.Tensor]:
         # the thinker-side rows go through the talker's input projection in one matmul
         rows = torch.cat([x.rows for x in inputs]).to(self.model.dtype)
-        return list(self.model.thinker_to_talker_proj(rows).split([x.rows.shape[0] for x in inputs]))
+        projected = self.model.thinker_to_talker_proj(rows)
+        return list(projected.split([x.rows.shape[0] for x in inputs]))
 
     def step(self, conversations: dict[str, TalkerConversation]) -> dict[str, int | None]:
         """One forward; returns {session: code chosen (None: its speech ended)} for codec steps."""

@@ -132,7 +132,8 @@ class TalkerWorker:
             return
         conv = self.conversation(msg.session)
         if self.voice_key(msg.voice) not in self.voices:
-            raise ValueError(f"unknown voice {msg.voice!r}; available: {sorted(self.voices.values())}")
+            known = sorted(self.voices.values())
+            raise ValueError(f"unknown voice {msg.voice!r}; available: {known}")
         if msg.session in self.speaking:
             self.stop(msg.session, "cancelled")
         conv.start_reply(
