@@ -219,6 +219,29 @@ def test_two_sessions_batched_each_equal_generate(model, special, references):
     assert max(talker.batches) == 2  # the code predictor ran both frames in one batch
 
 
+def test_sampled_reply_follows_its_seed_alone_or_batched(model, special, references):
+    """Sampling: each reply draws from its own generator (code 0, then its residuals), so a
+    seeded reply is the same alone and batched with another one."""
+
+    def sampled(names: list[str]) -> dict:
+        talker = Talker(model, special)
+        convs = {}
+        for seed, name in enumerate(names):
+            c = case(model, special, references, name)
+            conv = convs[name] = talker.conversation()
+            conv.add_rows(c.rows)
+            conv.start_reply(c.first_row, "Ethan", greedy=False, max_codes=12, seed=seed + 7)
+            conv.text_ended(c.text_rows)
+        return talker.speak(convs)
+
+    alone = sampled(["text"])["text"]
+    batched = sampled(["text", "other text"])
+    assert alone.shape == (16, 11)
+    assert torch.equal(batched["text"], alone)
+    greedy = references["text"][2].codes[:, :11]
+    assert not torch.equal(alone, greedy)
+
+
 def test_second_turn_equals_generate_on_the_whole_conversation(model, special, references):
     config = model.config
     first = case(model, special, references, "text")
