@@ -1,10 +1,10 @@
 """The engine's Qwen3-Omni talker (omni/engine/qwen3_talker.py) against transformers' generate().
 
 fp32, CPU, the tiny Qwen3 checkpoint. The thinker side is built in-process as the thinker
-worker would send it: per position the thinker's input embedding (text) or its
-`accept_hidden_layer` state (audio), TMRoPE positions and token ids, in pieces; the reply's
-text is generate()'s own (greedy), its rows the tokens the thinker would have run (all but the
-last). The talker's 16-codebook codes must equal the codes generate() hands to Code2Wav.
+worker would send it: one thinker forward over the prompt and the reply's run tokens (all but
+its last), per position its input embedding (text) or `accept_hidden_layer` state (audio),
+TMRoPE positions and token ids, sent in pieces; the reply's text is generate()'s own (greedy).
+The talker's 16-codebook codes must equal the codes generate() hands to Code2Wav.
 """
 
 from __future__ import annotations
@@ -50,26 +50,22 @@ def references(model) -> dict:
 
 @torch.no_grad()
 def thinker_rows(model, ids: torch.Tensor, media: dict, reply: list[int]) -> ContextRows:
-    """What the thinker sends for the prompt and the reply's run tokens (all but its last):
-    the prompt's states from one forward over it (as generate()'s prefill), each reply token's
-    input embedding (what generate() reads back for it)."""
+    """What the thinker sends for the prompt and the reply's run tokens (all but its last): one
+    forward over both, each row the input embedding (text) or the `accept_hidden_layer` state
+    (multimodal), with the thinker's TMRoPE positions."""
     config = model.config
     thinker = model.thinker
-    ones = torch.ones_like(ids)
-    out = thinker(input_ids=ids, attention_mask=ones, output_hidden_states=True, **media)
+    all_ids = torch.cat((ids[0], torch.tensor(reply[:-1], dtype=torch.long)))[None]
+    ones = torch.ones_like(all_ids)
+    out = thinker(input_ids=all_ids, attention_mask=ones, output_hidden_states=True, **media)
     layer = config.talker_config.accept_hidden_layer
     kinds = ("audio", "image", "video")
     media_ids = [getattr(config.thinker_config, f"{kind}_token_id") for kind in kinds]
-    multimodal = torch.isin(ids[0], torch.tensor(media_ids))[:, None]
-    prompt = torch.where(multimodal, out.hidden_states[layer][0], out.hidden_states[0][0])
-    run = torch.tensor(reply[:-1], dtype=torch.long)
-    rows = torch.cat((prompt, thinker.get_input_embeddings()(run)))
-    all_ids = torch.cat((ids[0], run))[None]
+    multimodal = torch.isin(all_ids[0], torch.tensor(media_ids))[:, None]
+    rows = torch.where(multimodal, out.hidden_states[layer][0], out.hidden_states[0][0])
     mask = media.get("feature_attention_mask")
     lengths = None if mask is None else mask.sum(1)
-    positions, _ = thinker.get_rope_index(
-        all_ids, attention_mask=torch.ones_like(all_ids), audio_seqlens=lengths
-    )
+    positions, _ = thinker.get_rope_index(all_ids, attention_mask=ones, audio_seqlens=lengths)
     return ContextRows(0, rows, positions[:, 0], all_ids[0])
 
 
