@@ -8,6 +8,9 @@ is well above float rounding (its layer scales start at 1e-6 and 0.01).
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
 
 import pytest
 import torch
@@ -18,6 +21,7 @@ from transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe import (
 
 from omni.bench.qwen3 import (
     WAV_TOLERANCE,
+    Reply,
     chat_prompt,
     reference_reply,
     run_bench,
@@ -78,6 +82,38 @@ PROMPTS = {
 }
 
 
+def first_seen_late(ids: list[int]) -> int:
+    """The id that first appears latest, from the third place on and before the last (as an
+    end token it ends the reply early, after at least two tokens: generate() cannot voice a
+    reply of one)."""
+    return [t for i, t in enumerate(ids) if ids.index(t) == i and 2 <= i < len(ids) - 1][-1]
+
+
+@dataclass
+class Ending:
+    options: StreamOptions  # OPTIONS with a text eos the greedy reply produces
+    text_ended: Reply  # the reply with that text eos and the codec's own eos
+    frames: int  # where the codec eos set now ends its speech
+
+
+@contextmanager
+def ending_on_their_own(model, ids: torch.Tensor) -> Iterator[Ending]:
+    """Replies that end on their own: the text eos set to a token of the capped greedy reply,
+    the codec eos (in the model's talker config, restored after) to a first code it produces."""
+    capped = reference_reply(model, ids, OPTIONS)
+    options = replace(OPTIONS, text_eos=(first_seen_late(capped.text_ids),))
+    text_ended = reference_reply(model, ids, options)
+    first_codes = text_ended.codes[0, :20].tolist()
+    codec_eos = max(set(first_codes), key=first_codes.index)
+    talker_config = model.config.talker_config
+    saved = talker_config.codec_eos_token_id
+    talker_config.codec_eos_token_id = codec_eos
+    try:
+        yield Ending(options, text_ended, first_codes.index(codec_eos))
+    finally:
+        talker_config.codec_eos_token_id = saved
+
+
 @pytest.mark.parametrize("prompt", PROMPTS)
 def test_streamed_reply_equals_generate(model, prompt):
     ids, media = PROMPTS[prompt](model)
@@ -96,26 +132,13 @@ def test_replies_that_end_on_their_own_equal_generate(model):
     (tts_eos goes in its place) and the speech with the codec eos, both as generate() does.
     The eos ids are set to a text token and a first code the greedy reply produces."""
     ids, _ = PROMPTS["other text"](model)
-    capped = reference_reply(model, ids, OPTIONS)
-    # the token that first appears latest (a reply of one token cannot be voiced by generate())
-    text_eos = max(set(capped.text_ids), key=capped.text_ids.index)
-    assert 2 <= capped.text_ids.index(text_eos) < len(capped.text_ids) - 1
-    options = StreamOptions(text_eos=(text_eos,), max_text_tokens=12, max_codec_frames=30)
-    text_ended = reference_reply(model, ids, options)
-    first_codes = text_ended.codes[0, :20].tolist()
-    codec_eos = max(set(first_codes), key=first_codes.index)
-    talker_config = model.config.talker_config
-    saved = talker_config.codec_eos_token_id
-    talker_config.codec_eos_token_id = codec_eos
-    try:
-        reference = reference_reply(model, ids, options)
-        streamed, _ = streamed_reply(model, ids, options)
-    finally:
-        talker_config.codec_eos_token_id = saved
-    assert streamed.text_ids == reference.text_ids == text_ended.text_ids
-    assert reference.text_ids[-1] == text_eos and len(reference.text_ids) < 12
+    with ending_on_their_own(model, ids) as ending:
+        reference = reference_reply(model, ids, ending.options)
+        streamed, _ = streamed_reply(model, ids, ending.options)
+    assert streamed.text_ids == reference.text_ids == ending.text_ended.text_ids
+    assert reference.text_ids[-1] == ending.options.text_eos[0] and len(reference.text_ids) < 12
     assert torch.equal(streamed.codes, reference.codes)
-    assert 2 <= reference.codes.shape[1] == first_codes.index(codec_eos)
+    assert 2 <= reference.codes.shape[1] == ending.frames
     assert streamed.wav.shape == reference.wav.shape
     assert wav_error(streamed.wav, reference.wav) <= WAV_TOLERANCE
 

@@ -34,6 +34,16 @@ MAX_VALID_CODE = 8192  # the DiT embeds codes 0..8192
 
 
 @dataclass
+class StepInput:
+    """One session's rows for a talker step, as a conversation hands them to the stage."""
+
+    rows: torch.Tensor  # (n, E): thinker-side rows, before the talker's input projection
+    positions: torch.Tensor  # (3, n) TMRoPE positions
+    media: torch.Tensor | None = None  # (n,) bool: multimodal rows (Qwen3: hidden_projection)
+    codec: torch.Tensor | None = None  # (n, H): added after the projection (Qwen3's codec rows)
+
+
+@dataclass
 class SpecialEmbeds:
     """Thinker input embeddings the talker needs (read from the thinker's embedding matrix)."""
 
@@ -59,24 +69,19 @@ class TalkerReply:
     done: bool = False
 
 
-class TalkerConversation:
-    def __init__(self, talker: torch.nn.Module, special: SpecialEmbeds, kv: KVSlots) -> None:
-        self.model = talker
-        self.special = special
-        self.device = next(talker.parameters()).device
-        self.dtype = next(talker.parameters()).dtype
-        self.kv = kv
-        self.slot = kv.allocate()
-        self.rows = GrowingTensor((talker.config.embedding_size,), self.dtype, self.device)
-        self.row_pos = GrowingTensor((3,), torch.long)  # (n, 3): rows' TMRoPE positions
-        self.prefilled = 0  # rows in the cache as context
-        self.reply: TalkerReply | None = None
-        codec = talker.config
-        self.mask, self.pad, self.bos = (
-            codec.tts_codec_mask_token_id,
-            codec.tts_codec_pad_token_id,
-            codec.tts_codec_start_token_id,
-        )
+class SlotConversation:
+    """What both families' talker conversations share: the session's KV slot, its rows (the
+    subclass's `rows`, appended by `append`, rolled back by `rollback`) and the reply's
+    `text_rows` / `done` flags."""
+
+    reply = None
+    rows: GrowingTensor
+
+    def __init__(self, talker: torch.nn.Module, special, kv: KVSlots) -> None:
+        self.kv, self.slot = kv, kv.allocate()
+        self.model, self.special = talker, special
+        parameter = next(talker.parameters())
+        self.device, self.dtype = parameter.device, parameter.dtype
 
     @property
     def n_rows(self) -> int:
@@ -88,14 +93,51 @@ class TalkerConversation:
     def add_rows(self, piece: ContextRows) -> None:
         """Append rows; an empty piece rolls the context back to `piece.start` rows."""
         if piece.rows.numel() == 0:
-            self.rows.truncate(piece.start)
-            self.row_pos.truncate(piece.start)
-            if self.prefilled > piece.start:
-                self.kv.crop(self.slot, piece.start)
-                self.prefilled = piece.start
+            self.rollback(piece.start)
             return
         if piece.start != self.n_rows:
             raise ValueError(f"context rows out of order: got {piece.start}, have {self.n_rows}")
+        self.append(piece)
+
+    def append(self, piece: ContextRows) -> None:
+        raise NotImplementedError
+
+    def rollback(self, start: int) -> None:
+        raise NotImplementedError
+
+    def text_ended(self, text_rows: int) -> None:
+        """The thinker's reply is complete: it produced `text_rows` reply rows."""
+        if self.reply is not None:
+            self.reply.text_rows = text_rows
+
+    def finish_silent(self) -> None:
+        """End a reply that has nothing to say (its text was empty)."""
+        assert self.reply is not None
+        self.reply.done = True
+
+
+class TalkerConversation(SlotConversation):
+    def __init__(self, talker: torch.nn.Module, special: SpecialEmbeds, kv: KVSlots) -> None:
+        super().__init__(talker, special, kv)
+        self.rows = GrowingTensor((talker.config.embedding_size,), self.dtype, self.device)
+        self.row_pos = GrowingTensor((3,), torch.long)  # (n, 3): rows' TMRoPE positions
+        self.prefilled = 0  # rows in the cache as context
+        self.reply: TalkerReply | None = None
+        codec = talker.config
+        self.mask, self.pad, self.bos = (
+            codec.tts_codec_mask_token_id,
+            codec.tts_codec_pad_token_id,
+            codec.tts_codec_start_token_id,
+        )
+
+    def rollback(self, start: int) -> None:
+        self.rows.truncate(start)
+        self.row_pos.truncate(start)
+        if self.prefilled > start:
+            self.kv.crop(self.slot, start)
+            self.prefilled = start
+
+    def append(self, piece: ContextRows) -> None:
         self.rows.append(piece.rows)
         self.row_pos.append(piece.positions.long().T)
 
@@ -153,11 +195,6 @@ class TalkerConversation:
             seen=seen,
         )
 
-    def text_ended(self, text_rows: int) -> None:
-        """The thinker's reply is complete: it produced `text_rows` reply parts."""
-        if self.reply is not None:
-            self.reply.text_rows = text_rows
-
     def context_waiting(self) -> int:
         """Context rows that can be prefilled now (up to the reply's first row while it speaks)."""
         upto = self.n_rows
@@ -178,8 +215,8 @@ class TalkerConversation:
             return True
         return self.n_rows > reply.first_row + len(reply.codes)
 
-    def step_inputs(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """The next codec step's (inputs (n, E), positions (3, n)); None: the reply has no text."""
+    def step_inputs(self) -> StepInput | None:
+        """The next codec step's inputs; None: the reply has no text."""
         reply = self.reply
         assert reply is not None and self.can_step()
         embed = self.model.get_input_embeddings()
@@ -193,11 +230,11 @@ class TalkerConversation:
             rows = self.rows.view()
             opening = torch.stack([self.special.speaker_bos[reply.voice], rows[p]]) + codec
             positions = torch.arange(reply.start_pos, reply.start_pos + 2).view(1, -1).expand(3, -1)
-            return opening, positions
+            return StepInput(opening, positions)
         k = len(reply.codes)
         codec = embed(torch.tensor([reply.codes[-1]], device=self.device))
         pos = reply.start_pos + 1 + k  # the opening took start_pos and start_pos + 1
-        return codec + self._reply_part(k)[None], torch.full((3, 1), pos)
+        return StepInput(codec + self._reply_part(k)[None], torch.full((3, 1), pos))
 
     def choose_code(self, logits: torch.Tensor) -> int | None:
         """Pick the code from this step's logits; None when the reply's speech has ended."""
@@ -214,11 +251,6 @@ class TalkerConversation:
             reply.done = True
         return code
 
-    def finish_silent(self) -> None:
-        """End a reply that has nothing to say (its text was empty)."""
-        assert self.reply is not None
-        self.reply.done = True
-
     def end_reply(self) -> None:
         """Forget the reply's codec positions; its text rows become context for the next turn."""
         if self.reply is None:
@@ -227,11 +259,15 @@ class TalkerConversation:
         self.prefilled = min(self.prefilled, self.reply.first_row)
         self.reply = None
 
-    def take_context(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def take_context(self, n: int) -> StepInput:
         """The next `n` waiting context rows and their positions, counted as prefilled."""
         lo = self.prefilled
         self.prefilled += n
-        return self.rows.view()[lo : lo + n], self.row_pos.view()[lo : lo + n].T
+        return StepInput(self.rows.view()[lo : lo + n], self.row_pos.view()[lo : lo + n].T)
+
+    def recover(self) -> None:
+        """After a failed step: rows the step took but never cached are waiting again."""
+        self.prefilled = min(self.prefilled, self.kv.lengths[self.slot])
 
     # -- internals ------------------------------------------------------------------------
 
@@ -244,23 +280,36 @@ class TalkerConversation:
         return self.special.text_eos if k == reply.text_rows else self.special.text_pad
 
 
-class TalkerStage:
-    """The talker's batched model step: every speaking session's codec step and chunks of
-    waiting context rows, in one forward of transformers' talker LM."""
+class BatchedTalkerStep:
+    """What both families' talker stages share: plan the step (every speaking session's codec
+    step, then chunks of waiting context, under the StepScheduler), project the thinker-side
+    rows of all sessions at once (`project`), and run one batched forward of the stack.
+
+    A conversation offers can_step / step_inputs / finish_silent / context_waiting /
+    take_context / slot / reply (with `done` and `opened`)."""
 
     def __init__(
-        self, talker: torch.nn.Module, kv: KVSlots, scheduler: StepScheduler, cuda_graphs: bool = False
+        self,
+        talker: torch.nn.Module,
+        kv: KVSlots,
+        scheduler: StepScheduler,
+        cuda_graphs: bool = False,
     ) -> None:
-        self.model = talker
+        self.model = talker  # transformers' talker LM; its decoder stack is `.model`
         self.kv = kv
         self.scheduler = scheduler
         self.forward = BatchedForward(talker.model, kv, scheduler.max_rows, cuda_graphs)
         self.last_plan: list[str] = []
 
-    def step(self, conversations: dict[str, TalkerConversation]) -> dict[str, int | None]:
-        """One forward; returns {session: code chosen (None: its speech ended)} for codec steps."""
-        silent: dict[str, int | None] = {}
-        decode_inputs: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    def project(self, inputs: list[StepInput]) -> list[torch.Tensor]:
+        """The stack's input embeddings (n, H) for each session's rows."""
+        raise NotImplementedError
+
+    def run(self, conversations: dict) -> tuple[dict[str, None], dict[str, torch.Tensor]]:
+        """One forward: returns ({session: None} for replies that ended silent, {session: last
+        hidden state (H,)} for the codec steps that ran, in plan order)."""
+        silent: dict[str, None] = {}
+        decode_inputs: dict[str, StepInput] = {}
         demands = []
         for key, conv in conversations.items():
             self.last_plan = [key]  # so a failure building one session's inputs is its own
@@ -271,7 +320,7 @@ class TalkerStage:
                     silent[key] = None
                     continue
                 decode_inputs[key] = inputs
-                demands.append(Demand(key, inputs[0].shape[0], decode=True))
+                demands.append(Demand(key, inputs.rows.shape[0], decode=True))
             elif waiting := conv.context_waiting():
                 reply = conv.reply
                 urgent = reply is not None and not reply.done and not reply.opened
@@ -279,26 +328,36 @@ class TalkerStage:
         plan = self.scheduler.plan(demands)
         self.last_plan = [key for key, _ in plan]
         if not plan:
-            return silent
-        inputs, positions, decoding = [], [], []
-        for key, n in plan:
-            conv = conversations[key]
-            if key in decode_inputs:
-                rows, pos = decode_inputs[key]
-                decoding.append(key)
-            else:
-                rows, pos = conv.take_context(n)
-            inputs.append(rows)
-            positions.append(pos)
-        # the thinker-side rows go through the talker's input projection in one matmul
-        projected = self.model.thinker_to_talker_proj(torch.cat(inputs).to(self.model.dtype))
-        pieces = projected.split([x.shape[0] for x in inputs])
+            return silent, {}
+        inputs = [
+            decode_inputs[key] if key in decode_inputs else conversations[key].take_context(n)
+            for key, n in plan
+        ]
         hidden = self.forward(
-            [Row(conversations[key].slot, x, pos) for (key, _), x, pos in zip(plan, pieces, positions)]
+            [
+                Row(conversations[key].slot, x, step.positions)
+                for (key, _), x, step in zip(plan, self.project(inputs), inputs)
+            ]
         )
-        if not decoding:
+        last = {key: h[-1] for (key, _), h in zip(plan, hidden) if key in decode_inputs}
+        return silent, last
+
+
+class TalkerStage(BatchedTalkerStep):
+    """The talker's batched model step: every speaking session's codec step and chunks of
+    waiting context rows, in one forward of transformers' talker LM."""
+
+    def project(self, inputs: list[StepInput]) -> list[torch.Tensor]:
+        # the thinker-side rows go through the talker's input projection in one matmul
+        rows = torch.cat([x.rows for x in inputs]).to(self.model.dtype)
+        projected = self.model.thinker_to_talker_proj(rows)
+        return list(projected.split([x.rows.shape[0] for x in inputs]))
+
+    def step(self, conversations: dict[str, TalkerConversation]) -> dict[str, int | None]:
+        """One forward; returns {session: code chosen (None: its speech ended)} for codec steps."""
+        silent, last = self.run(conversations)
+        if not last:
             return silent
-        last = {key: h[-1] for (key, _), h in zip(plan, hidden)}
-        logits = self.model.codec_head(torch.stack([last[key] for key in decoding])).float()
-        codes = {key: conversations[key].choose_code(row) for key, row in zip(decoding, logits)}
+        logits = self.model.codec_head(torch.stack(list(last.values()))).float()
+        codes = {key: conversations[key].choose_code(row) for key, row in zip(last, logits)}
         return silent | codes

@@ -4,16 +4,23 @@ Loop: drain messages (context rows from the thinker, reply starts, cancels), the
 step (TalkerStage): the codec step of every reply whose next reply part has arrived, and
 chunks of waiting context rows (so the next reply starts from a warm cache), in one forward;
 each reply's codes go to the vocoder process, which turns them into audio.
+
+The checkpoint's family is read once at startup: Qwen2.5-Omni's talker (talker.py: one code
+per step) or Qwen3-Omni's (qwen3_talker.py: one 80 ms frame of 16 codebooks per step, sent
+to the vocoder as its codes 0..15).
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
+from omni.checkpoints.family import QWEN3_OMNI, family_of
 from omni.engine import protocol as p
+from omni.engine.qwen3_talker import Qwen3Special, Qwen3TalkerConversation, Qwen3TalkerStage
 from omni.engine.scheduler import StepScheduler
 from omni.engine.talker import SpecialEmbeds, TalkerConversation, TalkerStage
 from omni.engine.varlen_attention import set_attn_implementation
@@ -36,15 +43,24 @@ class TalkerWorker:
 
         self.model = load_talker_lm(cfg.model_path, cfg.device, getattr(torch, cfg.dtype)).eval()
         set_attn_implementation(self.model, cfg.attn_implementation, cfg.device)
-        self.speakers = load_speakers(cfg.model_path)
-        self.special = special_embeds(cfg.model_path, self.model, self.speakers)
+        self.qwen3 = family_of(Path(cfg.model_path)) is QWEN3_OMNI
+        scheduler = StepScheduler(cfg.step_token_budget, cfg.max_batch)
+        if self.qwen3:
+            self.special = qwen3_special(cfg.model_path, self.model)
+            # voice names as the family lists them ("Ethan"), matched case-insensitively
+            self.voices = voice_names(self.special.speakers)
+            self.kv = kv_store(self.model.config.text_config, cfg, self.model)
+            self.stage = Qwen3TalkerStage(self.model, self.kv, scheduler, cfg.cuda_graphs)
+        else:
+            self.speakers = load_speakers(cfg.model_path)
+            self.special = special_embeds(cfg.model_path, self.model, self.speakers)
+            self.voices = {name: name for name in self.speakers}
+            self.kv = kv_store(self.model.config, cfg, self.model)
+            self.stage = TalkerStage(self.model, self.kv, scheduler, cfg.cuda_graphs)
         a = cfg.addresses
         outputs = {"frontend": a.frontend, "vocoder": a.vocoder}
         self.io = WorkerIO("talker", a.talker, outputs, cfg.allow_faults)
-        self.kv = kv_store(self.model.config, cfg, self.model)
-        scheduler = StepScheduler(cfg.step_token_budget, cfg.max_batch)
-        self.stage = TalkerStage(self.model, self.kv, scheduler, cfg.cuda_graphs)
-        self.sessions: dict[str, TalkerConversation] = {}
+        self.sessions: dict[str, TalkerConversation | Qwen3TalkerConversation] = {}
         self.speaking: dict[str, _Speaking] = {}
         # replies cancelled before their TalkerStart arrived (front end and thinker race)
         self.cancelled = EarlyCancels()
@@ -101,12 +117,13 @@ class TalkerWorker:
             case _:
                 raise ValueError(f"talker got an unexpected {type(msg).__name__}")
 
-    def conversation(self, session_id: str) -> TalkerConversation:
+    def conversation(self, session_id: str) -> TalkerConversation | Qwen3TalkerConversation:
         """The session's conversation, opened by whichever comes first: its rows or a reply
         (the thinker sends rows only once a step has run them)."""
         conv = self.sessions.get(session_id)
         if conv is None:
-            conv = self.sessions[session_id] = TalkerConversation(self.model, self.special, self.kv)
+            kind = Qwen3TalkerConversation if self.qwen3 else TalkerConversation
+            conv = self.sessions[session_id] = kind(self.model, self.special, self.kv)
         return conv
 
     def start(self, msg: p.TalkerStart) -> None:
@@ -114,9 +131,9 @@ class TalkerWorker:
             self.io.send("frontend", p.TalkerDone(msg.session, msg.reply, "cancelled", []))
             return
         conv = self.conversation(msg.session)
-        speaker = self.speakers.get(msg.voice)
-        if speaker is None:
-            raise ValueError(f"unknown voice {msg.voice!r}; available: {sorted(self.speakers)}")
+        if self.voice_key(msg.voice) not in self.voices:
+            known = sorted(self.voices.values())
+            raise ValueError(f"unknown voice {msg.voice!r}; available: {known}")
         if msg.session in self.speaking:
             self.stop(msg.session, "cancelled")
         conv.start_reply(
@@ -143,7 +160,7 @@ class TalkerWorker:
             log.exception("talker: batched step failed")
             for session_id in self.stage.last_plan:
                 conv = self.sessions[session_id]
-                conv.prefilled = min(conv.prefilled, self.kv.lengths[conv.slot])
+                conv.recover()
                 speaking = self.speaking.get(session_id)
                 if speaking is not None:
                     self.io.send("frontend", p.WorkerError("talker", str(exc), session_id, speaking.reply))
@@ -154,17 +171,22 @@ class TalkerWorker:
         for session_id, code in codes.items():
             self.take_code(session_id, code)
 
-    def take_code(self, session_id: str, code: int | None) -> None:
-        """A codec step's result: to the vocoder, and the reply ends when its speech does."""
+    def voice_key(self, voice: str) -> str:
+        return voice.lower() if self.qwen3 else voice
+
+    def take_code(self, session_id: str, code: int | list[int] | None) -> None:
+        """A codec step's result (a code, or a Qwen3 frame's 16): to the vocoder, and the reply
+        ends when its speech does."""
         speaking = self.speaking.get(session_id)
         conv = self.sessions[session_id]
         if speaking is None or conv.reply is None:
             return
         if code is not None:
+            codes = [code] if isinstance(code, int) else list(code)
             if not speaking.codes:
                 self.io.send("frontend", p.CodeOut(session_id, speaking.reply))
-            speaking.codes.append(code)
-            self.io.send("vocoder", p.Codes(session_id, speaking.reply, [code]))
+            speaking.codes.extend(codes)
+            self.io.send("vocoder", p.Codes(session_id, speaking.reply, codes))
         if conv.reply.done:
             self.stop(session_id, "completed")
 
@@ -193,6 +215,25 @@ def special_embeds(path: str, talker: torch.nn.Module, speakers: dict) -> Specia
     embeds = dict(zip(wanted, rows))
     eos, pad = embeds.pop("<eos>"), embeds.pop("<pad>")
     return SpecialEmbeds(speaker_bos=embeds, text_eos=eos, text_pad=pad)
+
+
+def qwen3_special(path: str, talker: torch.nn.Module) -> Qwen3Special:
+    """Qwen3-Omni's special rows (tts bos/eos/pad embeddings) and ids, read from the checkpoint
+    without loading the thinker."""
+    from transformers import Qwen3OmniMoeConfig
+
+    from omni.checkpoints.parts import load_thinker_embedding_rows
+
+    config = Qwen3OmniMoeConfig.from_pretrained(path)
+    return Qwen3Special.from_config(
+        config, lambda ids: load_thinker_embedding_rows(path, ids, talker.device, talker.dtype)
+    )
+
+
+def voice_names(speakers: dict[str, int]) -> dict[str, str]:
+    """{lower-case name: the name as the family lists it} for the talker config's speakers."""
+    listed = {name.lower(): name for name in QWEN3_OMNI.voices}
+    return {key: listed.get(key, key) for key in speakers}
 
 
 def main(cfg: WorkerConfig) -> None:
