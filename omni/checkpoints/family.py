@@ -25,6 +25,9 @@ class Family:
     # images and camera frames served (Qwen3-Omni's deepstack vision features are not in the
     # batched thinker step yet: omni/engine/thinker_family.py)
     vision: bool
+    # the talker's sampling in transformers' generate() (temperature 0.9 in both)
+    talker_top_k: int
+    talker_top_p: float
 
 
 QWEN2_5_OMNI = Family(
@@ -35,6 +38,8 @@ QWEN2_5_OMNI = Family(
     codec_token_ms=20,
     codebooks=1,
     vision=True,
+    talker_top_k=40,
+    talker_top_p=0.8,
 )
 # the talker config's speaker_id names them in lower case; transformers' generate() defaults
 # to Ethan
@@ -46,6 +51,8 @@ QWEN3_OMNI = Family(
     codec_token_ms=80,
     codebooks=16,
     vision=False,
+    talker_top_k=50,
+    talker_top_p=1.0,
 )
 FAMILIES = {family.model_type: family for family in (QWEN2_5_OMNI, QWEN3_OMNI)}
 

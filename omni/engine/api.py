@@ -58,9 +58,9 @@ class ReplyOptions:
     max_codec_tokens: int | None = None  # None: the checkpoint preset's default
     min_codec_tokens: int = 0  # suppress the talker's end until this many codes (benchmarks)
     min_text_tokens: int = 0  # suppress the thinker's end until this many tokens (benchmarks)
-    # talker sampling, transformers' defaults
-    talker_top_k: int = 40
-    talker_top_p: float = 0.8
+    # talker sampling, transformers' defaults (top k and p: None, the family's)
+    talker_top_k: int | None = None
+    talker_top_p: float | None = None
     talker_temperature: float = 0.9
     talker_repetition_penalty: float = 1.05
     seed: int | None = None
