@@ -159,6 +159,11 @@ async def test_a_voice_call_from_the_page(
     server: RunningServer,
     speech_wav: Path,  # noqa: F811 (the fixture imported above)
 ) -> None:
+    await voice_call_from_the_page(server, speech_wav)
+
+
+async def voice_call_from_the_page(server: RunningServer, speech_wav: Path) -> None:
+    """Chromium places a voice call from the page, says `speech_wav` and hears a reply."""
     async with chromium(speech_wav) as browser:
         page = await open_page(browser, server)
         await enter_key(page)
