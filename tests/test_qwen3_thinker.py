@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from engine_helpers import thinker_conversation
+from test_engine_reference import picture
 from omni.checkpoints.parts import load_thinker
 from omni.engine.kv_memory import KVSlots
 from omni.engine.protocol import ContextRows
@@ -60,18 +61,27 @@ def _streamed(parts, turn):
     return reply.tokens, logits, prompt, rows
 
 
-def _reference(parts, text: str | None, audio: np.ndarray | None):
+def _reference(parts, text: str | None, audio: np.ndarray | None, image: np.ndarray | None):
     processor = parts.processor
-    content = ([{"type": "audio"}] if audio is not None else []) + (
-        [{"type": "text", "text": text}] if text is not None else []
+    content = (
+        ([{"type": "image"}] if image is not None else [])
+        + ([{"type": "audio"}] if audio is not None else [])
+        + ([{"type": "text", "text": text}] if text is not None else [])
     )
     prompt = processor.apply_chat_template(
         [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
     )
-    batch = processor(text=[prompt], audio=[audio] if audio is not None else None, return_tensors="pt")
+    batch = processor(
+        text=[prompt],
+        audio=[audio] if audio is not None else None,
+        images=[image] if image is not None else None,
+        return_tensors="pt",
+    )
     media = {}
     if audio is not None:
         media = {k: batch[k] for k in ("input_features", "feature_attention_mask")}
+    if image is not None:
+        media |= {k: batch[k] for k in ("pixel_values", "image_grid_thw")}
     with torch.no_grad():
         out = parts.model.generate(
             input_ids=batch["input_ids"],
@@ -89,18 +99,23 @@ def _reference(parts, text: str | None, audio: np.ndarray | None):
 
 
 TURNS = {
-    "text": ("Tell me about the weather on the coast today.", None),
-    "other text": ("Count the colours of a rainbow.", None),
-    "speech": (None, 10.5),  # one whole 8 s window, then a tail, then the end of the turn
+    "text": ("Tell me about the weather on the coast today.", None, False),
+    "other text": ("Count the colours of a rainbow.", None, False),
+    "speech": (None, 10.5, False),  # one whole 8 s window, then a tail, then the turn's end
+    # an image: its features go in at the input and (deepstack) into the first layers
+    "image": ("What is in this picture?", None, True),
 }
 
 
 @pytest.mark.parametrize("name", list(TURNS))
 def test_reply_and_logits_equal_generate(parts, name):
-    text, seconds = TURNS[name]
+    text, seconds, with_image = TURNS[name]
     audio = _speech(seconds, seed=1) if seconds else None
+    image = picture(120, 160, seed=3) if with_image else None
 
     def turn(conv):
+        if image is not None:
+            conv.add_image(image)
         if audio is not None:
             for piece in np.array_split(audio, 17):  # as a call's audio frames arrive
                 conv.append_audio(piece)
@@ -108,7 +123,7 @@ def test_reply_and_logits_equal_generate(parts, name):
             conv.add_text(text)
 
     tokens, logits, prompt, rows = _streamed(parts, turn)
-    reference, reference_prompt = _reference(parts, text, audio)
+    reference, reference_prompt = _reference(parts, text, audio, image)
     assert prompt == reference_prompt
     generated = reference.sequences[0, len(reference_prompt) :].tolist()
     assert tokens == generated
@@ -125,10 +140,11 @@ def test_reply_and_logits_equal_generate(parts, name):
     prefill = reference.hidden_states[0]
     embeds = torch.cat([prefill[0]] + [h[0] for h in reference.hidden_states[1:]], dim=1)[0]
     accept = torch.cat([prefill[layer]] + [h[layer] for h in reference.hidden_states[1:]], dim=1)[0]
-    audio_rows = ids == parts.model.config.audio_token_id
-    expected = torch.where(audio_rows[:, None], accept, embeds)
+    config = parts.model.config
+    media_rows = (ids == config.audio_token_id) | (ids == config.image_token_id)
+    expected = torch.where(media_rows[:, None], accept, embeds)
     assert (sent - expected).abs().max() < LOGITS_TOLERANCE
-    assert audio_rows.any() == (audio is not None)
+    assert media_rows.any() == (audio is not None or image is not None)
 
 
 def test_two_turns_differ(parts):
@@ -137,8 +153,8 @@ def test_two_turns_differ(parts):
     assert first != second
 
 
-def test_images_are_refused_with_a_clear_error(parts):
+def test_camera_frames_are_refused_with_a_clear_error(parts):
     kv = KVSlots.for_model(parts.model.config.text_config, 1, 256, torch.device("cpu"), torch.float32)
     conv = thinker_conversation(parts.model, parts.processor, lambda rows: None, kv)
-    with pytest.raises(ValueError, match="images and video are not served for Qwen3-Omni"):
-        conv.add_image(np.zeros((32, 32, 3), np.uint8))
+    with pytest.raises(ValueError, match="camera frames are not served for Qwen3-Omni"):
+        conv.append_video_frame(np.zeros((32, 32, 3), np.uint8))

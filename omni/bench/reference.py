@@ -194,7 +194,8 @@ class ReferenceConversation:
 
     def _qwen3_inputs(self) -> dict:
         """Qwen3-Omni's processor does not pad audio to 30 s: each clip's log-mel has its own
-        length, so several clips are right-padded to the longest (their masks say how long)."""
+        length, so several clips are right-padded to the longest (their masks say how long).
+        Video is not here: the engine does not take it for Qwen3-Omni yet."""
         kwargs: dict = {"input_ids": torch.tensor([self.ids])}
         m = self.media
         if m.features:
@@ -205,6 +206,9 @@ class ReferenceConversation:
             kwargs["feature_attention_mask"] = torch.stack(
                 [torch.nn.functional.pad(k, (0, longest - k.shape[-1])) for k in m.feature_masks]
             )
+        if m.pixel_values:  # the thinker takes the pixels, the talker the grids (its positions)
+            kwargs["pixel_values"] = torch.cat(m.pixel_values)
+            kwargs["image_grid_thw"] = torch.cat(m.image_grids)
         return kwargs
 
     def _eos(self) -> list[int]:

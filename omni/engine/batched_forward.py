@@ -47,6 +47,9 @@ class Row:
     slot: int
     embeds: torch.Tensor  # (n, E): the stack's input embeddings for this row's new tokens
     positions: torch.Tensor  # (3, n) TMRoPE positions
+    # Qwen3-Omni's image features for its first layers: (layers, n, E), and which rows have them
+    deepstack: torch.Tensor | None = None
+    deepstack_rows: torch.Tensor | None = None  # (n,) bool
 
 
 class _StepCache:
@@ -170,6 +173,7 @@ class BatchedForward:
             attention_mask=self._masks(mask),
             use_cache=False,
             **{self._cache_kw: cache},
+            **_deepstack(rows, width),
         )
         for row, start, n in zip(rows, starts, counts):
             kv.lengths[row.slot] = start + n
@@ -231,6 +235,25 @@ class BatchedForward:
         for row, start in zip(rows, starts):
             kv.lengths[row.slot] = start + 1
         return [hidden[b] for b in range(len(rows))]
+
+
+def _deepstack(rows: list[Row], width: int) -> dict:
+    """The stack's deepstack arguments (Qwen3-Omni's text model adds each layer's features at
+    the visual positions, in row-major order): none when no row has any."""
+    if all(row.deepstack is None for row in rows):
+        return {}
+    device = rows[0].embeds.device
+    where = torch.zeros(len(rows), width, dtype=torch.bool, device=device)
+    features: list[torch.Tensor] = []
+    for b, row in enumerate(rows):
+        if row.deepstack is not None:
+            visual = row.deepstack_rows.to(device)
+            where[b, : visual.shape[0]] = visual
+            features.append(row.deepstack[:, visual])
+    return {
+        "visual_pos_masks": where,
+        "deepstack_visual_embeds": list(torch.cat(features, dim=1)),
+    }
 
 
 def key_bucket(n: int, max_len: int) -> int:

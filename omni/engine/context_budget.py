@@ -48,6 +48,7 @@ class Span:
     end: int
     positions: torch.Tensor  # (3, n) TMRoPE positions, on the CPU
     embeds: torch.Tensor | None = None  # audio/vision input embeddings, for a recompute
+    deepstack: torch.Tensor | None = None  # (layers, n, E) Qwen3-Omni image features, too
 
     @property
     def size(self) -> int:

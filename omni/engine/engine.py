@@ -358,11 +358,15 @@ class OmniEngine:
     async def append_video_frame(
         self, session_id: str, rgb: np.ndarray, timestamp: float | None = None
     ) -> None:
-        if not self.family.vision:  # a video call goes on as a voice call, told so once
+        if not self.family.video:  # a video call goes on as a voice call, told so once
             session = self._session(session_id, restarting_ok=True)
             if not session.video_refused:
                 session.video_refused = True
-                self._notify(session, f"camera frames are not used: {self._no_vision()}")
+                self._notify(
+                    session,
+                    f"camera frames are not used: the served {self.family.name} checkpoint "
+                    "takes no video yet (images and speech it does)",
+                )
             return
         self._add_input(
             session_id,
@@ -370,12 +374,7 @@ class OmniEngine:
         )
 
     async def add_image(self, session_id: str, rgb: np.ndarray) -> None:
-        if not self.family.vision:
-            raise EngineError(f"images are not accepted: {self._no_vision()}")
         self._add_input(session_id, lambda: p.AddImage(session_id, p.Array.of(_rgb(rgb))))
-
-    def _no_vision(self) -> str:
-        return f"the served {self.family.name} checkpoint takes no images or video yet"
 
     async def add_text(self, session_id: str, text: str) -> None:
         self._add_input(session_id, lambda: p.AddText(session_id, text))

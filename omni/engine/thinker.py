@@ -127,6 +127,8 @@ class _Segment:
     multimodal: bool  # audio/image/video placeholders: zeroed in the talker's embedding half
     reply_token: bool = False  # a reply token chosen but not yet run
     logits_for: Reply | None = None  # the last row's logits are this reply's next-token logits
+    # (layers, n, E) Qwen3-Omni image features added into the first LLM layers (thinker_family)
+    deepstack: torch.Tensor | None = None
     done: int = 0
 
     @property
@@ -142,6 +144,8 @@ class _Take:
     positions: torch.Tensor
     multimodal: torch.Tensor  # (n,) bool
     logits_at: list[tuple[int, Reply]]
+    deepstack: torch.Tensor | None = None  # (layers, n, E), zero where a row has none
+    deepstack_rows: torch.Tensor | None = None  # (n,) bool: the rows that have them
 
 
 class ThinkerConversation:
@@ -231,18 +235,26 @@ class ThinkerConversation:
         self._prefill_text(self.encode_text(text))
 
     def add_image(self, rgb: np.ndarray) -> None:
-        self._check_vision()
         turn = self._open_turn()
         turn.inputs.append(("add_image", (rgb,)))
         self._close_audio_span(turn)
         pixels, grid = image_to_patches(rgb, self.processor_config)
         grid_t = torch.tensor([grid], device=self.device)
         pixels_t = torch.from_numpy(pixels).to(self.device)
-        embeds = torch.cat(self.model.model.get_image_features(pixels_t, grid_t).pooler_output)
+        features = self.model.model.get_image_features(pixels_t, grid_t)
+        embeds = torch.cat(features.pooler_output)
+        deepstack = None
+        if self.family.deepstack:  # (layers, n, E): one image's features per deepstack layer
+            deepstack = torch.stack([layer[0] for layer in features.deepstack_features])
+            deepstack = deepstack.to(self.dtype)
         n = embeds.shape[0]
         self._prefill_text([self.ids.vision_bos])
         self._prefill(
-            [self.ids.image] * n, embeds.to(self.dtype), self.positions.vision(grid), multimodal=True
+            [self.ids.image] * n,
+            embeds.to(self.dtype),
+            self.positions.vision(grid),
+            multimodal=True,
+            deepstack=deepstack,
         )
         self._prefill_text([self.ids.vision_eos])
 
@@ -254,7 +266,11 @@ class ThinkerConversation:
         the speech starts counts from its time too: the earliest frame stands for the speech's
         first instants until a nearer one comes, as an unstamped one would.
         """
-        self._check_vision()
+        if not self.family.video:
+            raise ValueError(
+                f"camera frames are not served for {self.family.name} checkpoints yet (its "
+                "video with audio is not in the thinker's chunker)"
+            )
         turn = self._open_turn()
         turn.inputs.append(("append_video_frame", (rgb, timestamp)))
         if turn.mel is not None and turn.chunker is None:
@@ -419,6 +435,7 @@ class ThinkerConversation:
     def take(self, n: int) -> _Take:
         """Dequeue the next `n` rows (whole or part segments) for this step."""
         embeds, positions, multimodal, logits_at = [], [], [], []
+        deepstack: list[torch.Tensor | None] = []
         got = 0
         while got < n:
             seg = self.pending[0]
@@ -426,13 +443,27 @@ class ThinkerConversation:
             embeds.append(seg.embeds[seg.done : seg.done + k])
             positions.append(seg.positions[:, seg.done : seg.done + k])
             multimodal.append(torch.full((k,), seg.multimodal))
+            deepstack.append(None if seg.deepstack is None else seg.deepstack[:, seg.done : seg.done + k])
             seg.done += k
             got += k
             if seg.left == 0:
                 self.pending.popleft()
                 if seg.logits_for is not None:
                     logits_at.append((got - 1, seg.logits_for))
-        return _Take(torch.cat(embeds), torch.cat(positions, dim=1), torch.cat(multimodal), logits_at)
+        take = _Take(torch.cat(embeds), torch.cat(positions, dim=1), torch.cat(multimodal), logits_at)
+        if any(d is not None for d in deepstack):
+            layers, _, dim = next(d for d in deepstack if d is not None).shape
+            take.deepstack = torch.cat(
+                [
+                    e.new_zeros(layers, e.shape[0], dim) if d is None else d
+                    for e, d in zip(embeds, deepstack)
+                ],
+                dim=1,
+            )
+            take.deepstack_rows = torch.cat(
+                [torch.full((e.shape[0],), d is not None) for e, d in zip(embeds, deepstack)]
+            )
+        return take
 
     def drop_pending(self) -> None:
         """Forget queued rows that could not run (a failed step): the conversation is what ran."""
@@ -560,7 +591,8 @@ class ThinkerConversation:
                 inputs = s.embeds.to(self.device)
             else:
                 inputs = embed(tokens[s.start : s.end])
-            self.pending.append(_Segment(inputs, s.positions, s.embeds is not None))
+            deepstack = None if s.deepstack is None else s.deepstack.to(self.device)
+            self.pending.append(_Segment(inputs, s.positions, s.embeds is not None, deepstack=deepstack))
         if waiting:
             self.pending[-1].logits_for = waiting[-1]
         if closing:
@@ -598,7 +630,13 @@ class ThinkerConversation:
     def _multimodal_kind(self, token: int) -> str:
         return {self.ids.audio: "audio", self.ids.image: "image"}.get(token, "video")
 
-    def _record(self, kind: str, positions: torch.Tensor, embeds: torch.Tensor | None) -> None:
+    def _record(
+        self,
+        kind: str,
+        positions: torch.Tensor,
+        embeds: torch.Tensor | None,
+        deepstack: torch.Tensor | None = None,
+    ) -> None:
         """Note in the ledger what the rows about to be queued are (text runs of one
         exchange join one span; each audio chunk, grid step and image is a span of its own)."""
         n = positions.shape[1]
@@ -617,7 +655,10 @@ class ThinkerConversation:
             return
         # audio/vision embeddings wait for a recompute in host memory, not on the GPU
         kept = None if embeds is None else embeds.to("cpu", non_blocking=True)
-        self.ledger.append(Span(kind, self.exchange, start, start + n, positions.cpu(), kept))
+        kept_deepstack = None if deepstack is None else deepstack.to("cpu", non_blocking=True)
+        self.ledger.append(
+            Span(kind, self.exchange, start, start + n, positions.cpu(), kept, kept_deepstack)
+        )
 
     def _truncate_tokens(self, length: int) -> None:
         """The conversation ends at `length` tokens: the token list and the ledger."""
@@ -630,6 +671,8 @@ class ThinkerConversation:
             last.end, last.positions = length, last.positions[:, :keep]
             if last.embeds is not None:
                 last.embeds = last.embeds[:keep]
+            if last.deepstack is not None:
+                last.deepstack = last.deepstack[:, :keep]
 
     # -- internals ------------------------------------------------------------------------
 
@@ -638,13 +681,6 @@ class ThinkerConversation:
             return []
         ids = self.ids
         return [ids.im_start, *ids.system, ids.newline, *self.encode_text(text), ids.im_end, ids.newline]
-
-    def _check_vision(self) -> None:
-        if not self.family.vision:
-            raise ValueError(
-                f"images and video are not served for {self.family.name} checkpoints yet "
-                "(its deepstack vision features are not in the batched step)"
-            )
 
     def _open_turn(self) -> _Turn:
         if self.turn is None:
@@ -772,15 +808,19 @@ class ThinkerConversation:
         reply_token: bool = False,
         logits_for: Reply | None = None,
         kind: str = "text",
+        deepstack: torch.Tensor | None = None,
     ) -> None:
         """Queue `tokens` (with their input embeddings) for the LLM; a step runs them."""
         if not tokens:
             return
         ids = torch.tensor(tokens, device=self.device)
         inputs = self.model.get_input_embeddings()(ids) if embeds is None else embeds
-        self._record(self._multimodal_kind(tokens[0]) if multimodal else kind, positions, embeds)
+        kind = self._multimodal_kind(tokens[0]) if multimodal else kind
+        self._record(kind, positions, embeds, deepstack)
         self.tokens.append(ids)
-        self.pending.append(_Segment(inputs, positions, multimodal, reply_token, logits_for))
+        self.pending.append(
+            _Segment(inputs, positions, multimodal, reply_token, logits_for, deepstack)
+        )
 
     def _rollback(self, length: int, next_position: int) -> None:
         drop = len(self.tokens) - length
@@ -792,6 +832,8 @@ class ThinkerConversation:
             else:
                 keep = seg.embeds.shape[0] - drop
                 seg.embeds, seg.positions = seg.embeds[:keep], seg.positions[:, :keep]
+                if seg.deepstack is not None:
+                    seg.deepstack = seg.deepstack[:, :keep]
                 drop = 0
         self.kv.crop(self.slot, length)
         self._truncate_tokens(length)
@@ -856,7 +898,9 @@ class ThinkerStage:
         convs = [conversations[key] for key, _ in plan]
         starts = [conv.cached for conv in convs]
         takes = [conv.take(n) for conv, (_, n) in zip(convs, plan)]
-        hidden = self.forward([Row(c.slot, t.embeds, t.positions) for c, t in zip(convs, takes)])
+        hidden = self.forward(
+            [Row(c.slot, t.embeds, t.positions, t.deepstack, t.deepstack_rows) for c, t in zip(convs, takes)]
+        )
         layers = self.forward.kept or [None] * len(hidden)
         result.ran = True
         wanting: list[tuple[str, Reply, torch.Tensor]] = []

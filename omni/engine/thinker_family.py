@@ -15,8 +15,12 @@ streamed prefill, replies, truncation, the context budget. What differs:
   reads the token's embedding (zeroed for audio/image/video placeholders) plus the last hidden
   state; Qwen3-Omni's reads the embedding of a text token and the `accept_hidden_layer` state
   of a multimodal one (generate()'s `_get_talker_user_parts`);
-- images and video: Qwen3-Omni adds its vision encoder's deepstack features into the first
-  LLM layers, which the batched step does not do yet, so a Qwen3-Omni session refuses them.
+- images: Qwen3-Omni also adds its vision encoder's deepstack features into the first LLM
+  layers at the image's positions (the batched step passes them to its text model, as
+  generate() does); `deepstack` says whether a family has them;
+- video: Qwen3-Omni interleaves a video's audio and frames on its own timeline (13 positions
+  a second, not Qwen2.5-Omni's 25), which the thinker's video chunker does not do yet, so a
+  Qwen3-Omni session refuses camera frames.
 """
 
 from __future__ import annotations
@@ -51,14 +55,15 @@ class ThinkerFamily:
     # the talker reads a middle layer's states of multimodal tokens (its config's
     # accept_hidden_layer, which ThinkerStage is given) rather than the last hidden state
     talker_reads_layer: bool
+    deepstack: bool  # image features added into the first LLM layers too
 
     @property
     def name(self) -> str:
         return self.family.name
 
     @property
-    def vision(self) -> bool:
-        return self.family.vision
+    def video(self) -> bool:
+        return self.family.video
 
     def system_prompt(self, instructions: str | None) -> str:
         """The system turn's text ("": no system turn)."""
@@ -95,6 +100,7 @@ def thinker_family(thinker: torch.nn.Module) -> ThinkerFamily:
             frames_per_chunk=audio.n_window_infer,
             audio_tokens=lambda n: int(qwen3_audio_tokens(torch.tensor(n), audio.n_window)),
             talker_reads_layer=True,
+            deepstack=True,
         )
     return ThinkerFamily(
         family=QWEN2_5_OMNI,
@@ -102,4 +108,5 @@ def thinker_family(thinker: torch.nn.Module) -> ThinkerFamily:
         frames_per_chunk=QWEN2_5_FRAMES_PER_CHUNK,
         audio_tokens=lambda n: int(qwen2_5_audio_tokens(torch.tensor(n))),
         talker_reads_layer=False,
+        deepstack=False,
     )
