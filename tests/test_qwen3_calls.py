@@ -65,9 +65,11 @@ async def test_sdk_spoken_turn_barge_in_and_truncation(server: RunningServer) ->
 async def test_sdk_an_image_and_a_typed_question(server: RunningServer) -> None:
     async with server.client().realtime.connect(model="qwen3-omni") as conn:
         await conn.recv()
-        await conn.session.update(session={"type": "realtime", "output_modalities": ["text"]})
+        await conn.session.update(
+            session={"type": "realtime", "output_modalities": ["text"], "max_output_tokens": 16}
+        )
         content = [
-            {"type": "input_image", "image_url": data_url(image_bytes())},
+            {"type": "input_image", "image_url": data_url(image_bytes(256, 192))},
             {"type": "input_text", "text": "What is in this picture?"},
         ]
         await conn.conversation.item.create(item={"type": "message", "role": "user", "content": content})
@@ -76,7 +78,8 @@ async def test_sdk_an_image_and_a_typed_question(server: RunningServer) -> None:
     assert "error" not in {e.type for e in events}
     done = events[-1].response
     assert done.status == "completed" and done.output[0].content[0].text
-    assert done.usage.input_tokens > 20  # the image's tokens were in the prompt
+    # the image's 48 tokens (16 x 12 patches of 16 px, merged 2 x 2) were in the prompt
+    assert done.usage.input_tokens > 48
 
 
 async def test_webrtc_spoken_turn_then_barge_in(server: RunningServer) -> None:
