@@ -75,6 +75,7 @@ class SessionReply:
     session: int
     done: ReplyDone
     last_text_ms: float | None  # from the ask to the last text delta
+    talker_tokens: int  # codes (Qwen2.5-Omni) or frames of 16 codes (Qwen3-Omni)
 
 
 @dataclass
@@ -85,11 +86,10 @@ class PassResult:
     start: str
     wall_s: float
     replies: list[SessionReply]
-    codebooks: int = 1  # codes per talker token: a Qwen3-Omni frame has 16
 
     def summary(self) -> dict:
         # codec tokens are talker tokens: Qwen2.5-Omni codes, Qwen3-Omni frames
-        codes = sum(len(r.done.codec_tokens) for r in self.replies) / self.codebooks
+        codes = sum(r.talker_tokens for r in self.replies)
         first_audio = [r.done.timings.first_audio_ms or 0.0 for r in self.replies]
         rtf = [(r.done.timings.total_ms or 0.0) / _speech_ms(r.done) for r in self.replies]
         return {
@@ -120,7 +120,7 @@ def _minus(a: float | None, b: float | None) -> float | None:
 def _tail_per_code(reply: SessionReply) -> float | None:
     t = reply.done.timings
     tail = _minus(t.total_ms, t.first_codec_ms)
-    codes = len(reply.done.codec_tokens)
+    codes = reply.talker_tokens
     return None if tail is None or not codes else tail / codes
 
 
@@ -135,10 +135,13 @@ STAGES: dict[str, tuple[str, Callable[[SessionReply], float | None]]] = {
     # from the ask, not from the first text: a text delta waits for whole UTF-8 characters
     "talker_first_code_ms": ("talker: ask to first code", lambda r: r.done.timings.first_codec_ms),
     "first_chunk_ms": (
-        "Token2Wav: first code to first audio (codes for one chunk + its decode)",
+        "vocoder: first code to first audio (codes for one chunk + its decode)",
         lambda r: _minus(r.done.timings.first_audio_ms, r.done.timings.first_codec_ms),
     ),
-    "tail_ms_per_code": ("talker steps + Token2Wav, overlapped, per code", _tail_per_code),
+    "tail_ms_per_code": (
+        "talker steps + vocoder, overlapped, per talker token",
+        _tail_per_code,
+    ),
 }
 
 
@@ -164,7 +167,7 @@ async def _reply(
     assert done is not None
     if done.status != "completed":
         raise RuntimeError(f"session {session}'s reply {done.status}: {done.error}")
-    return SessionReply(session, done, last_text)
+    return SessionReply(session, done, last_text, len(done.codec_tokens) // engine.family.codebooks)
 
 
 async def _pass(
@@ -196,7 +199,7 @@ async def _run_mode(
         for sessions in counts:
             for start, spread in (("together", 0.0), ("staggered", stagger_s)):
                 wall, replies = await _pass(engine, sessions, spread, options)
-                results.append(PassResult(mode, start, wall, replies, engine.family.codebooks))
+                results.append(PassResult(mode, start, wall, replies))
                 # a line per run as it ends: what is measured survives a run cut short
                 line = f"  {sessions} session(s), {mode}, {start}: {_line(results[-1].summary())}"
                 print(line, flush=True)
