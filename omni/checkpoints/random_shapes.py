@@ -10,8 +10,9 @@ talker processes and the bench's reference all get the same weights.
 `--shape tiny` writes the tiny checkpoint's config instead, for CPU tests of the same path.
 `--shape qwen3-30b-a3b` (and `tiny-qwen3`) does the same for Qwen3-Omni-30B-A3B-Instruct: its
 config.json, the tiny Qwen3 checkpoint's tokenizer and processor files (its voices are in the
-config), the marker. `load_whole` (parts.py) builds the whole model from it on the device: the
-Qwen3 path has one process (no engine workers yet). At the real shapes that is 35.3 B
+config), the marker. `load_whole` (parts.py) builds the whole model from it on the device, for
+the in-process Qwen3 bench (`bench engine --in-process`; the workers build parts only from a
+Qwen2.5 random-shapes checkpoint). At the real shapes that is 35.3 B
 parameters, 70.5 GB in bfloat16: it fits one 80 GB or larger GPU (an H200 has 139 GB).
 
     python -m omni.checkpoints.random_shapes DIR [--shape 7b|tiny|qwen3-30b-a3b|tiny-qwen3]
