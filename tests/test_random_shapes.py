@@ -36,8 +36,8 @@ from omni.checkpoints.random_shapes import (
     write_random_checkpoint,
 )
 from omni.checkpoints.tiny_weights import SPEAKERS, VOCODER_CODES
-from omni.engine.api import SAMPLES_PER_CODE, ReplyDone, ReplyOptions, SessionOptions
-from omni.engine.engine import EngineConfig, running_engine
+from omni.engine.api import SAMPLES_PER_CODE, EngineError, ReplyDone, ReplyOptions, SessionOptions
+from omni.engine.engine import EngineConfig, OmniEngine, running_engine
 
 LENGTHS = dict(max_text_tokens=4, min_text_tokens=4, max_codec_tokens=24, min_codec_tokens=24)
 
@@ -130,6 +130,10 @@ def test_random_qwen3_checkpoint_loads_the_same_weights_every_time(tmp_path):
     experts = first.talker.model.layers[0].mlp.experts
     assert 0.01 < float(experts.gate_up_proj.std()) < 0.03  # drawn, not left torch.empty
     assert load_whole(path, "cpu", torch.bfloat16).dtype == torch.bfloat16
+    # its parts are built whole, in one process: the engine says so instead of starting workers
+    engine = OmniEngine(EngineConfig(model_path=str(path)))
+    with pytest.raises(EngineError, match="runs in one process only: omni bench engine --in-process"):
+        asyncio.run(engine.start())
 
 
 def test_checkpoint_is_a_config_and_no_weights(random_tiny, tmp_path):
