@@ -14,6 +14,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from omni.bench.engine import EngineBench
 from omni.cli import main
 from test_bench_sessions import bench_env
@@ -52,6 +54,7 @@ def test_sessions_bench_batches_qwen3_and_matches_generate(tiny_qwen3_checkpoint
         assert result[mode]["codec_tokens_per_s"] > 0
 
 
+@pytest.mark.slow  # tests/test_gpu_check.py's tiny run runs the same command (its part 2)
 def test_in_process_bench_matches_generate_and_streams_sooner(tiny_qwen3_checkpoint: Path, tmp_path):
     out = tmp_path / "qwen3.json"
     done = _bench(tiny_qwen3_checkpoint, out, "--in-process")

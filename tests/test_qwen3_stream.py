@@ -195,6 +195,8 @@ def test_audio_starts_after_the_first_frames_and_text_leads_speech(model):
     ]
 
 
+# slow: tests/test_qwen3_vocoder.py holds the exact case past the context (166 frames) by default
+@pytest.mark.slow
 def test_code2wav_stream_is_exact_with_its_left_context_and_not_with_less(model):
     """Long random codes (beyond the attention window): exact with exact_left_context()."""
     code2wav = model.code2wav
