@@ -34,6 +34,7 @@ from omni.engine.api import (
 from omni.engine.engine import EngineConfig, OmniEngine
 
 TEXT_TOKENS = 10
+BUDGET = 200  # context tokens of the budget test's session
 FRAMES = 24
 CODEBOOKS = 16
 # the reference's tolerance plus int16's step on the wire (full scale here)
@@ -58,8 +59,9 @@ async def _reply(engine: OmniEngine, session: str, options: ReplyOptions | None 
     return done, torch.from_numpy(pcm.astype(np.float32) / 32767)
 
 
-def _engine(checkpoint) -> OmniEngine:
-    return OmniEngine(EngineConfig(model_path=str(checkpoint), kv_slots=4, max_context_tokens=4096))
+def _engine(checkpoint, **config) -> OmniEngine:
+    config = {"kv_slots": 4, "max_context_tokens": 4096} | config
+    return OmniEngine(EngineConfig(model_path=str(checkpoint), **config))
 
 
 TURNS = {
@@ -125,14 +127,16 @@ def test_three_sessions_at_once_equal_generate(tiny_qwen3_checkpoint):
     assert len(replies) == 6  # every turn has a reply of its own: the evidence can fail
 
 
-def test_barge_in_truncation_and_refused_camera_frames(tiny_qwen3_checkpoint):
+def test_barge_in_truncation_camera_frames_and_the_context_budget(tiny_qwen3_checkpoint):
     errors: list[str] = []
 
     async def on_error(message: str) -> None:
         errors.append(message)
 
     async def call() -> None:
-        engine = _engine(tiny_qwen3_checkpoint)
+        # a small budget, so a few turns reach it: old content is evicted from the thinker's
+        # and the talker's KV (thinker.py, qwen3_talker.py) and the call goes on
+        engine = _engine(tiny_qwen3_checkpoint, context_budget_tokens=BUDGET, reply_reserve_tokens=256)
         await engine.start()
         try:
             await engine.open_session("s", SessionOptions(voice="Chelsie", on_error=on_error))
@@ -160,6 +164,16 @@ def test_barge_in_truncation_and_refused_camera_frames(tiny_qwen3_checkpoint):
             await asyncio.sleep(0.1)
             assert [e for e in errors if "camera frames are not used" in e] == errors
             assert len(errors) == 1
+            # past the budget: every turn is still answered, with speech
+            said = 0  # tokens these turns add: more than the whole budget
+            for turn in range(6):
+                await engine.add_text("s", f"Tell me more, part {turn}, about the long coast road.")
+                more, wav = await _reply(engine, "s")
+                assert more.status == "completed" and wav.numel() > 0, more.error
+                said += more.input_tokens + more.text_tokens
+            assert said > BUDGET
+            await asyncio.sleep(0.5)  # a heartbeat reports the context
+            assert 0 < engine.context_tokens["s"] <= BUDGET
             # an unknown voice names the known ones
             unknown, _ = await _reply(engine, "s", _options(voice="Nobody"))
             assert unknown.status == "failed" and "Ethan" in (unknown.error or "")
