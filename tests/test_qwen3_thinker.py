@@ -14,11 +14,16 @@ import torch
 
 from engine_helpers import thinker_conversation
 from test_engine_reference import picture
+from omni.bench.reference import interleave_video_audio
 from omni.checkpoints.parts import load_thinker
 from omni.engine.kv_memory import KVSlots
 from omni.engine.protocol import ContextRows
 from omni.engine.scheduler import StepScheduler
 from omni.engine.thinker import ThinkerStage
+from omni.engine.vision import VideoPatcher
+from transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe import (
+    _get_feat_extract_output_lengths,
+)
 
 LOGITS_TOLERANCE = 1e-4
 MAX_TOKENS = 10
@@ -153,8 +158,69 @@ def test_two_turns_differ(parts):
     assert first != second
 
 
-def test_camera_frames_are_refused_with_a_clear_error(parts):
-    kv = KVSlots.for_model(parts.model.config.text_config, 1, 256, torch.device("cpu"), torch.float32)
-    conv = thinker_conversation(parts.model, parts.processor, lambda rows: None, kv)
-    with pytest.raises(ValueError, match="camera frames are not served for Qwen3-Omni"):
-        conv.append_video_frame(np.zeros((32, 32, 3), np.uint8))
+def _video_reference(parts, audio: np.ndarray, frames: list[np.ndarray]):
+    """generate() on one user turn of a video with its audio. The prompt is the chat
+    template's, its video placeholder expanded by the processor's own interleaving
+    (`replace_video_with_audio_token`); the frames are patched by the engine's VideoPatcher
+    (shared code: the processor's video path needs torchvision, absent here)."""
+    processor = parts.processor
+    patcher = VideoPatcher(448, processor.image_processor.to_dict())
+    steps = [s for s in map(patcher.push, frames) if s is not None]
+    grid = torch.tensor([[len(steps), *steps[0].grid_thw[1:]]])
+    feats = processor.feature_extractor(
+        audio, sampling_rate=16000, padding=True, truncation=False, return_attention_mask=True,
+        return_tensors="pt",
+    )  # fmt: skip
+    n_audio = int(_get_feat_extract_output_lengths(torch.tensor(audio.size // 160), 50))
+    placeholder = interleave_video_audio(
+        processor,
+        {"video_grid_thw": grid, "video_second_per_grid": [1.0]},
+        {"num_audio_tokens": [n_audio]},
+        patcher.merge_size,
+        position_id_per_seconds=parts.model.config.position_id_per_seconds,
+    )
+    prompt = processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "video"}]}], add_generation_prompt=True, tokenize=False
+    ).replace(processor.video_token, placeholder)
+    ids = processor.tokenizer(prompt, return_tensors="pt").input_ids
+    with torch.no_grad():
+        out = parts.model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            input_features=feats["input_features"],
+            feature_attention_mask=feats["attention_mask"],
+            pixel_values_videos=torch.from_numpy(np.concatenate([s.pixel_values for s in steps])),
+            video_grid_thw=grid,
+            video_second_per_grid=torch.tensor([1.0]),
+            use_audio_in_video=True,
+            max_new_tokens=MAX_TOKENS,
+            do_sample=False,
+            eos_token_id=[151645, 151643],
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
+    return out, ids[0].tolist()
+
+
+def test_a_video_with_its_audio_equals_generate(parts):
+    """Camera frames while the caller talks: each grid step (2 frames, 1 s) goes before the
+    audio token at its start time, 13 positions a second, with the audio in 8 s windows."""
+    audio = _speech(10.5, seed=2)
+    frames = [picture(96, 128, seed=20 + i) for i in range(22)]  # 2 a second
+
+    def turn(conv):
+        for frame in frames[:2]:  # frames before the speech make the speech a video
+            conv.append_video_frame(frame)
+        pieces = np.array_split(audio, 21)
+        for i, piece in enumerate(pieces):
+            conv.append_audio(piece)
+            if 2 * (i + 1) < len(frames):
+                conv.append_video_frame(frames[2 * (i + 1)])
+                conv.append_video_frame(frames[2 * (i + 1) + 1])
+
+    tokens, logits, prompt, _ = _streamed(parts, turn)
+    reference, reference_prompt = _video_reference(parts, audio, frames)
+    assert prompt == reference_prompt
+    assert tokens == reference.sequences[0, len(reference_prompt) :].tolist()
+    for step, (mine, theirs) in enumerate(zip(logits, reference.logits)):
+        assert (mine - theirs[0].float()).abs().max() < LOGITS_TOLERANCE, step

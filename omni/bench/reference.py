@@ -255,20 +255,29 @@ class ReferenceConversation:
         self.use_audio_in_video = True
         audio_inputs = {"num_audio_tokens": [num_audio_tokens(len(audio))]}
         video_inputs = {"video_grid_thw": grid, "video_second_per_grid": [2 / FPS]}
-        return _interleave(self.processor, video_inputs, audio_inputs, patcher.merge_size)
+        return interleave_video_audio(
+            self.processor,
+            video_inputs,
+            audio_inputs,
+            patcher.merge_size,
+            position_id_per_seconds=25,
+            seconds_per_chunk=2.0,
+        )
 
 
-def _interleave(processor, video_inputs: dict, audio_inputs: dict, merge_size: int) -> str:
+def interleave_video_audio(
+    processor, video_inputs: dict, audio_inputs: dict, merge_size: int, **timing: float
+) -> str:
     """Call the processor's own replace_video_with_audio_token (it reads the video
-    processor's merge_size, which a processor without torchvision lacks)."""
+    processor's merge_size, which a processor without torchvision lacks); `timing`: its
+    family's keywords (Qwen2.5-Omni: 25 positions a second, 2 s chunks; Qwen3-Omni's
+    position_id_per_seconds)."""
     video_processor = processor.video_processor
     had = hasattr(video_processor, "merge_size")
     if not had:
         video_processor.merge_size = merge_size
     try:
-        return processor.replace_video_with_audio_token(
-            video_inputs, 0, audio_inputs, 0, position_id_per_seconds=25, seconds_per_chunk=2.0
-        )
+        return processor.replace_video_with_audio_token(video_inputs, 0, audio_inputs, 0, **timing)
     finally:
         if not had:
             del video_processor.merge_size

@@ -22,9 +22,6 @@ class Family:
     # speech per talker token: a Qwen2.5 code (one codebook) or a Qwen3 frame (16 codebooks)
     codec_token_ms: int
     codebooks: int  # codes per talker token, as the talker sends them on
-    # camera frames served (Qwen3-Omni's video with its audio is not in the thinker yet:
-    # omni/engine/thinker_family.py); images are, in both
-    video: bool
     # the talker's sampling in transformers' generate() (temperature 0.9 in both)
     talker_top_k: int
     talker_top_p: float
@@ -37,7 +34,6 @@ QWEN2_5_OMNI = Family(
     speakers_file=True,
     codec_token_ms=20,
     codebooks=1,
-    video=True,
     talker_top_k=40,
     talker_top_p=0.8,
 )
@@ -50,7 +46,6 @@ QWEN3_OMNI = Family(
     speakers_file=False,
     codec_token_ms=80,
     codebooks=16,
-    video=False,
     talker_top_k=50,
     talker_top_p=1.0,
 )

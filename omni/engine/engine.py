@@ -145,7 +145,6 @@ class _Session:
     last_spoken: SpokenReply | None = None  # the latest reply, for truncate_reply
     spoken_before: SpokenReply | None = None  # the one before it (a discarded reply's)
     rate: SpeakingRate = field(default_factory=SpeakingRate)
-    video_refused: bool = False  # the caller was told its camera frames are not used
 
 
 class OmniEngine:
@@ -365,16 +364,6 @@ class OmniEngine:
     async def append_video_frame(
         self, session_id: str, rgb: np.ndarray, timestamp: float | None = None
     ) -> None:
-        if not self.family.video:  # a video call goes on as a voice call, told so once
-            session = self._session(session_id, restarting_ok=True)
-            if not session.video_refused:
-                session.video_refused = True
-                self._notify(
-                    session,
-                    f"camera frames are not used: the served {self.family.name} checkpoint "
-                    "takes no video yet (images and speech it does)",
-                )
-            return
         self._add_input(
             session_id,
             lambda: p.AppendFrame(session_id, p.Array.of(_rgb(rgb)), _seconds(timestamp)),

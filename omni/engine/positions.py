@@ -4,14 +4,17 @@ transformers' `get_rope_index` computes (temporal, height, width) positions for 
 sequence at once. Every piece it places starts at the previous maximum + 1, so the same
 positions can be produced incrementally: text and audio advance one position per token,
 an image spreads over its patch grid, and audio inside a video is interleaved with the
-frames in 2-second chunks. The equality with `get_rope_index` is tested.
+frames (Qwen2.5-Omni: in 2-second chunks; Qwen3-Omni: each grid step before the audio token
+at its start time, thinker.py). The equality with `get_rope_index` is tested.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 
-POSITIONS_PER_SECOND = 25  # one audio token is 40 ms
+POSITIONS_PER_SECOND = 25  # Qwen2.5-Omni: one audio token is 40 ms (Qwen3-Omni's config: 13)
 SECONDS_PER_CHUNK = 2
 
 
@@ -40,11 +43,18 @@ class PositionTracker:
         return pos
 
     def vision_grid(
-        self, t: int, h: int, w: int, seconds_per_grid: float, start: int, first_t: int
+        self,
+        t: int,
+        h: int,
+        w: int,
+        seconds_per_grid: float,
+        start: int,
+        first_t: int,
+        per_second: float = POSITIONS_PER_SECOND,
     ) -> torch.Tensor:
         """Positions of temporal grid steps first_t..first_t+t-1 of a vision item starting at `start`."""
         gh, gw = h // self.merge, w // self.merge
-        t_idx = (torch.arange(first_t, first_t + t) * seconds_per_grid * POSITIONS_PER_SECOND).long()
+        t_idx = (torch.arange(first_t, first_t + t) * seconds_per_grid * per_second).long()
         t_pos = t_idx.view(-1, 1).expand(-1, gh * gw).flatten()
         h_pos = torch.arange(gh).view(1, -1, 1).expand(t, -1, gw).flatten()
         w_pos = torch.arange(gw).view(1, 1, -1).expand(t, gh, -1).flatten()
@@ -52,23 +62,29 @@ class PositionTracker:
 
 
 class AudioVideoChunker:
-    """Positions for a live video with its audio, placed as the processor places them:
-    per 2-second chunk, that chunk's video tokens, then that chunk's audio tokens.
+    """Positions for a live video with its audio: the audio one position per token from
+    `start`, each video grid step at its start time (`per_second` positions a second). Which
+    goes first in the sequence is the caller's (thinker.py, per family); this keeps the counts.
 
     `start` is the position right after the paired <|vision_bos|><|audio_bos|>.
     """
 
-    def __init__(self, tracker: PositionTracker, seconds_per_grid: float) -> None:
+    def __init__(
+        self, tracker: PositionTracker, seconds_per_grid: float, per_second: float = POSITIONS_PER_SECOND
+    ) -> None:
         self.tracker = tracker
         self.start = tracker.next
         self.seconds_per_grid = seconds_per_grid
+        self.per_second = per_second
         self.grids_done = 0
         self.audio_done = 0
         # get_rope_index continues after the max of the *last* piece placed, not the overall max
         self.last_piece_max = self.start - 1
 
     def video(self, t: int, h: int, w: int) -> torch.Tensor:
-        pos = self.tracker.vision_grid(t, h, w, self.seconds_per_grid, self.start, self.grids_done)
+        pos = self.tracker.vision_grid(
+            t, h, w, self.seconds_per_grid, self.start, self.grids_done, self.per_second
+        )
         self.grids_done += t
         if t:
             self.last_piece_max = int(pos.max())
@@ -80,6 +96,10 @@ class AudioVideoChunker:
         if n:
             self.last_piece_max = int(pos[-1])
         return pos.view(1, -1).expand(3, -1)
+
+    def grid_audio_index(self, grid: int) -> int:
+        """The audio token at grid step `grid`'s start time (its temporal position)."""
+        return math.ceil(grid * self.seconds_per_grid * self.per_second)
 
     def close(self) -> None:
         self.tracker.next = self.last_piece_max + 1

@@ -243,10 +243,7 @@ class ThinkerConversation:
         pixels_t = torch.from_numpy(pixels).to(self.device)
         features = self.model.model.get_image_features(pixels_t, grid_t)
         embeds = torch.cat(features.pooler_output)
-        deepstack = None
-        if self.family.deepstack:  # (layers, n, E): one image's features per deepstack layer
-            deepstack = torch.stack([layer[0] for layer in features.deepstack_features])
-            deepstack = deepstack.to(self.dtype)
+        deepstack = self._deepstack(features)
         n = embeds.shape[0]
         self._prefill_text([self.ids.vision_bos])
         self._prefill(
@@ -266,11 +263,6 @@ class ThinkerConversation:
         the speech starts counts from its time too: the earliest frame stands for the speech's
         first instants until a nearer one comes, as an unstamped one would.
         """
-        if not self.family.video:
-            raise ValueError(
-                f"camera frames are not served for {self.family.name} checkpoints yet (its "
-                "video with audio is not in the thinker's chunker)"
-            )
         turn = self._open_turn()
         turn.inputs.append(("append_video_frame", (rgb, timestamp)))
         if turn.mel is not None and turn.chunker is None:
@@ -696,8 +688,10 @@ class ThinkerConversation:
         turn.span_start = start
         if turn.frames.pending:
             turn.video = VideoPatcher(self.max_frame_side, self.processor_config)
-            self._prefill([self.ids.vision_bos, self.ids.audio_bos], None, self.positions.repeat_last(2))
-            turn.chunker = AudioVideoChunker(self.positions, seconds_per_grid=2 / VIDEO_FPS)
+            self._prefill([self.ids.vision_bos, self.ids.audio_bos], None, self._paired_positions())
+            turn.chunker = AudioVideoChunker(
+                self.positions, 2 / VIDEO_FPS, self.family.positions_per_second
+            )
         else:
             self._prefill_text([self.ids.audio_bos])
 
@@ -729,7 +723,21 @@ class ThinkerConversation:
             self._prefill_audio_chunk(turn, self._take_frames(turn, n))
         if turn.chunker is not None:
             turn.chunker.close()
-            self._prefill([self.ids.audio_eos, self.ids.vision_eos], None, self.positions.repeat_last(2))
+            self._prefill([self.ids.audio_eos, self.ids.vision_eos], None, self._paired_positions())
+
+    def _deepstack(self, features) -> torch.Tensor | None:
+        """(layers, n, E): one image's or grid step's features per deepstack layer, if the
+        family has them (the vision encoder's output, split per item)."""
+        if not self.family.deepstack:
+            return None
+        return torch.stack([layer[0] for layer in features.deepstack_features]).to(self.dtype)
+
+    def _paired_positions(self) -> torch.Tensor:
+        """The paired vision/audio bos (or eos) of a video with its audio: one position
+        (Qwen2.5-Omni) or one each (Qwen3-Omni)."""
+        if self.family.video_interleave == "chunks":
+            return self.positions.repeat_last(2)
+        return self.positions.sequential(2)
 
     @staticmethod
     def _take_frames(turn: _Turn, n: int) -> np.ndarray:
@@ -740,25 +748,65 @@ class ThinkerConversation:
         return taken
 
     def _prefill_audio_chunk(self, turn: _Turn, frames: np.ndarray) -> None:
+        """An audio chunk, and with a video the grid steps that fall in its seconds: before
+        all of its audio (Qwen2.5-Omni), or each before the audio token at its start time
+        (Qwen3-Omni)."""
         n_frames = frames.shape[1]
-        if turn.chunker is not None:
-            self._prefill_video_for_chunk(turn, n_frames)
+        chunker = turn.chunker
+        steps = [] if chunker is None else self._video_steps_for_chunk(turn, n_frames)
+        if chunker is not None and self.family.video_interleave == "chunks":
+            for step in steps:
+                self._prefill_video_step(chunker, *step)
+            steps = []
         n_tokens = self.family.audio_tokens(n_frames)
-        if n_tokens == 0:  # a 1-2 frame tail makes no audio token (offline too)
+        embeds = None
+        if n_tokens:  # a 1-2 frame tail makes no audio token (offline too)
+            feats = torch.from_numpy(frames).to(self.device, self.dtype)[None]
+            mask = torch.ones(1, n_frames, dtype=torch.long, device=self.device)
+            embeds = self.model.model.get_audio_features(feats, feature_attention_mask=mask).last_hidden_state
+            assert embeds.shape[0] == n_tokens
+            embeds = embeds.to(self.dtype)
+        if chunker is None:
+            if embeds is not None:
+                positions = self.positions.sequential(n_tokens)
+                self._prefill([self.ids.audio] * n_tokens, embeds, positions, multimodal=True)
+            turn.audio_tokens += n_tokens
             return
-        feats = torch.from_numpy(frames).to(self.device, self.dtype)[None]
-        mask = torch.ones(1, n_frames, dtype=torch.long, device=self.device)
-        embeds = self.model.model.get_audio_features(feats, feature_attention_mask=mask).last_hidden_state
-        assert embeds.shape[0] == n_tokens
-        if turn.chunker is not None:
-            positions = turn.chunker.audio(n_tokens)
-        else:
-            positions = self.positions.sequential(n_tokens)
-        self._prefill([self.ids.audio] * n_tokens, embeds.to(self.dtype), positions, multimodal=True)
+        base, done = chunker.audio_done, 0  # the span's audio tokens before it; of this chunk's
+        for step in steps:
+            split = min(max(chunker.grid_audio_index(chunker.grids_done) - base, done), n_tokens)
+            self._prefill_chunk_audio(chunker, embeds, done, split)
+            done = split
+            self._prefill_video_step(chunker, *step)
+        self._prefill_chunk_audio(chunker, embeds, done, n_tokens)
         turn.audio_tokens += n_tokens
 
-    def _prefill_video_for_chunk(self, turn: _Turn, n_frames: int) -> None:
-        """The video grid steps that fall in this audio chunk's seconds go in before its audio.
+    def _prefill_chunk_audio(
+        self, chunker: AudioVideoChunker, embeds: torch.Tensor | None, lo: int, hi: int
+    ) -> None:
+        """Audio tokens [lo, hi) of a chunk inside a video."""
+        if embeds is None or hi <= lo:
+            return
+        positions = chunker.audio(hi - lo)
+        self._prefill([self.ids.audio] * (hi - lo), embeds[lo:hi], positions, multimodal=True)
+
+    def _prefill_video_step(
+        self,
+        chunker: AudioVideoChunker,
+        grid_thw: tuple[int, int, int],
+        embeds: torch.Tensor,
+        deepstack: torch.Tensor | None,
+    ) -> None:
+        positions = chunker.video(*grid_thw)
+        self._prefill(
+            [self.ids.video] * embeds.shape[0], embeds, positions, multimodal=True, deepstack=deepstack
+        )
+
+    def _video_steps_for_chunk(
+        self, turn: _Turn, n_frames: int
+    ) -> list[tuple[tuple[int, int, int], torch.Tensor, torch.Tensor | None]]:
+        """The video grid steps that fall in this audio chunk's seconds: (grid, embeddings,
+        deepstack features) each.
 
         One grid step spans temporal_patch_size / fps seconds; by the end of the chunk the video
         has as many steps as cover the audio so far (the last partial second counts whole, as
@@ -770,9 +818,10 @@ class ThinkerConversation:
         steps_due = int(np.ceil(turn.mel_done / 100 / seconds_per_step)) - turn.chunker.grids_done
         per_step = turn.video.temporal_patch_size
         slot = seconds_per_step / per_step
-        for _ in range(steps_due):
+        steps = []
+        for k in range(steps_due):
             # the step's frames stand for instants g*S + j*S/T of the span (video_clock.py)
-            step_start = turn.chunker.grids_done * seconds_per_step
+            step_start = (turn.chunker.grids_done + k) * seconds_per_step
             step = None
             for j in range(per_step):
                 instant = None
@@ -783,9 +832,10 @@ class ThinkerConversation:
             self.frame_offset_max_s = max(self.frame_offset_max_s, turn.frames.worst_offset_s)
             grid = torch.tensor([step.grid_thw], device=self.device)
             pixels = torch.from_numpy(step.pixel_values).to(self.device)
-            embeds = torch.cat(self.model.model.get_video_features(pixels, grid).pooler_output)
-            positions = turn.chunker.video(*step.grid_thw)
-            self._prefill([self.ids.video] * embeds.shape[0], embeds.to(self.dtype), positions, multimodal=True)
+            features = self.model.model.get_video_features(pixels, grid)
+            embeds = torch.cat(features.pooler_output).to(self.dtype)
+            steps.append((step.grid_thw, embeds, self._deepstack(features)))
+        return steps
 
     def _prefill_text(
         self,

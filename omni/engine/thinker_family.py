@@ -18,15 +18,18 @@ streamed prefill, replies, truncation, the context budget. What differs:
 - images: Qwen3-Omni also adds its vision encoder's deepstack features into the first LLM
   layers at the image's positions (the batched step passes them to its text model, as
   generate() does); `deepstack` says whether a family has them;
-- video: Qwen3-Omni interleaves a video's audio and frames on its own timeline (13 positions
-  a second, not Qwen2.5-Omni's 25), which the thinker's video chunker does not do yet, so a
-  Qwen3-Omni session refuses camera frames.
+- a video with its audio (camera frames while the caller talks): Qwen2.5-Omni puts each
+  2-second chunk's grid steps before that chunk's audio, its paired <|vision_bos|><|audio_bos|>
+  (and eos) on one position, 25 positions a second; Qwen3-Omni puts each grid step right
+  before the audio token at its start time, the paired tokens on two positions, 13 a second
+  (`video_interleave`, `positions_per_second`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from transformers.models.qwen2_5_omni.processing_qwen2_5_omni import (
@@ -37,6 +40,7 @@ from transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe import (
 )
 
 from omni.checkpoints.family import QWEN2_5_OMNI, QWEN3_OMNI, Family
+from omni.engine.positions import POSITIONS_PER_SECOND
 
 # the system prompt Qwen2.5-Omni needs to produce speech (from Qwen's model card)
 SPEECH_SYSTEM_PROMPT = (
@@ -55,15 +59,14 @@ class ThinkerFamily:
     # the talker reads a middle layer's states of multimodal tokens (its config's
     # accept_hidden_layer, which ThinkerStage is given) rather than the last hidden state
     talker_reads_layer: bool
-    deepstack: bool  # image features added into the first LLM layers too
+    deepstack: bool  # image and video features added into the first LLM layers too
+    # a video's audio and grid steps: "chunks" (Qwen2.5-Omni) or "timeline" (Qwen3-Omni)
+    video_interleave: Literal["chunks", "timeline"]
+    positions_per_second: float  # TMRoPE's temporal positions per second of video
 
     @property
     def name(self) -> str:
         return self.family.name
-
-    @property
-    def video(self) -> bool:
-        return self.family.video
 
     def system_prompt(self, instructions: str | None) -> str:
         """The system turn's text ("": no system turn)."""
@@ -101,6 +104,8 @@ def thinker_family(thinker: torch.nn.Module) -> ThinkerFamily:
             audio_tokens=lambda n: int(qwen3_audio_tokens(torch.tensor(n), audio.n_window)),
             talker_reads_layer=True,
             deepstack=True,
+            video_interleave="timeline",
+            positions_per_second=config.position_id_per_seconds,
         )
     return ThinkerFamily(
         family=QWEN2_5_OMNI,
@@ -109,4 +114,6 @@ def thinker_family(thinker: torch.nn.Module) -> ThinkerFamily:
         audio_tokens=lambda n: int(qwen2_5_audio_tokens(torch.tensor(n))),
         talker_reads_layer=False,
         deepstack=False,
+        video_interleave="chunks",
+        positions_per_second=POSITIONS_PER_SECOND,
     )
