@@ -107,8 +107,8 @@ async def hang_up(page: Page, server: RunningServer) -> None:
     await until(lambda: not server.gateway.sessions)
 
 
-async def place_voice_call(page: Page, server: RunningServer) -> None:
-    await page.click("#voice-call")
+async def place_voice_call(page: Page, server: RunningServer, button: str = "#voice-call") -> None:
+    await page.click(button)
     await page.wait_for_function(
         "document.querySelector('#state').dataset.state === 'connected'", timeout=WAIT_MS
     )

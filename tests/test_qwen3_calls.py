@@ -1,7 +1,7 @@
 """Qwen3-Omni on every transport, through the real worker processes on the tiny Qwen3
 checkpoint: the official openai SDK over WebSocket (a spoken turn, barge-in with truncation, a
-an image and a typed question), an aiortc WebRTC call, and a voice call from
-the page in real Chromium. The tiny model speaks noise, so replies are checked for shape and
+an image and a typed question), an aiortc WebRTC video call (camera frames with the speech,
+then barge-in), and a video call from the page in real Chromium. The tiny model speaks noise, so replies are checked for shape and
 sound, not words; what they are token for token is tests/test_qwen3_engine.py's part.
 One server (one engine start) serves the whole module."""
 
@@ -16,7 +16,7 @@ import pytest_asyncio
 from realtime_helpers import RunningServer, b64, data_url, image_bytes, running_server
 from test_browser_calls import CHROMIUM, speech_wav  # noqa: F401 (a fixture)
 from test_realtime_sdk import QUESTION, collect, first, speak
-from test_webrtc_calls import call, utterance
+from test_webrtc_calls import CameraTrack, call, utterance
 from test_webrtc_tiny_engine import responses_done, voice_call_from_the_page
 
 from omni.checkpoints.family import QWEN3_OMNI
@@ -82,9 +82,10 @@ async def test_sdk_an_image_and_a_typed_question(server: RunningServer) -> None:
     assert done.usage.input_tokens > 48
 
 
-async def test_webrtc_spoken_turn_then_barge_in(server: RunningServer) -> None:
-    async with call(server) as client:
+async def test_webrtc_video_call_spoken_turn_then_barge_in(server: RunningServer) -> None:
+    async with call(server, video=CameraTrack()) as client:
         await client.expect("session.created")
+        await asyncio.sleep(1.0)  # the camera is on before the caller speaks, as in a call
         ended = await client.say(utterance())
         first_reply = (await client.expect("response.created"))["response"]
         await client.first_sound_after(ended)
@@ -95,13 +96,16 @@ async def test_webrtc_spoken_turn_then_barge_in(server: RunningServer) -> None:
         await barge
         first_done, second_done = await responses_done(client, 2)
         assert first_done["id"] == first_reply["id"] and second_done["status"] == "completed"
+        # the turn was a video: its camera frames' tokens (112 a grid step at 448 x 252) are
+        # in its prompt, far more than its ~2 s of speech alone (26 tokens a second)
+        assert first_done["usage"]["input_tokens"] > 150
         assert await client.hang_up() == 204
     assert server.gateway.sessions == set()
 
 
 @pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian's chromium is not installed")
-async def test_a_voice_call_from_the_page(
+async def test_a_video_call_from_the_page(
     server: RunningServer,
     speech_wav: Path,  # noqa: F811 (the fixture imported above)
 ) -> None:
-    await voice_call_from_the_page(server, speech_wav)
+    await voice_call_from_the_page(server, speech_wav, button="#video-call")

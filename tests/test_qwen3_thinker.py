@@ -8,12 +8,17 @@ no code with the stage (the stage calls transformers' decoder stack, not its gen
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import numpy as np
 import pytest
 import torch
 
 from engine_helpers import thinker_conversation
 from test_engine_reference import picture
+from transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe import (
+    _get_feat_extract_output_lengths,
+)
 from omni.bench.reference import interleave_video_audio
 from omni.checkpoints.parts import load_thinker
 from omni.engine.kv_memory import KVSlots
@@ -21,9 +26,6 @@ from omni.engine.protocol import ContextRows
 from omni.engine.scheduler import StepScheduler
 from omni.engine.thinker import ThinkerStage
 from omni.engine.vision import VideoPatcher
-from transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe import (
-    _get_feat_extract_output_lengths,
-)
 
 LOGITS_TOLERANCE = 1e-4
 MAX_TOKENS = 10
@@ -158,7 +160,22 @@ def test_two_turns_differ(parts):
     assert first != second
 
 
-def _video_reference(parts, audio: np.ndarray, frames: list[np.ndarray]):
+VIDEO_SPEECH = _speech(10.5, seed=2)
+VIDEO_FRAMES = [picture(96, 128, seed=20 + i) for i in range(22)]  # 2 a second
+
+
+def video_turn() -> Iterator[tuple[str, np.ndarray]]:
+    """A caller on camera, as a call delivers it: ("frame", rgb) and ("audio", pcm) in order,
+    two frames before the speech (they make it a video), then two after each speech piece."""
+    for frame in VIDEO_FRAMES[:2]:
+        yield "frame", frame
+    for i, piece in enumerate(np.array_split(VIDEO_SPEECH, 21)):
+        yield "audio", piece
+        for frame in VIDEO_FRAMES[2 * i + 2 : 2 * i + 4]:
+            yield "frame", frame
+
+
+def video_reference(parts, audio: np.ndarray, frames: list[np.ndarray]):
     """generate() on one user turn of a video with its audio. The prompt is the chat
     template's, its video placeholder expanded by the processor's own interleaving
     (`replace_video_with_audio_token`); the frames are patched by the engine's VideoPatcher
@@ -205,21 +222,13 @@ def _video_reference(parts, audio: np.ndarray, frames: list[np.ndarray]):
 def test_a_video_with_its_audio_equals_generate(parts):
     """Camera frames while the caller talks: each grid step (2 frames, 1 s) goes before the
     audio token at its start time, 13 positions a second, with the audio in 8 s windows."""
-    audio = _speech(10.5, seed=2)
-    frames = [picture(96, 128, seed=20 + i) for i in range(22)]  # 2 a second
 
     def turn(conv):
-        for frame in frames[:2]:  # frames before the speech make the speech a video
-            conv.append_video_frame(frame)
-        pieces = np.array_split(audio, 21)
-        for i, piece in enumerate(pieces):
-            conv.append_audio(piece)
-            if 2 * (i + 1) < len(frames):
-                conv.append_video_frame(frames[2 * (i + 1)])
-                conv.append_video_frame(frames[2 * (i + 1) + 1])
+        for kind, data in video_turn():
+            (conv.append_video_frame if kind == "frame" else conv.append_audio)(data)
 
     tokens, logits, prompt, _ = _streamed(parts, turn)
-    reference, reference_prompt = _video_reference(parts, audio, frames)
+    reference, reference_prompt = video_reference(parts, VIDEO_SPEECH, VIDEO_FRAMES)
     assert prompt == reference_prompt
     assert tokens == reference.sequences[0, len(reference_prompt) :].tolist()
     for step, (mine, theirs) in enumerate(zip(logits, reference.logits)):

@@ -162,12 +162,15 @@ async def test_a_voice_call_from_the_page(
     await voice_call_from_the_page(server, speech_wav)
 
 
-async def voice_call_from_the_page(server: RunningServer, speech_wav: Path) -> None:
-    """Chromium places a voice call from the page, says `speech_wav` and hears a reply."""
+async def voice_call_from_the_page(
+    server: RunningServer, speech_wav: Path, button: str = "#voice-call"
+) -> None:
+    """Chromium places a call from the page (`button`: a voice or a video call), says
+    `speech_wav` and hears a reply."""
     async with chromium(speech_wav) as browser:
         page = await open_page(browser, server)
         await enter_key(page)
-        await place_voice_call(page, server)
+        await place_voice_call(page, server, button)
         # the model's reply is written and heard: noise, but sound that plays
         await page.wait_for_selector("#transcript li.assistant", timeout=WAIT_MS)
         await assistant_heard(page)
