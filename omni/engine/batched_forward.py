@@ -47,9 +47,10 @@ class Row:
     slot: int
     embeds: torch.Tensor  # (n, E): the stack's input embeddings for this row's new tokens
     positions: torch.Tensor  # (3, n) TMRoPE positions
-    # Qwen3-Omni's image features for its first layers: (layers, n, E), and which rows have them
+    # Qwen3-Omni's vision features for its first layers: (layers, m, E) for the m of the n
+    # rows that `deepstack_rows` (n,) bool marks
     deepstack: torch.Tensor | None = None
-    deepstack_rows: torch.Tensor | None = None  # (n,) bool
+    deepstack_rows: torch.Tensor | None = None
 
 
 class _StepCache:
@@ -249,7 +250,7 @@ def _deepstack(rows: list[Row], width: int) -> dict:
         if row.deepstack is not None:
             visual = row.deepstack_rows.to(device)
             where[b, : visual.shape[0]] = visual
-            features.append(row.deepstack[:, visual])
+            features.append(row.deepstack)
     return {
         "visual_pos_masks": where,
         "deepstack_visual_embeds": list(torch.cat(features, dim=1)),

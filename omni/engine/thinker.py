@@ -144,7 +144,7 @@ class _Take:
     positions: torch.Tensor
     multimodal: torch.Tensor  # (n,) bool
     logits_at: list[tuple[int, Reply]]
-    deepstack: torch.Tensor | None = None  # (layers, n, E), zero where a row has none
+    deepstack: torch.Tensor | None = None  # (layers, m, E) for the m rows deepstack_rows marks
     deepstack_rows: torch.Tensor | None = None  # (n,) bool: the rows that have them
 
 
@@ -444,14 +444,7 @@ class ThinkerConversation:
                     logits_at.append((got - 1, seg.logits_for))
         take = _Take(torch.cat(embeds), torch.cat(positions, dim=1), torch.cat(multimodal), logits_at)
         if any(d is not None for d in deepstack):
-            layers, _, dim = next(d for d in deepstack if d is not None).shape
-            take.deepstack = torch.cat(
-                [
-                    e.new_zeros(layers, e.shape[0], dim) if d is None else d
-                    for e, d in zip(embeds, deepstack)
-                ],
-                dim=1,
-            )
+            take.deepstack = torch.cat([d for d in deepstack if d is not None], dim=1)
             take.deepstack_rows = torch.cat(
                 [torch.full((e.shape[0],), d is not None) for e, d in zip(embeds, deepstack)]
             )
@@ -754,10 +747,6 @@ class ThinkerConversation:
         n_frames = frames.shape[1]
         chunker = turn.chunker
         steps = [] if chunker is None else self._video_steps_for_chunk(turn, n_frames)
-        if chunker is not None and self.family.video_interleave == "chunks":
-            for step in steps:
-                self._prefill_video_step(chunker, *step)
-            steps = []
         n_tokens = self.family.audio_tokens(n_frames)
         embeds = None
         if n_tokens:  # a 1-2 frame tail makes no audio token (offline too)
@@ -774,7 +763,10 @@ class ThinkerConversation:
             return
         base, done = chunker.audio_done, 0  # the span's audio tokens before it; of this chunk's
         for step in steps:
-            split = min(max(chunker.grid_audio_index(chunker.grids_done) - base, done), n_tokens)
+            at = 0  # "chunks": every step before the chunk's audio
+            if self.family.video_interleave == "timeline":
+                at = chunker.grid_audio_index(chunker.grids_done) - base
+            split = min(max(at, done), n_tokens)
             self._prefill_chunk_audio(chunker, embeds, done, split)
             done = split
             self._prefill_video_step(chunker, *step)
