@@ -95,13 +95,13 @@ class Talker:
         self.stage = Qwen3TalkerStage(model.talker, self.kv, StepScheduler(64, 4))
         self.model, self.special = model, special
         self.batches: list[int] = []
-        residual = self.stage.residual_codes
 
-        def recorded(hidden, code0, replies):
-            self.batches.append(hidden.shape[0])
-            return residual(hidden, code0, replies)
+        def recorded(_module, _args, kwargs) -> None:
+            if kwargs.get("inputs_embeds") is not None:  # a frame's first call (then input_ids)
+                self.batches.append(kwargs["inputs_embeds"].shape[0])
 
-        self.stage.residual_codes = recorded
+        # on the module-scoped model: one hook per Talker, each filling its own list
+        model.talker.code_predictor.register_forward_pre_hook(recorded, with_kwargs=True)
 
     def conversation(self) -> Qwen3TalkerConversation:
         return Qwen3TalkerConversation(self.model.talker, self.special, self.kv)

@@ -32,7 +32,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
-from transformers import Qwen3OmniMoeForConditionalGeneration
+from transformers import LogitsProcessorList, Qwen3OmniMoeForConditionalGeneration
 
 from omni.engine.qwen3_code2wav import AudioChunk, Code2WavBatch
 from omni.engine.sampling import build_processors, choose, sampling_generator
@@ -40,6 +40,77 @@ from omni.engine.sampling import build_processors, choose, sampling_generator
 # generate()'s defaults: the code predictor samples with top_k 50 / top_p 0.8 when sampling
 CODE_PREDICTOR_TOP_K = 50
 CODE_PREDICTOR_TOP_P = 0.8
+# how a row of a batch chooses its next code: its processors, greedy or not, its generator
+Chooser = tuple[LogitsProcessorList, bool, torch.Generator | None]
+
+
+def code0_processors(
+    talker_config, greedy: bool, min_new_tokens: int = 0, **sampling: float
+) -> LogitsProcessorList:
+    """generate()'s talker processors for codebook 0: the codec eos ends the speech, the
+    codec's other top-1024 special ids are suppressed; `sampling`: repetition_penalty,
+    temperature, top_k, top_p."""
+    vocab = talker_config.text_config.vocab_size
+    eos = talker_config.codec_eos_token_id
+    return build_processors(
+        prompt_length=0,
+        eos=[eos],
+        greedy=greedy,
+        min_new_tokens=min_new_tokens,
+        suppress=[i for i in range(vocab - 1024, vocab) if i != eos],
+        **sampling,
+    )
+
+
+def residual_processors(talker: torch.nn.Module, greedy: bool) -> LogitsProcessorList:
+    """The code predictor's, for codebooks 1..15 (generate()'s fixed top-k / top-p)."""
+    return build_processors(
+        prompt_length=0,
+        eos=[],
+        greedy=greedy,
+        temperature=talker.code_predictor.generation_config.temperature,
+        top_k=CODE_PREDICTOR_TOP_K,
+        top_p=CODE_PREDICTOR_TOP_P,
+    )
+
+
+def residual_codes(
+    talker: torch.nn.Module, hidden: torch.Tensor, code0: torch.Tensor, choosers: list[Chooser]
+) -> torch.Tensor:
+    """(B, 16) codes of B frames: each frame's code 0 (B,) and the talker's last hidden state
+    (B, H) it came from, then codebooks 1..15 from the code predictor over the batch (a fresh
+    cache per frame), row b choosing by `choosers[b]`."""
+    predictor = talker.code_predictor
+    embeds = torch.stack((hidden, talker.get_input_embeddings()(code0)), dim=1)
+    out = predictor(inputs_embeds=embeds, use_cache=True)
+    codes = [code0]
+    seen = code0.new_zeros((len(choosers), 0))  # each row's residual codes so far
+    groups = talker.config.num_code_groups
+    for step in range(1, groups):
+        chosen = torch.tensor(
+            [
+                choose(processors, seen[b : b + 1], row, greedy, generator)
+                for b, ((processors, greedy, generator), row) in enumerate(
+                    zip(choosers, out.logits[:, -1])
+                )
+            ],
+            device=code0.device,
+        )
+        codes.append(chosen)
+        if step < groups - 1:
+            seen = torch.cat((seen, chosen[:, None]), dim=1)
+            out = predictor(
+                input_ids=chosen[:, None], cache=out.cache, use_cache=True, generation_steps=step
+            )
+    return torch.stack(codes, dim=1)
+
+
+def frame_embeddings(talker: torch.nn.Module, codes: torch.Tensor) -> torch.Tensor:
+    """(B, H): the sum of each frame's 16 code embeddings (the talker's next input)."""
+    residual = talker.code_predictor.get_input_embeddings()
+    parts = [talker.get_input_embeddings()(codes[:, :1])]
+    parts += [residual[i](codes[:, i + 1 : i + 2]) for i in range(codes.shape[1] - 1)]
+    return torch.cat(parts, dim=1).sum(1)
 
 
 @dataclass
@@ -235,18 +306,18 @@ class Qwen3OmniStreamer:
             output_hidden_states=True,
             **talker_media,
         )
-        vocab = talker_config.text_config.vocab_size
         eos = talker_config.codec_eos_token_id
-        processors = build_processors(
-            prompt_length=0,
-            eos=[eos],
-            greedy=options.greedy,
+        processors = code0_processors(
+            talker_config,
+            options.greedy,
             repetition_penalty=options.talker_repetition_penalty,
-            suppress=[i for i in range(vocab - 1024, vocab) if i != eos],
             temperature=options.talker_temperature,
             top_k=options.talker_top_k,
             top_p=options.talker_top_p,
         )
+        residuals: list[Chooser] = [
+            (residual_processors(talker, options.greedy), options.greedy, self.generator)
+        ]
         seen = torch.zeros((1, 0), dtype=torch.long, device=self.device)  # first codes so far
         for index in range(options.max_codec_frames):
             code0 = choose(processors, seen, out.logits[0, -1], options.greedy, self.generator)
@@ -254,10 +325,10 @@ class Qwen3OmniStreamer:
                 return
             code0 = torch.tensor([[code0]], device=self.device)
             seen = torch.cat((seen, code0), dim=1)
-            past_hidden = out.hidden_states[0][-1][:, -1:]
-            codes = self._residual_codes(past_hidden, code0)
-            yield CodecFrame(index, codes)
-            next_embed = self._frame_embedding(codes)
+            past_hidden = out.hidden_states[0][-1][:, -1]
+            codes = residual_codes(talker, past_hidden, code0[:, 0], residuals)
+            yield CodecFrame(index, codes[0])
+            next_embed = frame_embeddings(talker, codes)[:, None]
             token = text_at(index + 1)
             if token is None:
                 next_embed = next_embed + tts_pad
@@ -333,41 +404,3 @@ class Qwen3OmniStreamer:
             self.model.thinker.get_input_embeddings()(ids)
         )
         return projected.chunk(3, dim=1)
-
-    def _residual_codes(self, past_hidden: torch.Tensor, code0: torch.Tensor) -> torch.Tensor:
-        """Codebooks 1..15 of a frame from the code predictor, given its first code."""
-        talker = self.model.talker
-        predictor = talker.code_predictor
-        groups = self.model.config.talker_config.num_code_groups
-        processors = build_processors(
-            prompt_length=0,
-            eos=[],
-            greedy=self.options.greedy,
-            temperature=predictor.generation_config.temperature,
-            top_k=CODE_PREDICTOR_TOP_K,
-            top_p=CODE_PREDICTOR_TOP_P,
-        )
-        out = predictor(
-            inputs_embeds=torch.cat((past_hidden, talker.get_input_embeddings()(code0)), dim=1),
-            use_cache=True,
-        )
-        codes = [code0.reshape(1)]
-        seen = torch.zeros((1, 0), dtype=torch.long, device=self.device)
-        for step in range(1, groups):
-            code = choose(processors, seen, out.logits[0, -1], self.options.greedy, self.generator)
-            codes.append(torch.tensor([code], device=self.device))
-            if step < groups - 1:
-                token = torch.tensor([[code]], device=self.device)
-                seen = torch.cat((seen, token), dim=1)
-                out = predictor(
-                    input_ids=token, cache=out.cache, use_cache=True, generation_steps=step
-                )
-        return torch.cat(codes)
-
-    def _frame_embedding(self, codes: torch.Tensor) -> torch.Tensor:
-        """(1, 1, hidden): the sum of a frame's 16 code embeddings, the talker's next input."""
-        talker = self.model.talker
-        residual_embeds = talker.code_predictor.get_input_embeddings()
-        parts = [talker.get_input_embeddings()(codes[None, :1])]
-        parts += [residual_embeds[i](codes[None, i + 1 : i + 2]) for i in range(len(codes) - 1)]
-        return torch.cat(parts, dim=1).sum(1, keepdim=True)

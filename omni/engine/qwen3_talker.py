@@ -34,8 +34,13 @@ from omni.engine.buffers import GrowingTensor, clipped
 from omni.engine.context_budget import removed_before
 from omni.engine.kv_memory import KVSlots
 from omni.engine.protocol import ContextRows
-from omni.engine.qwen3_stream import CODE_PREDICTOR_TOP_K, CODE_PREDICTOR_TOP_P
-from omni.engine.sampling import build_processors, choose, sampling_generator
+from omni.engine.qwen3_stream import (
+    code0_processors,
+    frame_embeddings,
+    residual_codes,
+    residual_processors,
+)
+from omni.engine.sampling import choose, sampling_generator
 from omni.engine.talker import BatchedTalkerStep, SlotConversation, StepInput
 
 OPENING_ROWS = 9  # _get_talker_assistant_parts: header (3), tts_pad x4, tts_bos, first token
@@ -239,32 +244,15 @@ class Qwen3TalkerConversation(SlotConversation):
         speaker = self.special.speakers.get(voice.lower())
         if speaker is None:
             raise ValueError(f"unknown voice {voice!r}; available: {sorted(self.special.speakers)}")
-        eos = self.codec.codec_eos_token_id
-        vocab = self.codec.text_config.vocab_size
-        predictor = self.model.code_predictor.generation_config
         self.reply = Qwen3Reply(
             first_row=first_row,
             speaker=speaker,
-            processors=build_processors(
-                prompt_length=0,
-                eos=[eos],
-                greedy=greedy,
-                min_new_tokens=min_codes,
-                suppress=[i for i in range(vocab - 1024, vocab) if i != eos],
-                **sampling,
-            ),
-            residual_processors=build_processors(
-                prompt_length=0,
-                eos=[],
-                greedy=greedy,
-                temperature=predictor.temperature,
-                top_k=CODE_PREDICTOR_TOP_K,
-                top_p=CODE_PREDICTOR_TOP_P,
-            ),
+            processors=code0_processors(self.codec, greedy, min_codes, **sampling),
+            residual_processors=residual_processors(self.model, greedy),
             greedy=greedy,
             generator=None if greedy else sampling_generator(self.device, seed),
             max_codes=max_codes,
-            eos=eos,
+            eos=self.codec.codec_eos_token_id,
             seen=GrowingTensor((), torch.long, self.device),
         )
 
@@ -388,51 +376,16 @@ class Qwen3TalkerStage(BatchedTalkerStep):
         if not framed:
             return silent | ended
         keys = list(framed)
-        codes = self.residual_codes(
+        replies = [conversations[key].reply for key in keys]
+        codes = residual_codes(
+            self.model,
             torch.stack([last[key] for key in keys]),
             torch.tensor([framed[key] for key in keys], device=logits.device),
-            [conversations[key].reply for key in keys],
+            [(r.residual_processors, r.greedy, r.generator) for r in replies],
         )
-        embeddings = self.frame_embeddings(codes)
+        embeddings = frame_embeddings(self.model, codes)
         frames = {}
         for key, frame, embedding in zip(keys, codes, embeddings):
             conversations[key].add_frame(frame, embedding)
             frames[key] = frame.tolist()
         return silent | ended | frames
-
-    def residual_codes(
-        self, hidden: torch.Tensor, code0: torch.Tensor, replies: list[Qwen3Reply]
-    ) -> torch.Tensor:
-        """(B, 16) codes: codebooks 1..15 from the code predictor over the batch (each frame
-        a fresh cache; as Qwen3OmniStreamer._residual_codes, row by row its processors)."""
-        predictor = self.model.code_predictor
-        embeds = torch.stack((hidden, self.model.get_input_embeddings()(code0)), dim=1)
-        out = predictor(inputs_embeds=embeds, use_cache=True)
-        codes = [code0]
-        seen = code0.new_zeros((len(replies), 0))  # each row's residual codes so far
-        groups = self.model.config.num_code_groups
-        for step in range(1, groups):
-            chosen = torch.tensor(
-                [
-                    choose(r.residual_processors, seen[b : b + 1], row, r.greedy, r.generator)
-                    for b, (r, row) in enumerate(zip(replies, out.logits[:, -1]))
-                ],
-                device=code0.device,
-            )
-            codes.append(chosen)
-            if step < groups - 1:
-                seen = torch.cat((seen, chosen[:, None]), dim=1)
-                out = predictor(
-                    input_ids=chosen[:, None],
-                    cache=out.cache,
-                    use_cache=True,
-                    generation_steps=step,
-                )
-        return torch.stack(codes, dim=1)
-
-    def frame_embeddings(self, codes: torch.Tensor) -> torch.Tensor:
-        """(B, H): the sum of each frame's 16 code embeddings (the talker's next input)."""
-        residual = self.model.code_predictor.get_input_embeddings()
-        parts = [self.model.get_input_embeddings()(codes[:, :1])]
-        parts += [residual[i](codes[:, i + 1 : i + 2]) for i in range(codes.shape[1] - 1)]
-        return torch.cat(parts, dim=1).sum(1)
