@@ -22,7 +22,9 @@ from transformers import (
 from omni.bench.reference import ReferenceConversation
 from omni.checkpoints.loader import resolve_model
 from omni.checkpoints.parts import (
+    load_code2wav,
     load_talker,
+    load_talker_lm,
     load_thinker,
     load_thinker_embedding_rows,
     load_whole,
@@ -36,8 +38,14 @@ from omni.checkpoints.random_shapes import (
     write_random_checkpoint,
 )
 from omni.checkpoints.tiny_weights import SPEAKERS, VOCODER_CODES
-from omni.engine.api import SAMPLES_PER_CODE, EngineError, ReplyDone, ReplyOptions, SessionOptions
-from omni.engine.engine import EngineConfig, OmniEngine, running_engine
+from omni.engine.api import (
+    SAMPLES_PER_CODE,
+    AudioChunk,
+    ReplyDone,
+    ReplyOptions,
+    SessionOptions,
+)
+from omni.engine.engine import EngineConfig, running_engine
 
 LENGTHS = dict(max_text_tokens=4, min_text_tokens=4, max_codec_tokens=24, min_codec_tokens=24)
 
@@ -114,8 +122,13 @@ def test_qwen3_30b_config_has_the_real_shapes(tmp_path):
     assert 0.53e9 < params(thinker.model.visual) < 0.55e9
 
 
-def test_random_qwen3_checkpoint_loads_the_same_weights_every_time(tmp_path):
-    path = write_random_checkpoint(tmp_path / "qwen3", shape="tiny-qwen3")
+@pytest.fixture(scope="module")
+def random_qwen3(tmp_path_factory):
+    return write_random_checkpoint(tmp_path_factory.mktemp("random") / "qwen3", shape="tiny-qwen3")
+
+
+def test_random_qwen3_checkpoint_loads_the_same_weights_every_time(random_qwen3):
+    path = random_qwen3
     names = {p.name for p in path.iterdir()}
     assert {"config.json", "tokenizer.json", "preprocessor_config.json", MARKER_FILE} <= names
     assert "spk_dict.pt" not in names and not any(n.endswith(".safetensors") for n in names)
@@ -127,13 +140,46 @@ def test_random_qwen3_checkpoint_loads_the_same_weights_every_time(tmp_path):
     assert weights.keys() == again.keys()
     assert all(torch.equal(weights[k], again[k]) for k in weights)
     assert all(torch.isfinite(w).all() for w in weights.values())
+    assert not any(w.is_meta for w in weights.values())  # every part of the shell replaced
     experts = first.talker.model.layers[0].mlp.experts
     assert 0.01 < float(experts.gate_up_proj.std()) < 0.03  # drawn, not left torch.empty
+    # the whole is the parts each worker builds alone
+    parts = {
+        "thinker.": load_thinker(path, "cpu", torch.float32).model,
+        "talker.": load_talker_lm(path, "cpu", torch.float32),
+        "code2wav.": load_code2wav(path, "cpu", torch.float32),
+    }
+    for prefix, part in parts.items():
+        for name, tensor in part.state_dict().items():
+            assert torch.equal(weights[prefix + name], tensor), prefix + name
+    text = first.config.thinker_config.text_config
+    ids = [first.config.tts_bos_token_id, first.config.tts_pad_token_id, text.vocab_size - 1]
+    rows = load_thinker_embedding_rows(path, ids, "cpu", torch.float32)
+    assert torch.equal(rows, first.thinker.get_input_embeddings().weight[ids])
     assert load_whole(path, "cpu", torch.bfloat16).dtype == torch.bfloat16
-    # its parts are built whole, in one process: the engine says so instead of starting workers
-    engine = OmniEngine(EngineConfig(model_path=str(path)))
-    with pytest.raises(EngineError, match="runs in one process only: omni bench engine --in-process"):
-        asyncio.run(engine.start())
+
+
+def test_random_qwen3_engine_replies_as_generate_does(random_qwen3):
+    """Through the worker processes, each building its part from the config."""
+    frames = 12
+
+    async def reply() -> tuple[ReplyDone, int]:
+        async with running_engine(EngineConfig(model_path=str(random_qwen3))) as engine:
+            await engine.open_session("s", SessionOptions())
+            await engine.add_text("s", "Hello there, random model!")
+            options = ReplyOptions(greedy=True, max_text_tokens=4, max_codec_tokens=frames)
+            events = [e async for e in engine.respond("s", options)]
+        samples = sum(e.pcm.size for e in events if isinstance(e, AudioChunk))
+        return events[-1], samples
+
+    done, samples = asyncio.run(reply())
+    assert done.status == "completed", done.error
+    reference = ReferenceConversation(load_whole(random_qwen3), load_processor(random_qwen3))
+    reference.user_turn(text="Hello there, random model!")
+    expected = reference.generate("Ethan", max_text_tokens=4, max_codec_tokens=frames)
+    assert done.text_token_ids == expected.text_ids
+    assert done.codec_tokens == expected.codes and len(expected.codes) > 4 * 16
+    assert samples == done.audio_samples == expected.wav.size
 
 
 def test_checkpoint_is_a_config_and_no_weights(random_tiny, tmp_path):

@@ -13,8 +13,7 @@ A Qwen3-Omni checkpoint (its family read from config.json by `resolve_model`) ru
 way, through the same worker processes, against `Qwen3OmniMoeForConditionalGeneration.generate()`;
 its caps count 80 ms frames (see `caps`). With `--in-process` its streamed path is instead
 `Qwen3OmniStreamer` in this process, on the reference's own loaded model (qwen3.py): what
-scripts/gpu-check runs at the real shapes, whose random-shapes checkpoint is built whole in
-one process.
+scripts/gpu-check runs at the 30B shapes, where that saves building the model twice.
 """
 
 from __future__ import annotations

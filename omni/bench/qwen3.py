@@ -12,7 +12,8 @@ checkpoint; the JSON has the Qwen2.5 bench's keys (EngineBench), and more.
 The streamed path is the streamer in this process, on the reference's own model (`bench engine
 --in-process`; without it the bench runs the engine's worker processes, as for Qwen2.5-Omni), so
 it measures the stage-by-stage streaming without the engine's process hops and scheduling, and
-runs where the workers cannot: a random-shapes Qwen3-Omni checkpoint is built whole.
+builds the model once for both paths (at the GPU check's 30B shapes one 70.5 GB build, where
+the worker processes and then the reference would build it twice).
 """
 
 from __future__ import annotations

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from omni.checkpoints.family import FAMILIES
 from omni.engine.audio_features import num_audio_tokens
 from omni.engine.thinker_family import SPEECH_SYSTEM_PROMPT
 from omni.engine.vision import VideoPatcher
@@ -119,7 +120,7 @@ class ReferenceConversation:
 
     def generate(
         self,
-        voice: str = "Chelsie",
+        voice: str | None = None,  # None: the family's default voice, as generate()'s
         max_text_tokens: int = 32,
         max_codec_tokens: int = 64,
         min_text_tokens: int = 0,
@@ -155,7 +156,7 @@ class ReferenceConversation:
             sequences, wav = self.model.generate(
                 **kwargs,
                 **options,
-                speaker=voice,
+                speaker=voice or FAMILIES[self.model.config.model_type].voices[0],
                 thinker_max_new_tokens=max_text_tokens,
                 thinker_min_new_tokens=min_text_tokens,
                 thinker_do_sample=False,

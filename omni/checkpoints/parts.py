@@ -9,9 +9,8 @@ submodule of `Qwen2_5OmniForConditionalGeneration.from_pretrained`. A Qwen3-Omni
 (`talker.*`), and Code2Wav (`code2wav.*`), equal to `Qwen3OmniMoeForConditionalGeneration`'s.
 
 A random-shapes checkpoint (random_shapes.py) has no tensors: each part is built from its
-config on the device, from the checkpoint's fixed seed, so every process gets the same weights.
-A random-shapes Qwen3-Omni checkpoint is built whole, by `load_whole` (its bench, the only
-user, runs in one process).
+config on the device, from the checkpoint's fixed seed, so every process gets the same weights
+(and `load_whole`, the reference's, is those parts put together).
 """
 
 from __future__ import annotations
@@ -46,7 +45,6 @@ from omni.checkpoints.family import QWEN3_OMNI, family_of
 from omni.checkpoints.processor import load_processor
 from omni.checkpoints.random_shapes import (
     build_random_part,
-    build_random_qwen3,
     is_random_checkpoint,
     random_embedding_rows,
 )
@@ -189,19 +187,20 @@ def load_whole(
     path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
 ) -> Qwen2_5OmniForConditionalGeneration | Qwen3OmniMoeForConditionalGeneration:
     """The whole model, for transformers' own generate() (the benchmarks' reference). A
-    random-shapes checkpoint is assembled from the parts built as the workers build them; a
-    random-shapes Qwen3-Omni one (whose bench has no workers) is built whole on `device`."""
+    random-shapes checkpoint is assembled from the parts built as the workers build them."""
     path = Path(path)
-    if _is_qwen3(path) and is_random_checkpoint(path):
-        return build_random_qwen3(path, device, dtype or torch.float32).eval()
-    if _is_qwen3(path):
-        return Qwen3OmniMoeForConditionalGeneration.from_pretrained(
-            path, dtype=dtype or "auto", device_map=device
-        ).eval()
+    qwen3 = _is_qwen3(path)
     if not is_random_checkpoint(path):
-        return Qwen2_5OmniForConditionalGeneration.from_pretrained(
-            path, dtype=dtype or "auto", device_map=device
-        ).eval()
+        cls = Qwen3OmniMoeForConditionalGeneration if qwen3 else Qwen2_5OmniForConditionalGeneration
+        return cls.from_pretrained(path, dtype=dtype or "auto", device_map=device).eval()
+    if qwen3:
+        config = Qwen3OmniMoeConfig.from_pretrained(path)
+        with torch.device("meta"):  # a shell: its parts are replaced below
+            whole = Qwen3OmniMoeForConditionalGeneration._from_config(config)
+        whole.thinker = load_thinker(path, device, dtype).model
+        whole.talker = load_talker_lm(path, device, dtype)
+        whole.code2wav = load_code2wav(path, device, dtype)
+        return whole.eval()
     config = Qwen2_5OmniConfig.from_pretrained(path)
     with torch.device("meta"):  # a shell: its parts are replaced below
         whole = Qwen2_5OmniForConditionalGeneration._from_config(config)

@@ -10,12 +10,14 @@ talker processes and the bench's reference all get the same weights.
 `--shape tiny` writes the tiny checkpoint's config instead, for CPU tests of the same path.
 `--shape qwen3-30b-a3b` (and `tiny-qwen3`) does the same for Qwen3-Omni-30B-A3B-Instruct: its
 config.json, the tiny Qwen3 checkpoint's tokenizer and processor files (its voices are in the
-config), the marker. `load_whole` (parts.py) builds the whole model from it on the device, for
-the in-process Qwen3 bench (`bench engine --in-process`; the workers build parts only from a
-Qwen2.5 random-shapes checkpoint). At the real shapes that is 35.3 B
-parameters, 70.5 GB in bfloat16: it fits one 80 GB or larger GPU (an H200 has 139 GB).
+config), the marker; its parts are the thinker, the talker (with the code predictor) and
+Code2Wav. At the real shapes that is 35.3 B parameters, 70.5 GB in bfloat16: the thinker
+process holds 31.7 B of them, so it fits one 80 GB or larger GPU (an H200 has 139 GB).
+`--shape qwen3-30b-speech` is the tiny Qwen3 thinker with the 30B-A3B's talker, code predictor
+and Code2Wav (3.5 B parameters, 14 GB in float32): the speech path at its real shapes, small
+enough for a CPU with 24 GB.
 
-    python -m omni.checkpoints.random_shapes DIR [--shape 7b|tiny|qwen3-30b-a3b|tiny-qwen3]
+    python -m omni.checkpoints.random_shapes DIR [--shape 7b|tiny|qwen3-30b-a3b|...]
 """
 
 from __future__ import annotations
@@ -30,11 +32,13 @@ from pathlib import Path
 import torch
 from torch import nn
 from transformers import (
+    AutoConfig,
     PreTrainedConfig,
     PreTrainedModel,
     Qwen2_5OmniConfig,
+    Qwen2_5OmniTalkerForConditionalGeneration,
     Qwen3OmniMoeConfig,
-    Qwen3OmniMoeForConditionalGeneration,
+    Qwen3OmniMoeTalkerForConditionalGeneration,
 )
 from transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe import (
     Qwen3OmniMoeTalkerTextExperts,
@@ -49,7 +53,7 @@ from omni.checkpoints.tiny_weights import make_speakers, restrict_codec_head
 MARKER_FILE = "omni_random_weights.json"
 SEED = 20251203
 # each part its own stream of random numbers, so building one never shifts another's weights
-PART_SEEDS = {"thinker.": 0, "talker.": 1, "token2wav.": 2}
+PART_SEEDS = {"thinker.": 0, "talker.": 1, "token2wav.": 2, "code2wav.": 3}
 # The thinker's token embeddings are drawn in blocks of rows, each from its own seed on the
 # CPU: the talker process needs a few of its rows (speaker bos, text eos/pad) and makes just
 # the block holding them, identical on any device, without building the thinker.
@@ -275,11 +279,23 @@ def qwen3_omni_30b_config() -> Qwen3OmniMoeConfig:
     return config
 
 
+def qwen3_omni_30b_speech_config() -> Qwen3OmniMoeConfig:
+    """The tiny Qwen3 config with the 30B-A3B's talker, code predictor and Code2Wav: the
+    speech path at its real shapes (the talker reads the tiny thinker's width and layer)."""
+    config, real = tiny_qwen3_config(), qwen3_omni_30b_config()
+    thinker_side = config.talker_config
+    config.talker_config, config.code2wav_config = real.talker_config, real.code2wav_config
+    for name in ("thinker_hidden_size", "accept_hidden_layer"):
+        setattr(config.talker_config, name, getattr(thinker_side, name))
+    return config
+
+
 # each shape's config; its model_type says the family (and so the files written with it)
 SHAPE_CONFIGS = {
     "7b": qwen_omni_7b_config,
     "tiny": lambda: tiny_config("tiny"),
     "qwen3-30b-a3b": qwen3_omni_30b_config,
+    "qwen3-30b-speech": qwen3_omni_30b_speech_config,
     "tiny-qwen3": tiny_qwen3_config,
 }
 SHAPES = tuple(SHAPE_CONFIGS)
@@ -302,7 +318,7 @@ def random_seed(path: str | Path) -> int:
 
 def build_random_part(
     cls: type[PreTrainedModel],
-    config: Qwen2_5OmniConfig,
+    config: PreTrainedConfig,
     checkpoint: str | Path,
     prefix: str,
     device: str | torch.device,
@@ -313,10 +329,11 @@ def build_random_part(
     seed = random_seed(checkpoint) + PART_SEEDS[prefix]
     with _seeded_on(device, seed):
         model = cls._from_config(config, dtype=dtype)
+        if cls is Qwen3OmniMoeTalkerForConditionalGeneration:
+            init_talker_experts(model)
     model.to(device)  # a no-op, but for any buffer __init__ made on the CPU regardless
-    codec_head = getattr(model, "codec_head", None)
-    if codec_head is not None:
-        _restrict_codec_head(codec_head, seed)
+    if cls is Qwen2_5OmniTalkerForConditionalGeneration:
+        _restrict_codec_head(model.codec_head, seed)
     if prefix == "thinker.":
         _set_token_embeddings(model.get_input_embeddings().weight, config.text_config, checkpoint)
     return model
@@ -346,18 +363,6 @@ def init_talker_experts(talker: nn.Module) -> None:
             experts.down_proj.normal_(0.0, std)
 
 
-def build_random_qwen3(
-    checkpoint: str | Path, device: str | torch.device, dtype: torch.dtype
-) -> Qwen3OmniMoeForConditionalGeneration:
-    """The whole Qwen3-Omni model of a random-shapes checkpoint, built from its config directly
-    on `device` in `dtype` (no CPU or float32 copy), from the checkpoint's fixed seed."""
-    config = Qwen3OmniMoeConfig.from_pretrained(checkpoint)
-    with _seeded_on(device, random_seed(checkpoint)):
-        model = Qwen3OmniMoeForConditionalGeneration._from_config(config, dtype=dtype)
-        init_talker_experts(model.talker)
-    return model.to(device)
-
-
 def _embedding_block(block: int, text_config, checkpoint: str | Path) -> torch.Tensor:
     """Rows [block * EMBEDDING_BLOCK_ROWS, ...) of the thinker's token embeddings (CPU, fp32),
     drawn as transformers initialises them (normal, std initializer_range)."""
@@ -378,7 +383,7 @@ def _set_token_embeddings(weight: torch.Tensor, text_config, checkpoint: str | P
 def random_embedding_rows(checkpoint: str | Path, ids: list[int]) -> torch.Tensor:
     """Rows `ids` of a random-shapes thinker's token embeddings, (len(ids), E) fp32 on the
     CPU, equal to what `build_random_part` puts in the thinker."""
-    text = Qwen2_5OmniConfig.from_pretrained(checkpoint).thinker_config.text_config
+    text = AutoConfig.from_pretrained(checkpoint).thinker_config.text_config  # either family
     blocks = {i // EMBEDDING_BLOCK_ROWS for i in ids}
     made = {b: _embedding_block(b, text, checkpoint) for b in blocks}
     return torch.stack([made[i // EMBEDDING_BLOCK_ROWS][i % EMBEDDING_BLOCK_ROWS] for i in ids])

@@ -15,7 +15,6 @@ from typing import Literal, Protocol
 
 import numpy as np
 
-from omni.checkpoints.family import QWEN2_5_OMNI
 
 INPUT_SAMPLE_RATE = 16_000
 OUTPUT_SAMPLE_RATE = 24_000
@@ -38,7 +37,7 @@ class Truncation:
 
 @dataclass
 class SessionOptions:
-    voice: str = QWEN2_5_OMNI.voices[0]  # one of the checkpoint family's voices
+    voice: str | None = None  # one of the checkpoint family's voices; None: its first (default)
     # extra system text; the model's own speech system prompt always comes first
     instructions: str | None = None
     # problems found outside the session's calls (input the model could not use, a worker

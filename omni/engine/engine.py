@@ -27,15 +27,14 @@ import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import zmq
 import zmq.asyncio
 
-from omni.checkpoints.family import QWEN2_5_OMNI, QWEN3_OMNI, family_of
-from omni.checkpoints.random_shapes import is_random_checkpoint
+from omni.checkpoints.family import QWEN2_5_OMNI, family_of
 from omni.engine import protocol as p
 from omni.engine import talker_worker, thinker_worker, vocoder_worker
 from omni.engine.heard import SpeakingRate, SpokenReply, heard_tokens
@@ -179,12 +178,6 @@ class OmniEngine:
     # -- lifecycle ------------------------------------------------------------------------
 
     async def start(self) -> None:
-        if self.family is QWEN3_OMNI and is_random_checkpoint(Path(self.config.model_path)):
-            # its parts are built whole in one process (random_shapes.build_random_qwen3)
-            raise EngineError(
-                "a random-shapes Qwen3-Omni checkpoint runs in one process only: "
-                "omni bench engine --in-process"
-            )
         for device in {self.config.thinker_device, self.config.talker_device}:
             check_attn_implementation(self.config.attn_implementation, device)
         self._ctx = zmq.asyncio.Context()
@@ -339,6 +332,8 @@ class OmniEngine:
             raise EngineCapacityError(
                 f"the model is at capacity: all {self.config.kv_slots} KV memory slots are in use"
             )
+        if options.voice is None:
+            options = replace(options, voice=self.family.voices[0])
         replay = ReplayLog(session_id, options.instructions, self.config.replay_max_bytes)
         rate = SpeakingRate(code_ms=self.family.codec_token_ms)
         self._sessions[session_id] = _Session(options, replay, rate=rate)

@@ -1,32 +1,41 @@
 """Qwen3-Omni's Code2Wav decoding replies frame by frame as the talker produces them.
 
-It calls the model's own Code2Wav module (transformers' `Qwen3OmniMoeCode2Wav.forward`) on a
-bounded window of frames; what is streaming-specific is which samples of each window are
-final, and how many frames of context make them equal to the whole-reply decode.
+transformers' `Qwen3OmniMoeCode2Wav.forward` is a pre-transformer over the frames (sliding
+window attention, causal) followed by causal upsampling convolutions. Streaming runs the two
+halves separately, on the module's own layers:
+
+- the pre-transformer goes over each new frame once, with a per-reply sliding-window KV cache
+  (transformers' DynamicCache), so its states equal the whole-reply decode's and no left
+  context is ever re-run through it;
+- the convolutions decode a window of those states: the new frames plus `left_context_frames`
+  before them (by default how far the causal and transposed convolutions reach back, plus the
+  lookahead: 10 frames at the real upsampling layout), and only the samples past that context
+  are emitted.
+
+Re-decoding the transformer's whole reach instead (layers * (window - 1) frames, 568 at the
+real 8 layers and 72-frame window) would cost ~40x the frames per 4-frame chunk.
 
 Batching, as in omni/engine/token2wav.py: each reply is a `Code2WavStream` that only collects
 frames and plans its next window; no model runs there. `Code2WavBatch.decode_ready()` decodes
-at most one window per stream, windows of equal frame count stacked into one Code2Wav call.
-Steady-state windows all have left context + chunk frames, so busy replies share one call.
-Shorter windows (a reply's first ones, before it has the context) go in calls of their own,
-not padded: Code2Wav is causal, so right padding should leave a window's final samples alone
-(measured once: equal to 3e-5 of the peak on the tiny checkpoint), but no test holds that here.
+at most one window per stream: the pre-transformer per reply (its cache is the reply's; a few
+frames a call), the convolutions (the cost) with windows of equal frame count stacked into one
+call. Steady-state windows all have left context + chunk frames, so busy replies share one
+call. Shorter windows (a reply's first ones) go in calls of their own, not padded.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from itertools import chain
 
 import numpy as np
 import torch
+from torch import nn
+from transformers import DynamicCache
 
 from omni.engine.token2wav import check_streams, group_rows
-
-# frames beyond Code2Wav's attention reach that its convolutions still see (its kernel-7 and
-# dilated convolutions span a few frames; 8 holds on the tiny layout, checked by the test)
-CONV_CONTEXT_FRAMES = 8
-
 
 @dataclass
 class AudioChunk:
@@ -36,21 +45,31 @@ class AudioChunk:
 
 @dataclass(frozen=True)
 class _Window:
-    """Frames [lo, hi) of a reply, ready to decode."""
+    """Frames [lo, hi) of a reply, ready to decode: its pre-transformer states."""
 
     lo: int
     hi: int
-    codes: torch.Tensor  # (16, hi - lo) long, on the CPU
+    states: torch.Tensor  # (hidden, hi - lo), on the model's device
 
     @property
     def frames(self) -> int:
         return self.hi - self.lo
 
 
-def exact_left_context(code2wav: torch.nn.Module) -> int:
-    """Frames of left context after which a frame no longer changes Code2Wav's output."""
-    config = code2wav.config
-    return config.num_hidden_layers * (config.sliding_window - 1) + CONV_CONTEXT_FRAMES
+def conv_reach_frames(code2wav: nn.Module) -> float:
+    """How far back, in frames, Code2Wav's convolutions reach, from their kernels, dilations and
+    strides: each causal convolution looks (kernel - 1) * dilation steps back, a transposed one
+    ceil(kernel / stride) - 1 of its inputs, each step in frames at the rate it runs at (9.38
+    frames at the real upsampling layout)."""
+    reach, steps_per_frame = 0.0, 1
+    for module in chain(code2wav.upsample.modules(), code2wav.decoder.modules()):
+        if isinstance(module, nn.ConvTranspose1d):
+            stride = module.stride[0]
+            reach += (math.ceil(module.kernel_size[0] / stride) - 1) / steps_per_frame
+            steps_per_frame *= stride
+        elif isinstance(module, nn.Conv1d):
+            reach += (module.kernel_size[0] - 1) * module.dilation[0] / steps_per_frame
+    return reach
 
 
 class Code2WavBatch:
@@ -62,21 +81,13 @@ class Code2WavBatch:
     n * samples_per_frame (measured from the module, like generate() does: 555 samples, under
     one frame, at the real upsampling layout, which the tiny config keeps). A reply's first
     window ends at its first frame, later ones every `chunk_frames` frames (after finish(): at
-    its last frame); each covers up to left_context_frames + chunk_frames frames ending there,
-    and emits from where the previous one stopped to its own exact end. After the last frame
-    the stream has exactly as many samples as one decode of the whole reply (which is
-    generate()'s decode for replies up to its 300-frame chunk; longer ones it decodes in chunks
-    with 25 frames of left context, which is itself not the whole-reply decode).
-
-    Every Code2Wav layer attends over a sliding window of frames, so a frame reaches
-    layers * (window - 1) frames ahead, plus a few through the convolutions: with
-    `exact_left_context()` frames of context the stream equals the whole-reply decode to float
-    rounding (max abs difference ~4e-9 of a 0.007 peak with tests/test_qwen3_stream.py's weights;
-    ~3e-5 of a full-scale peak with the tiny checkpoint's, 3e-8 with them in float64: the
-    float32 cast of the samples; omni/bench/qwen3.py's WAV_TOLERANCE); a shorter
-    context is cheaper per frame but not exact (random weights attend evenly, so there the
-    error is as large as the signal). transformers' default layout (8 layers, window 72)
-    needs 576 frames.
+    its last frame); each covers up to left_context_frames + chunk_frames frames of states
+    ending there, and emits from where the previous one stopped to its own exact end. After the
+    last frame the stream has exactly as many samples as one decode of the whole reply (which
+    is generate()'s decode for replies up to its 300-frame chunk; longer ones it decodes in
+    chunks with 25 frames of left context, which is itself not the whole-reply decode), equal
+    to it to float rounding (~3e-5 of a full-scale peak with the tiny checkpoint's weights:
+    omni/bench/qwen3.py's WAV_TOLERANCE).
 
     Single-threaded: the caller cancels a reply by dropping its stream between calls.
     """
@@ -84,17 +95,20 @@ class Code2WavBatch:
     def __init__(
         self,
         code2wav: torch.nn.Module,
-        left_context_frames: int | None = None,
+        left_context_frames: int | None = None,  # None: the least that is exact
         chunk_frames: int = 4,
     ) -> None:
         self.code2wav = code2wav
-        if left_context_frames is None:
-            left_context_frames = exact_left_context(code2wav)
         self.device = next(code2wav.parameters()).device
         self.num_quantizers = code2wav.config.num_quantizers
         self.codebook_size = code2wav.config.codebook_size
         self.samples_per_frame = int(code2wav.total_upsample)
         self.lookahead = self._lookahead()
+        if left_context_frames is None:
+            # a frame before the window reaches reach frames past its own end; the samples
+            # emitted start `lookahead` before the window's context ends
+            reach = conv_reach_frames(code2wav)
+            left_context_frames = math.ceil(reach + self.lookahead / self.samples_per_frame)
         min_context = -(-self.lookahead // self.samples_per_frame)
         if left_context_frames < min_context:
             raise ValueError(
@@ -124,13 +138,35 @@ class Code2WavBatch:
         windows = {i: w for i, s in enumerate(streams) if (w := s._next_window()) is not None}
         wavs: dict[int, np.ndarray] = {}
         for rows in group_rows(windows, lambda i: windows[i].frames):
-            codes = torch.stack([windows[i].codes for i in rows]).to(self.device)
-            wav = self.code2wav(codes)  # (B, 1, samples)
+            states = torch.stack([windows[i].states for i in rows])
+            wav = self._convolve(states)  # (B, 1, samples)
             wavs.update(zip(rows, wav.reshape(len(rows), -1).float().cpu().numpy()))
         return [
             streams[i]._emit(windows[i], wavs[i]) if i in windows else None
             for i in range(len(streams))
         ]
+
+    def _transform(self, codes: torch.Tensor, cache: DynamicCache, start: int) -> torch.Tensor:
+        """The pre-transformer's states (hidden, n) of frames [start, start + n), codes (16, n),
+        after the frames before them (in `cache`): the first half of Code2Wav's forward."""
+        code2wav = self.code2wav
+        codes = codes.to(self.device).unsqueeze(0)
+        embeds = code2wav.code_embedding(codes + code2wav.code_offset).mean(1)
+        positions = torch.arange(start, start + codes.shape[-1], device=self.device)
+        out = code2wav.pre_transformer(
+            inputs_embeds=embeds, position_ids=positions.unsqueeze(0), cache=cache, use_cache=True
+        )
+        return out.last_hidden_state[0].T
+
+    def _convolve(self, states: torch.Tensor) -> torch.Tensor:
+        """(B, hidden, frames) states to (B, 1, samples): the second half of Code2Wav's forward."""
+        hidden = states
+        for blocks in self.code2wav.upsample:
+            for block in blocks:
+                hidden = block(hidden)
+        for block in self.code2wav.decoder:
+            hidden = block(hidden)
+        return hidden.clamp(min=-1, max=1)
 
     def ready_chunks(self, stream: Code2WavStream) -> Iterator[AudioChunk]:
         """Decode every ready window of one stream, as a batch of one (the in-process streamer)."""
@@ -150,9 +186,11 @@ class Code2WavStream:
 
     def __init__(self, batch: Code2WavBatch) -> None:
         self.batch = batch
-        # the frames a coming window may still cover, flat (16 codes a frame), from frame _first
-        self._codes: list[int] = []
-        self._first = 0
+        self._codes: list[int] = []  # frames not yet through the pre-transformer, flat
+        self._cache: DynamicCache | None = None  # the pre-transformer's, bounded by its window
+        self._transformed = 0  # frames through the pre-transformer
+        self._states: torch.Tensor | None = None  # theirs a coming window may still cover
+        self._states_first = 0  # the frame of _states[:, 0]
         self.frames = 0  # frames added
         self._decoded = 0  # frames up to the end of the last decoded window
         self.samples_emitted = 0
@@ -199,15 +237,26 @@ class Code2WavStream:
         return self.frames if self._finished and self.frames > self._decoded else None
 
     def _next_window(self) -> _Window | None:
+        """The next window, its new frames run through the pre-transformer; None if none."""
         hi = self._next_end()
         if hi is None:
             return None
         batch = self.batch
+        new = hi - self._transformed
+        if new:
+            q = batch.num_quantizers
+            codes = torch.tensor(self._codes[: new * q]).view(new, q).T
+            del self._codes[: new * q]
+            if self._cache is None:
+                self._cache = DynamicCache(config=batch.code2wav.config)
+            states = batch._transform(codes, self._cache, self._transformed)
+            if self._states is not None:
+                states = torch.cat([self._states, states], dim=1)
+            self._states, self._transformed = states, hi
         # a last window short of chunk_frames takes more context: the steady-state length
         lo = max(0, hi - batch.left_context_frames - batch.chunk_frames)
-        q = batch.num_quantizers
-        flat = self._codes[(lo - self._first) * q : (hi - self._first) * q]
-        return _Window(lo, hi, torch.tensor(flat).view(hi - lo, q).T)
+        start = lo - self._states_first
+        return _Window(lo, hi, self._states[:, start : hi - self._states_first])
 
     def _emit(self, window: _Window, wav: np.ndarray) -> np.ndarray:
         """Cut this window's newly final samples and move the state on."""
@@ -217,6 +266,6 @@ class Code2WavStream:
         self._decoded = window.hi
         # later windows start at or after hi + 1 - left context - chunk: forget what is before
         keep = max(0, window.hi + 1 - self.batch.left_context_frames - self.batch.chunk_frames)
-        del self._codes[: (keep - self._first) * self.batch.num_quantizers]
-        self._first = keep
+        self._states = self._states[:, keep - self._states_first :]
+        self._states_first = keep
         return pcm

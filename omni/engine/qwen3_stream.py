@@ -131,8 +131,8 @@ class StreamOptions:
     talker_top_p: float = 1.0
     talker_repetition_penalty: float = 1.05
     # Code2Wav: decode the first frame, then every `chunk_frames` new frames, with
-    # `left_context_frames` before them
-    # (None: exact_left_context(), the stream then equals the whole-reply decode)
+    # `left_context_frames` of states before them through its convolutions (None:
+    # the least that is exact: equal to the whole-reply decode; fewer are not)
     chunk_frames: int = 4
     left_context_frames: int | None = None
     seed: int | None = None
