@@ -3,7 +3,8 @@
 The 7B config is checked on the meta device (its parameter count is the published 10.7 B);
 the loaders and the engine are run on CPU at the tiny shapes (`--shape tiny`): each part is
 built from the checkpoint's seed in each process, so the workers and the reference agree.
-The Qwen3-Omni-30B-A3B config is checked on the meta device too, its loader at `tiny-qwen3`.
+The Qwen3-Omni-30B-A3B and `qwen3-30b-speech` configs are checked on the meta device too, its
+loaders and the engine through the worker processes at `tiny-qwen3`.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from omni.checkpoints.random_shapes import (
     qwen_omni_7b_config,
     write_random_checkpoint,
 )
+from omni.checkpoints.tiny_qwen3_config import tiny_qwen3_config
 from omni.checkpoints.tiny_weights import SPEAKERS, VOCODER_CODES
 from omni.engine.api import (
     SAMPLES_PER_CODE,
@@ -120,6 +122,26 @@ def test_qwen3_30b_config_has_the_real_shapes(tmp_path):
     # the tech report's encoders: AuT 650 M, SigLIP2-So400M 540 M
     assert 0.64e9 < params(thinker.model.audio_tower) < 0.66e9
     assert 0.53e9 < params(thinker.model.visual) < 0.55e9
+
+
+def test_qwen3_30b_speech_shape_is_the_tiny_thinker_with_the_real_speech_path(tmp_path):
+    path = write_random_checkpoint(tmp_path / "speech", shape="qwen3-30b-speech")
+    config = Qwen3OmniMoeConfig.from_pretrained(path)
+    real, tiny = qwen3_omni_30b_config(), tiny_qwen3_config()
+    assert config.thinker_config.to_dict() == tiny.thinker_config.to_dict()
+    assert config.code2wav_config.to_dict() == real.code2wav_config.to_dict()
+    talker, real_talker = config.talker_config.to_dict(), real.talker_config.to_dict()
+    thinker_side = {"thinker_hidden_size", "accept_hidden_layer"}
+    assert {k: v for k, v in talker.items() if k not in thinker_side} == {
+        k: v for k, v in real_talker.items() if k not in thinker_side
+    }
+    text = config.thinker_config.text_config
+    assert config.talker_config.thinker_hidden_size == text.hidden_size
+    assert config.talker_config.accept_hidden_layer < text.num_hidden_layers
+    with torch.device("meta"):
+        model = Qwen3OmniMoeForConditionalGeneration._from_config(config)
+    params = sum(p.numel() for p in model.parameters())
+    assert 3.5e9 < params < 3.6e9  # talker 3.32 B (code predictor 0.14 B), Code2Wav 0.22 B
 
 
 @pytest.fixture(scope="module")
