@@ -15,11 +15,11 @@ halves separately, on the module's own layers:
 Re-decoding the transformer's whole reach instead (layers * (window - 1) frames, 568 at the
 real 8 layers and 72-frame window) would cost ~40x the frames per 4-frame chunk.
 
-Batching, as in omni/engine/token2wav.py: each reply is a `Code2WavStream` that only collects
-frames and plans its next window; no model runs there. `Code2WavBatch.decode_ready()` decodes
-at most one window per stream: the pre-transformer per reply (its cache is the reply's; a few
-frames a call), the convolutions (the cost) with windows of equal frame count stacked into one
-call. Steady-state windows all have left context + chunk frames, so busy replies share one
+Batching, as in omni/engine/token2wav.py: each reply is a `Code2WavStream` that collects
+frames, holds its pre-transformer cache and plans its next window; it runs no model when frames
+are added. `Code2WavBatch.decode_ready()` decodes at most one window per stream: the
+pre-transformer per reply (the cache is the reply's; a few frames a call), the convolutions
+(the cost) with windows of equal frame count stacked into one call. Steady-state windows all have left context + chunk frames, so busy replies share one
 call. Shorter windows (a reply's first ones) go in calls of their own, not padded.
 """
 
